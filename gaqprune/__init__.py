@@ -1,0 +1,19 @@
+"""gaqprune: GQA-aware, layer-wise unbalanced structured pruning for Llama-family LLMs."""
+
+__version__ = "0.1.0"
+
+from gaqprune.errors import GaqpruneError  # noqa: E402
+
+__all__ = ["GaqpruneError", "__version__", "load_model", "load_pruned"]
+
+
+def __getattr__(name):  # lazy: importing the package must stay cheap (no torch at import)
+    if name == "load_model":
+        from gaqprune.models import load_model
+
+        return load_model
+    if name == "load_pruned":
+        from gaqprune.export import load_pruned
+
+        return load_pruned
+    raise AttributeError(name)

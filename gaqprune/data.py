@@ -1,0 +1,280 @@
+"""Text sources, tokenization (once, cached) and fixed-length token windows.
+
+A source gives two disjoint parts: ``train`` (calibration for importance/Taylor, and fine-tuning)
+and ``eval`` (perplexity). Sources:
+
+* ``embedded``: the offline Wikipedia sample (split by article, see ``gaqprune.corpus``);
+* ``wikitext2`` / ``ptb`` / ``c4``: the HF datasets used by LLM-Pruner (train vs test/validation);
+* any hub dataset id with a ``text`` column (``train`` vs ``test``/``validation`` split);
+* a local ``.txt`` / ``.jsonl`` file: its token stream is cut at ``eval_fraction`` (default 0.1,
+  the tail is evaluation); ``eval_fraction 1.0`` evaluates the whole file.
+
+Perplexity follows LLM-Pruner: documents joined by blank lines, tokenized once, non-overlapping
+windows of ``max_seq_len`` tokens, the remainder dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from gaqprune.errors import GaqpruneError
+from gaqprune.models import EMBEDDED, cache_root
+
+HF_PRESETS = {
+    # name: (dataset path, config, train split, eval split, text column)
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test", "text"),
+    "ptb": ("ptb_text_only", "penn_treebank", "train", "test", "sentence"),
+    "c4": ("allenai/c4", "en", "train", "validation", "text"),
+}
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json")
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).suffix.lower() in TEXT_SUFFIXES or Path(source).expanduser().exists()
+
+
+def _read_local(path: Path) -> str:
+    if not path.is_file():
+        raise GaqpruneError(f"--data.source {str(path)!r}: file not found")
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise GaqpruneError(f"--data.source {str(path)!r} looks binary; give a UTF-8 .txt or .jsonl file")
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise GaqpruneError(f"--data.source {str(path)!r} is not UTF-8 text; give a UTF-8 .txt or .jsonl file") from None
+    if path.suffix.lower() in (".jsonl", ".json"):
+        docs = []
+        for n, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise GaqpruneError(f"--data.source {str(path)!r} line {n} is not JSON; JSONL needs one object a line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise GaqpruneError(f"--data.source {str(path)!r} line {n} has no string 'text' field")
+            docs.append(record["text"])
+        content = "\n\n".join(docs)
+    if not content.strip():
+        raise GaqpruneError(f"--data.source {str(path)!r} is empty; give a file with text in it")
+    return content
+
+
+def _hf_texts(source: str) -> tuple[list[str], list[str]]:
+    import datasets
+
+    name, config, train_split, eval_split, column = HF_PRESETS.get(source, (source, None, "train", None, "text"))
+    try:
+        if eval_split is None:  # a hub id: take its test or validation split
+            available = datasets.get_dataset_split_names(name, config)
+            eval_split = next((s for s in ("test", "validation") if s in available), None)
+            if eval_split is None:
+                raise GaqpruneError(f"--data.source {source!r} has no test/validation split (has {available})")
+        if source == "c4":  # LLM-Pruner: one shard of each split, not the whole corpus
+            files = {
+                "train": "en/c4-train.00000-of-01024.json.gz",
+                "validation": "en/c4-validation.00000-of-00008.json.gz",
+            }
+            ds = datasets.load_dataset(name, data_files=files)
+        else:
+            ds = datasets.load_dataset(name, config)
+    except GaqpruneError:
+        raise
+    except Exception as err:  # network, unknown id, missing split: all one message for the user
+        raise GaqpruneError(
+            f"--data.source {source!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"use 'embedded', {', '.join(HF_PRESETS)}, a hub dataset id with a text column, or a .txt/.jsonl file"
+        ) from None
+    if column not in ds[train_split].column_names:
+        raise GaqpruneError(f"--data.source {source!r} has no {column!r} column (has {ds[train_split].column_names})")
+    return list(ds[train_split][column]), list(ds[eval_split][column])
+
+
+def source_texts(source: str) -> tuple[str, str] | str:
+    """Raw text of a source: ``(train, eval)`` joined documents, or one string for a local file."""
+    if source == EMBEDDED:
+        from gaqprune.corpus import embedded_articles
+
+        parts = embedded_articles(cache_root())
+        return "\n\n".join(parts["train"]), "\n\n".join(parts["eval"])
+    if _is_local(source):
+        return _read_local(Path(source).expanduser())
+    train, evaluation = _hf_texts(source)
+    # wikitext/ptb lines are already split; LLM-Pruner joins them with blank lines.
+    return "\n\n".join(train), "\n\n".join(evaluation)
+
+
+def _tokenize(text: str, tokenizer) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=True, return_attention_mask=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash that changes when the tokenizer would produce different ids."""
+    vocab = tokenizer.get_vocab()
+    blob = json.dumps(sorted(vocab.items())[:: max(1, len(vocab) // 4096)]) + f"{len(vocab)}:{tokenizer.bos_token_id}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _source_key(source: str) -> str:
+    if _is_local(source):
+        p = Path(source).expanduser().resolve()
+        st = p.stat()
+        return f"file:{p}:{st.st_size}:{int(st.st_mtime)}"
+    return f"source:{source}"
+
+
+def token_streams(source: str, tokenizer, eval_fraction: float = 0.1) -> dict[str, torch.Tensor]:
+    """Token ids of a source's ``train`` and ``eval`` parts, tokenized once and cached on disk."""
+    if not 0.0 < eval_fraction <= 1.0:
+        raise GaqpruneError(f"--data.eval_fraction {eval_fraction} must be in (0, 1]")
+    key = hashlib.sha256(f"{_source_key(source)}|{tokenizer_fingerprint(tokenizer)}|v1".encode()).hexdigest()[:20]
+    cache = cache_root() / "tokens" / f"{key}.pt"
+    if cache.is_file():
+        streams = torch.load(cache)
+    else:
+        texts = source_texts(source)
+        if isinstance(texts, str):
+            streams = {"all": _tokenize(texts, tokenizer)}
+        else:
+            streams = {"train": _tokenize(texts[0], tokenizer), "eval": _tokenize(texts[1], tokenizer)}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{id(streams)}")
+        torch.save(streams, tmp)
+        tmp.replace(cache)
+    if "all" in streams:  # a local file: the tail is evaluation text, the head calibration/training
+        ids = streams["all"]
+        cut = int(round(len(ids) * (1.0 - eval_fraction)))
+        return {"train": ids[:cut], "eval": ids[cut:]}
+    return streams
+
+
+def make_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows ``[n, seq_len]`` of a token stream; the remainder is dropped."""
+    if seq_len < 2:
+        raise GaqpruneError(f"sequence length {seq_len} is too short; use at least 2 tokens")
+    n = len(ids) // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def sample_windows(ids: torch.Tensor, seq_len: int, n: int, seed: int, what: str) -> torch.Tensor:
+    """``n`` distinct windows drawn (reproducibly, by ``seed``) from a stream's windows."""
+    windows = make_windows(ids, seq_len)
+    if n > len(windows):
+        raise GaqpruneError(
+            f"{what} {n} asks for more windows of {seq_len} tokens than the calibration text holds "
+            f"({len(windows)}); lower it or use a larger --data.source"
+        )
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:n]
+    return windows[order.sort().values]
+
+
+class LMDataModule(L.LightningDataModule):
+    """Token windows for calibration, LoRA training and perplexity evaluation."""
+
+    def __init__(
+        self,
+        source: str = EMBEDDED,
+        eval_source: str | None = None,
+        tokenizer: str = EMBEDDED,
+        max_seq_len: int = 128,
+        batch_size: int = 8,
+        eval_batch_size: int = 8,
+        max_eval_windows: int | None = None,
+        eval_fraction: float = 0.1,
+        num_workers: int = 0,
+        seed: int = 42,
+    ):
+        """
+        Args:
+            source: calibration/training text: ``embedded``, ``wikitext2``, ``ptb``, ``c4``, a hub
+                dataset id with a text column, or a local ``.txt``/``.jsonl`` file.
+            eval_source: evaluation text (default: the evaluation part of ``source``).
+            tokenizer: model whose tokenizer to use (set from ``--base_model``).
+            max_seq_len: window length for evaluation and fine-tuning (LLM-Pruner reports 128 and 2048).
+            batch_size: training batch size (windows).
+            eval_batch_size: evaluation batch size (windows).
+            max_eval_windows: evaluate only the first N windows (None: all).
+            eval_fraction: share of a local file's tokens (its tail) used for evaluation; 1.0 = all.
+            num_workers: DataLoader workers.
+            seed: seed for sampling calibration windows.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.source = source
+        self.eval_source = eval_source or source
+        self.tokenizer_name = tokenizer
+        self.max_seq_len = max_seq_len
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.max_eval_windows = max_eval_windows
+        self.eval_fraction = eval_fraction
+        self.num_workers = num_workers
+        self.seed = seed
+        self._tokenizer = None
+        self._streams: dict[str, dict[str, torch.Tensor]] = {}
+        self.train_windows_limit: int | None = None  # set by the fine-tune settings (finetune_samples)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from gaqprune.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    def streams(self, source: str) -> dict[str, torch.Tensor]:
+        if source not in self._streams:
+            # A file used only for evaluation is evaluated whole, unless it also calibrates.
+            fraction = self.eval_fraction
+            if source != self.source and _is_local(source):
+                fraction = 1.0
+            self._streams[source] = token_streams(source, self.tokenizer, fraction)
+        return self._streams[source]
+
+    def calibration_windows(self, n: int, seq_len: int, seed: int | None = None, what: str = "--num_examples"):
+        """``n`` windows of ``seq_len`` tokens from the calibration (train) part of ``source``."""
+        return sample_windows(self.streams(self.source)["train"], seq_len, n, self.seed if seed is None else seed, what)
+
+    def eval_windows(self) -> torch.Tensor:
+        windows = make_windows(self.streams(self.eval_source)["eval"], self.max_seq_len)
+        if self.max_eval_windows is not None:
+            windows = windows[: self.max_eval_windows]
+        if len(windows) == 0:
+            raise GaqpruneError(
+                f"--data.eval_source {self.eval_source!r} holds no full window of {self.max_seq_len} tokens; "
+                "give more text or a smaller --data.max_seq_len"
+            )
+        return windows
+
+    def train_windows(self) -> torch.Tensor:
+        windows = make_windows(self.streams(self.source)["train"], self.max_seq_len)
+        if self.train_windows_limit is not None:
+            windows = sample_windows(
+                self.streams(self.source)["train"], self.max_seq_len, min(self.train_windows_limit, len(windows)),
+                self.seed, "--finetune_samples",
+            )
+        return windows
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._train = TensorDataset(self.train_windows())
+        if stage in ("fit", "validate", "test"):
+            self._eval = TensorDataset(self.eval_windows())
+
+    def train_dataloader(self):
+        return DataLoader(self._train, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self):
+        return DataLoader(self._eval, batch_size=self.eval_batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self):
+        return self.val_dataloader()

@@ -1,0 +1,149 @@
+"""LitCausalLM: a HF causal LM as a LightningModule (loss, perplexity, optional LoRA).
+
+It knows nothing about pruning: the pruning callbacks change ``self.model`` in ``setup`` before
+any strategy wraps it; LoRA is attached afterwards in ``configure_model``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+
+from gaqprune.metrics import Perplexity, causal_nll
+from gaqprune.models import EMBEDDED, load_model
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LitCausalLM(L.LightningModule):
+    def __init__(
+        self,
+        base_model: str = EMBEDDED,
+        dtype: str = "float32",
+        finetune_method: Literal["lora", "full"] = "lora",
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | None = None,
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
+        gradient_checkpointing: bool = False,
+        chunk_tokens: int = 4096,
+    ):
+        """
+        Args:
+            base_model: 'embedded', a HF model folder, a .gguf file, a hub id or a gaqprune checkpoint.
+            dtype: weight dtype: float32, bfloat16 or float16.
+            finetune_method: 'lora' trains low-rank adapters only; 'full' trains every weight.
+            lora_r: LoRA rank.
+            lora_alpha: LoRA scaling numerator (scale = alpha / r).
+            lora_dropout: dropout on the LoRA input.
+            lora_target_modules: projections that get adapters (default: all attention and MLP ones).
+            learning_rate: peak learning rate of AdamW.
+            weight_decay: AdamW weight decay.
+            warmup_steps: linear warm-up steps before the schedule.
+            lr_schedule: decay after warm-up.
+            gradient_checkpointing: recompute layer activations in backward to save memory.
+            chunk_tokens: tokens per LM-head chunk in the loss (bounds logits memory for big vocabularies).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = load_model(base_model, dtype=dtype)
+        self.val_ppl = Perplexity()
+        self.test_ppl = Perplexity()
+        self.lora_attached = False
+
+    # -- model set-up -------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Attach LoRA (idempotent: Lightning may call this more than once)."""
+        if self.trainer is None or self.trainer.state.fn != "fit" or self.lora_attached:
+            return
+        if self.hparams.finetune_method == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            config = LoraConfig(
+                r=self.hparams.lora_r,
+                lora_alpha=self.hparams.lora_alpha,
+                lora_dropout=self.hparams.lora_dropout,
+                target_modules=list(self.hparams.lora_target_modules or DEFAULT_LORA_TARGETS),
+                bias="none",
+            )
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            inject_adapter_in_model(config, self.model)
+        else:
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+        if self.hparams.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.enable_input_require_grads()
+        self.lora_attached = True
+
+    # -- steps --------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor):
+        return causal_nll(self.model, input_ids, chunk_tokens=self.hparams.chunk_tokens)
+
+    def training_step(self, batch, batch_idx):
+        nll, count = self(batch[0])
+        loss = nll / count.clamp(min=1)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}; lower the learning rate")
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.val_ppl.update(*self(batch[0]))
+        self.log("val_ppl", self.val_ppl, prog_bar=True, on_epoch=True, on_step=False)
+
+    def test_step(self, batch, batch_idx):
+        self.test_ppl.update(*self(batch[0]))
+        self.log("test_ppl", self.test_ppl, prog_bar=True, on_epoch=True, on_step=False)
+
+    # -- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.hparams.warmup_steps, max(0, total - 1))
+        schedule = self.hparams.lr_schedule
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(1, total - warmup)
+            if schedule == "cosine":
+                return 0.5 * (1.0 + torch.cos(torch.tensor(torch.pi * min(progress, 1.0))).item())
+            if schedule == "linear":
+                return max(0.0, 1.0 - progress)
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints hold only what trains (LoRA weights), never the frozen base ----------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.hparams.finetune_method == "lora" and self.lora_attached:
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["gaqprune_layer_shapes"] = layer_shapes(self.model)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.strict_loading = self.hparams.finetune_method != "lora"
+
+
+def layer_shapes(hf_model) -> list[dict[str, int]]:
+    """Per-layer unit counts (query heads, KV heads, MLP channels) of a (possibly pruned) model."""
+    shapes = []
+    head_dim = hf_model.config.head_dim if getattr(hf_model.config, "head_dim", None) else (
+        hf_model.config.hidden_size // hf_model.config.num_attention_heads)
+    for layer in hf_model.model.layers:
+        shapes.append({
+            "num_attention_heads": layer.self_attn.q_proj.out_features // head_dim,
+            "num_key_value_heads": layer.self_attn.k_proj.out_features // head_dim,
+            "intermediate_size": layer.mlp.gate_proj.out_features,
+        })
+    return shapes

