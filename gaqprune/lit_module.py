@@ -83,6 +83,9 @@ class LitCausalLM(L.LightningModule):
             self.model.enable_input_require_grads()
         self.lora_attached = True
 
+    def on_train_start(self) -> None:
+        self.model.train()  # load_model() returns eval mode; LoRA dropout needs train mode
+
     # -- steps --------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor):
         return causal_nll(self.model, input_ids, chunk_tokens=self.hparams.chunk_tokens)

@@ -1,0 +1,93 @@
+"""Lightning callbacks that analyse and prune the model in ``setup``.
+
+``setup`` runs before the strategy wraps the model (DDP/FSDP) and before ``configure_model``
+attaches LoRA or the optimizer exists, so shapes may still change here. Rank 0 computes, the
+result is broadcast, and every rank applies the identical surgery.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from gaqprune import pipeline
+from gaqprune.atomic import write_json
+from gaqprune.settings import ImportanceSettings, PruneSettings
+
+
+def _log_per_layer(trainer: L.Trainer, name: str, values: dict[int, float]) -> None:
+    logger = trainer.logger
+    experiment = getattr(logger, "experiment", None) if logger is not None else None
+    if trainer.is_global_zero and hasattr(experiment, "add_scalar"):
+        for layer, value in sorted(values.items()):
+            experiment.add_scalar(name, value, global_step=layer)
+
+
+class LayerImportance(L.Callback):
+    """Per-layer importance (removal / activation / block_influence), computed once and cached."""
+
+    def __init__(self, settings: ImportanceSettings, prune_settings: PruneSettings, base_model: str, seed: int = 42,
+                 out_dir: str | None = None):
+        self.settings = settings
+        self.prune_settings = prune_settings
+        self.base_model = base_model
+        self.seed = seed
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.scores: dict[int, float] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.scores is not None or stage != "fit":
+            return
+        hf_model = pl_module.model
+        start, end = pipeline.layer_range(self.prune_settings, len(hf_model.model.layers))
+        scores = None
+        if trainer.is_global_zero:
+            device = trainer.strategy.root_device
+            hf_model.to(device)
+            meta = pipeline.importance_meta(hf_model, self.settings, start, end, self.base_model,
+                                            trainer.datamodule.source, self.seed)
+            scores = pipeline.layer_importance_stage(hf_model, trainer.datamodule, self.settings, start, end,
+                                                     self.out_dir, meta, device, progress=True)
+        scores = trainer.strategy.broadcast(scores, src=0)
+        self.scores = {int(k): float(v) for k, v in scores.items()}
+        _log_per_layer(trainer, "layer_importance", self.scores)
+
+
+class GQAPrune(L.Callback):
+    """Taylor-scored removal of GQA groups / MLP channels (and whole layers) at per-layer rates."""
+
+    def __init__(self, settings: PruneSettings, importance: LayerImportance | None = None, seed: int = 42,
+                 out_dir: str | None = None):
+        self.settings = settings
+        self.importance = importance
+        self.seed = seed
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.plan: dict | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.plan is not None or stage != "fit":
+            return
+        if self.importance is not None and self.importance.scores is None:
+            self.importance.setup(trainer, pl_module, stage)  # callback order must not matter
+        hf_model = pl_module.model
+        device = trainer.strategy.root_device
+        hf_model.to(device)
+        scores = self.importance.scores if self.importance is not None else None
+        plan = None
+        if trainer.is_global_zero:
+            plan, _ = pipeline.plan_stage(hf_model, trainer.datamodule, scores, self.settings, self.seed, device,
+                                          progress=True)
+        self.plan = trainer.strategy.broadcast(plan, src=0)
+        windows = trainer.datamodule.calibration_windows(self.settings.num_examples, self.settings.max_seq_len,
+                                                         seed=self.seed + 1, what="--num_examples").to(device)
+        from gaqprune.pruning import apply_plan
+
+        apply_plan(hf_model, self.plan, windows)
+        if trainer.is_global_zero and self.out_dir is not None:
+            write_json(self.out_dir / pipeline.PLAN_FILE, self.plan)
+            pipeline.plot_rates(scores or {}, self.plan, self.out_dir / "pruning_rates.png")
+        _log_per_layer(trainer, "pruning_rate", {e["index"]: e["achieved_rate"] for e in self.plan["layers"]})
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,284 @@
+"""`gaqprune` command line: a LightningCLI with subcommands prune | fit | validate | test.
+
+The parameter guide's flags are plain top-level flags (``--base_model``, ``--importance_samples``,
+``--pruning_ratio``, ...); Lightning's own groups stay nested (``--trainer.*``, ``--model.*``,
+``--data.*``). ``gaqprune prune`` is a method of ``GaqpruneTrainer``; ``gaqprune fit --prune true``
+prunes in ``Callback.setup`` and then fine-tunes with LoRA in the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from gaqprune import pipeline
+from gaqprune.atomic import write_json, write_text
+from gaqprune.data import LMDataModule
+from gaqprune.errors import GaqpruneError
+from gaqprune.lit_module import LitCausalLM
+from gaqprune.models import EMBEDDED
+from gaqprune.run_settings import FinetuneSettings, RunSettings
+from gaqprune.settings import ImportanceSettings, PruneSettings
+
+log = logging.getLogger("gaqprune")
+SETTINGS = {"importance": ImportanceSettings, "pruning": PruneSettings, "run": RunSettings, "finetune": FinetuneSettings}
+
+
+@dataclass
+class PruneJob:
+    """Everything `gaqprune prune` needs besides the model and the data."""
+
+    importance: ImportanceSettings
+    pruning: PruneSettings
+    run: RunSettings
+    finetune: FinetuneSettings
+    base_model: str
+    config_yaml: str = ""
+
+
+class GaqpruneTrainer(L.Trainer):
+    def prune(self, model: LitCausalLM, datamodule: LMDataModule | None = None, job: PruneJob | None = None) -> dict:
+        """Load, analyse layer importance, Taylor-score, prune, (evaluate), save; optionally fine-tune."""
+        from gaqprune.metrics import perplexity
+        from gaqprune.pruning import apply_plan
+
+        job = job or PruneJob(ImportanceSettings(), PruneSettings(), RunSettings(), FinetuneSettings(), EMBEDDED)
+        datamodule = datamodule or LMDataModule(tokenizer=job.base_model)
+        hf_model = model.model
+        num_layers = len(hf_model.model.layers)
+        start, end = pipeline.layer_range(job.pruning, num_layers)
+        out_dir = pipeline.check_run_dir(job.run)
+        device = self.strategy.root_device
+        progress = self.is_global_zero
+        # Fail on data problems before anything is computed or written.
+        if not job.importance.skip_importance_analysis:
+            datamodule.calibration_windows(job.importance.importance_samples, job.importance.importance_seq_len,
+                                           what="--importance_samples")
+        datamodule.calibration_windows(job.pruning.num_examples, job.pruning.max_seq_len, what="--num_examples")
+        clock = pipeline.Stopwatch()
+        metrics: dict = {"base_model": job.base_model}
+        hf_model.to(device)
+        eval_windows = datamodule.eval_windows() if job.run.test_after_prune else None
+        if eval_windows is not None:
+            metrics.update(eval_seq_len=int(eval_windows.shape[1]), eval_windows=int(eval_windows.shape[0]))
+            with clock("eval_before"):
+                metrics["ppl_before"] = perplexity(hf_model, eval_windows, datamodule.eval_batch_size,
+                                                   progress="dense perplexity" if progress else None)
+        meta = pipeline.importance_meta(hf_model, job.importance, start, end, job.base_model, datamodule.source,
+                                        job.run.seed)
+        if job.config_yaml:
+            write_text(out_dir / "config.yaml", job.config_yaml)
+        with clock("layer_importance"):
+            scores = pipeline.layer_importance_stage(hf_model, datamodule, job.importance, start, end, out_dir, meta,
+                                                     device, progress)
+        with clock("taylor_and_plan"):
+            plan, windows = pipeline.plan_stage(hf_model, datamodule, scores, job.pruning, job.run.seed, device, progress)
+        write_json(out_dir / pipeline.PLAN_FILE, plan)
+        with clock("surgery"):
+            apply_plan(hf_model, plan, windows)
+        pipeline.plot_rates(scores, plan, out_dir / "pruning_rates.png")
+        if eval_windows is not None:
+            with clock("eval_after"):
+                metrics["ppl_after"] = perplexity(hf_model, eval_windows, datamodule.eval_batch_size,
+                                                  progress="pruned perplexity" if progress else None)
+        if job.run.save_model:
+            from gaqprune.export import save_pretrained_model
+
+            with clock("save"):
+                save_pretrained_model(hf_model, datamodule.tokenizer, out_dir / "model", overwrite=True)
+        metrics.update(params=plan["totals"], seconds=clock.seconds)
+        self._log_prune_metrics(scores, plan, metrics)
+        if progress:
+            print(pipeline.summary_table(plan, metrics))
+        if job.finetune.finetune:
+            from gaqprune.finetune import export_finetuned
+
+            datamodule.train_windows_limit = job.finetune.finetune_samples
+            self.fit_loop.max_epochs = job.finetune.finetune_epochs
+            with clock("finetune"):
+                self.fit(model, datamodule=datamodule)
+            if eval_windows is not None:
+                metrics["ppl_after_finetune"] = perplexity(model.model, eval_windows.to(model.device),
+                                                           datamodule.eval_batch_size)
+            if self.is_global_zero:
+                metrics["finetune_outputs"] = export_finetuned(model, datamodule.tokenizer, out_dir)
+            metrics["seconds"] = clock.seconds
+        write_json(out_dir / pipeline.METRICS_FILE, metrics)  # written last: marks the run as finished
+        return metrics
+
+    def _log_prune_metrics(self, scores: dict[int, float], plan: dict, metrics: dict) -> None:
+        experiment = getattr(self.logger, "experiment", None) if self.logger is not None else None
+        if not self.is_global_zero or not hasattr(experiment, "add_scalar"):
+            return
+        for layer, value in sorted(scores.items()):
+            experiment.add_scalar("prune/layer_importance", value, global_step=layer)
+        for entry in plan["layers"]:
+            experiment.add_scalar("prune/layer_rate", entry["achieved_rate"], global_step=entry["index"])
+        for key in ("ppl_before", "ppl_after"):
+            if key in metrics:
+                experiment.add_scalar(f"prune/{key}", metrics[key], global_step=0)
+        experiment.flush()
+
+
+class GaqpruneCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        commands = {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+        commands["prune"] = {"model", "datamodule", "job"}
+        return commands
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("prune", "fit"):
+            for settings in SETTINGS.values():
+                parser.add_class_arguments(settings, nested_key=None, fail_untyped=False)
+            parser.link_arguments("finetune_method", "model.finetune_method")
+        if subcommand == "fit":
+            parser.add_argument("--prune", type=bool, default=False,
+                                help="Prune in Callback.setup (layer importance + GQA pruning) before fine-tuning.")
+        return parser
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--base_model", type=str, default=EMBEDDED,
+                            help="'embedded' (SmolLM2-135M-Instruct, offline), a HF model folder, a .gguf file, "
+                                 "a hub id such as meta-llama/Meta-Llama-3-8B-Instruct, or a gaqprune checkpoint.")
+        parser.add_argument("--dtype", type=str, default="float32", help="Weight dtype: float32, bfloat16 or float16.")
+        parser.link_arguments("base_model", "model.base_model")
+        parser.link_arguments("base_model", "data.tokenizer")
+        parser.link_arguments("dtype", "model.dtype")
+
+    def _settings(self, cls):
+        cfg = self.config[self.subcommand]
+        return cls(**{name: cfg[name] for name in cls.__dataclass_fields__})
+
+    def before_instantiate_classes(self) -> None:
+        """Cheap validation of every flag before the model is loaded or any folder is written."""
+        from gaqprune.models import load_config, resolve_dtype
+
+        cfg = self.config[self.subcommand]
+        resolve_dtype(cfg["dtype"])
+        model_config = load_config(cfg["base_model"])
+        context = getattr(model_config, "max_position_embeddings", None)
+        seq_len = cfg["data"]["max_seq_len"]
+        if context and seq_len > context:
+            raise GaqpruneError(f"--data.max_seq_len {seq_len} exceeds the model's "
+                                f"context of {context} tokens")
+        if self.subcommand == "prune" or (self.subcommand == "fit" and cfg.get("prune")):
+            from gaqprune.pruning import validate_prune_settings
+
+            imp, prune, run, fin = (self._settings(c) for c in SETTINGS.values())
+            validate_importance_settings(imp, context)
+            validate_prune_settings(prune, getattr(model_config, "num_hidden_layers", 0))
+            if prune.max_seq_len > (context or prune.max_seq_len):
+                raise GaqpruneError(f"--max_seq_len {prune.max_seq_len} exceeds the model's context of {context} tokens")
+            validate_finetune_settings(fin, self.subcommand)
+            pipeline.check_run_dir(run)
+        if self.subcommand == "fit":
+            run = self._settings(RunSettings)
+            validate_finetune_settings(self._settings(FinetuneSettings), "fit")
+            finetuned = pipeline.run_dir(run) / "model_finetuned"
+            if finetuned.exists() and not run.overwrite:
+                raise GaqpruneError(f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: {str(finetuned)!r} already exists; "
+                                    "pick another name or pass --overwrite true")
+
+    def before_prune(self) -> None:
+        self._job = PruneJob(*(self._settings(c) for c in SETTINGS.values()), base_model=self.config.prune.base_model,
+                             config_yaml=self.parser.dump(self.config, skip_none=False))
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand == "prune":
+            kwargs["job"] = self._job
+        return kwargs
+
+    def before_fit(self) -> None:
+        cfg = self.config.fit
+        imp, prune, run, fin = (self._settings(c) for c in SETTINGS.values())
+        self.datamodule.train_windows_limit = fin.finetune_samples
+        if cfg.trainer.max_epochs is None and cfg.trainer.max_steps == -1:
+            self.trainer.fit_loop.max_epochs = fin.finetune_epochs
+        if cfg.get("prune"):
+            from gaqprune.callbacks import GQAPrune, LayerImportance
+
+            out_dir = str(pipeline.run_dir(run))
+            importance = LayerImportance(imp, prune, cfg.base_model, seed=run.seed, out_dir=out_dir)
+            self.trainer.callbacks.extend([importance, GQAPrune(prune, importance, seed=run.seed, out_dir=out_dir)])
+
+    def after_fit(self) -> None:
+        """Save the LoRA adapters and a merged model in the run folder (rank 0)."""
+        if not self.trainer.is_global_zero:
+            return
+        from gaqprune.finetune import export_finetuned
+
+        run = self._settings(RunSettings)
+        paths = export_finetuned(self.model, self.datamodule.tokenizer, pipeline.run_dir(run))
+        for name, path in paths.items():
+            log.info("saved %s to %s", name, path)
+
+
+def validate_importance_settings(imp: ImportanceSettings, context: int | None) -> None:
+    if imp.importance_samples < 1:
+        raise GaqpruneError(f"--importance_samples {imp.importance_samples} must be at least 1")
+    if imp.importance_seq_len < 2 or (context and imp.importance_seq_len > context):
+        raise GaqpruneError(f"--importance_seq_len {imp.importance_seq_len} must be in [2, {context}] (the model's context)")
+    if imp.skip_importance_analysis:
+        if not imp.importance_config:
+            raise GaqpruneError("--skip_importance_analysis true needs --importance_config PATH (a layer_importance_config.json)")
+        path = Path(imp.importance_config)
+        if not path.is_file():
+            raise GaqpruneError(f"--importance_config {imp.importance_config!r}: file not found")
+        import json
+
+        try:
+            json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+            raise GaqpruneError(f"--importance_config {imp.importance_config!r} is not valid JSON ({err})") from None
+    elif imp.importance_config:
+        raise GaqpruneError(f"--importance_config {imp.importance_config!r} is only read with --skip_importance_analysis true")
+
+
+def validate_finetune_settings(fin: FinetuneSettings, subcommand: str) -> None:
+    if fin.finetune_samples < 1:
+        raise GaqpruneError(f"--finetune_samples {fin.finetune_samples} must be at least 1")
+    if fin.finetune_epochs < 1:
+        raise GaqpruneError(f"--finetune_epochs {fin.finetune_epochs} must be at least 1")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point (``gaqprune``)."""
+    run(args)
+
+
+def run(args: list[str] | None = None) -> GaqpruneCLI:
+    """Run the CLI and return it; user mistakes become one-line errors with exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return GaqpruneCLI(
+            LitCausalLM,
+            LMDataModule,
+            trainer_class=GaqpruneTrainer,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=42,
+            args=args,
+            parser_kwargs={"default_env": False},
+        )
+    except GaqpruneError as err:
+        print(f"gaqprune: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("gaqprune: interrupted; complete results are kept, a rerun reuses them", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["GaqpruneCLI", "GaqpruneTrainer", "PruneJob", "main", "run"]

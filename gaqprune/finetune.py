@@ -1,0 +1,76 @@
+"""After a LoRA fit: save the adapters on their own and export a merged model.
+
+Adapters are injected in place (``peft.inject_adapter_in_model``) so ``LitCausalLM.model`` stays
+a plain HF causal LM throughout; merging folds each adapter into its base Linear and puts the
+base Linear back, exactly like peft's ``merge_and_unload``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def lora_modules(hf_model) -> list[tuple[str, torch.nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, m) for name, m in hf_model.named_modules() if isinstance(m, LoraLayer) and hasattr(m, "base_layer")]
+
+
+def save_lora_adapter(hf_model, out_dir: str | Path, lora_config: dict) -> Path:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (peft's file names) atomically."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from gaqprune.atomic import atomic_dir, write_json
+
+    state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(hf_model).items()}
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        save_file(state, str(Path(tmp) / "adapter_model.safetensors"), metadata={"format": "pt"})
+        write_json(Path(tmp) / "adapter_config.json", lora_config)
+    return Path(out_dir)
+
+
+@torch.no_grad()
+def merge_lora(hf_model) -> int:
+    """Fold every LoRA adapter into its base weight and remove the adapter modules; returns how many."""
+    modules = lora_modules(hf_model)
+    for name, module in modules:
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = hf_model.get_submodule(parent_name) if parent_name else hf_model
+        setattr(parent, child, module.get_base_layer())
+    if hasattr(hf_model, "peft_config"):
+        del hf_model.peft_config
+    return len(modules)
+
+
+def export_finetuned(lit_model, tokenizer, out_dir: str | Path) -> dict[str, str]:
+    """Save LoRA adapters (if any) and the merged model under ``out_dir``; returns the paths written."""
+    from gaqprune.export import save_pretrained_model
+
+    out_dir = Path(out_dir)
+    paths = {}
+    hf_model = lit_model.model
+    if lora_modules(hf_model):
+        hp = lit_model.hparams
+        config = {
+            "peft_type": "LORA", "r": hp.lora_r, "lora_alpha": hp.lora_alpha, "lora_dropout": hp.lora_dropout,
+            "target_modules": sorted(set(hp.lora_target_modules or [])) or None, "bias": "none", "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": hp.base_model,
+        }
+        if config["target_modules"] is None:
+            from gaqprune.lit_module import DEFAULT_LORA_TARGETS
+
+            config["target_modules"] = list(DEFAULT_LORA_TARGETS)
+        paths["adapter"] = str(save_lora_adapter(hf_model, out_dir / "lora_adapter", config))
+        merge_lora(hf_model)
+        lit_model.lora_attached = False
+    was_training = hf_model.training
+    hf_model.eval()
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+    paths["model"] = str(save_pretrained_model(hf_model, tokenizer, out_dir / "model_finetuned", overwrite=True))
+    hf_model.train(was_training)
+    return paths

@@ -1,0 +1,204 @@
+"""The pruning pipeline as stages shared by `gaqprune prune` and the Lightning callbacks.
+
+Each stage is a plain function; the callers decide which rank computes and how results travel
+between ranks. Results land in the run folder through atomic writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from gaqprune import __version__
+from gaqprune.errors import GaqpruneError
+from gaqprune.run_settings import RunSettings
+from gaqprune.settings import ImportanceSettings, PruneSettings
+
+log = logging.getLogger(__name__)
+IMPORTANCE_FILE = "layer_importance_config.json"
+PLAN_FILE = "pruning_plan.json"
+METRICS_FILE = "metrics.json"
+
+
+def layer_range(settings: PruneSettings, num_layers: int) -> tuple[int, int]:
+    """The selected layers ``[start, end)`` (defaults and validation live with the allocation)."""
+    from gaqprune.pruning import layer_range as resolve
+
+    return resolve(settings, num_layers)
+
+
+def run_dir(run: RunSettings) -> Path:
+    return Path(run.output_dir) / run.save_ckpt_log_name
+
+
+def check_run_dir(run: RunSettings) -> Path:
+    """Refuse to overwrite a finished run unless asked; an unfinished one is resumed (its caches reused)."""
+    path = run_dir(run)
+    if (path / METRICS_FILE).exists() and not run.overwrite:
+        raise GaqpruneError(
+            f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: run folder {str(path)!r} already holds a finished run; "
+            "pick another name or pass --overwrite true"
+        )
+    return path
+
+
+def importance_meta(hf_model, imp: ImportanceSettings, start: int, end: int, base_model: str, source: str,
+                    seed: int) -> dict:
+    from gaqprune.layer_importance import model_fingerprint
+
+    return {
+        "base_model": base_model,
+        "model_fingerprint": model_fingerprint(hf_model),
+        "num_layers": len(hf_model.model.layers),
+        "method": imp.importance_method,
+        "samples": imp.importance_samples,
+        "seq_len": imp.importance_seq_len,
+        "data_source": source,
+        "layer_start": start,
+        "layer_end": end,
+        "seed": seed,
+        "gaqprune_version": __version__,
+    }
+
+
+def layer_importance_stage(hf_model, datamodule, imp: ImportanceSettings, start: int, end: int, out_dir: Path | None,
+                           meta: dict, device: torch.device, progress: bool) -> dict[int, float]:
+    """Compute (or reuse) per-layer importance; writes the cache JSON and a bar chart when ``out_dir`` is set."""
+    from gaqprune import layer_importance as li
+
+    expected = {k: meta[k] for k in ("model_fingerprint", "num_layers", "layer_start", "layer_end")}
+    if imp.skip_importance_analysis:
+        scores = li.load_importance(imp.importance_config, expected)
+        record = json.loads(Path(imp.importance_config).read_text())
+    else:
+        cached = out_dir / IMPORTANCE_FILE if out_dir is not None else None
+        reusable = None
+        if cached is not None and cached.is_file():  # an interrupted earlier run left a complete cache
+            try:
+                record = json.loads(cached.read_text())
+                same = all(record.get(k) == meta[k] for k in ("model_fingerprint", "method", "samples", "seq_len",
+                                                               "data_source", "layer_start", "layer_end", "seed"))
+                reusable = li.load_importance(cached, expected) if same else None
+            except (GaqpruneError, json.JSONDecodeError, OSError):
+                reusable = None
+        if reusable is not None:
+            log.info("reusing layer importance from %s", cached)
+            scores = reusable
+        else:
+            windows = datamodule.calibration_windows(imp.importance_samples, imp.importance_seq_len, seed=meta["seed"],
+                                                     what="--importance_samples")
+            scores = li.compute_layer_importance(hf_model, windows.to(device), method=imp.importance_method,
+                                                 layer_start=start, layer_end=end, progress=progress)
+            record = li.importance_record(scores, meta)
+    check_finite(scores, "layer importance")
+    if out_dir is not None:
+        li.save_importance(out_dir / IMPORTANCE_FILE, record)
+        li.plot_layer_importance(scores, out_dir / "layer_importance.png", method=record.get("method", "removal"))
+    return scores
+
+
+def check_finite(scores: dict[int, float], what: str) -> None:
+    bad = {k: v for k, v in scores.items() if not (v == v and abs(v) != float("inf"))}
+    if bad:
+        raise GaqpruneError(f"{what} has non-finite scores {bad}; the model produced NaN/inf (try --dtype float32)")
+
+
+def plan_stage(hf_model, datamodule, scores: dict[int, float], settings: PruneSettings, seed: int, device: torch.device,
+               progress: bool) -> tuple[dict, torch.Tensor]:
+    """Taylor scores + allocation -> a plan (deterministic); returns it with the calibration windows used."""
+    from gaqprune.pruning import build_plan
+
+    windows = datamodule.calibration_windows(settings.num_examples, settings.max_seq_len, seed=seed + 1,
+                                             what="--num_examples").to(device)
+    plan = build_plan(hf_model, scores, windows, settings, progress=progress)
+    return plan, windows
+
+
+def plot_rates(scores: dict[int, float], plan: dict, path: Path) -> None:
+    """Importance vs achieved rate per layer, one picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gaqprune.atomic import save_figure
+
+    layers = [entry["index"] for entry in plan["layers"]]
+    rates = [entry["achieved_rate"] if entry["selected"] else 0.0 for entry in plan["layers"]]
+    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.3), 3.5))
+    ax.bar(layers, rates, color="tab:orange", label="pruning rate")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction of layer parameters removed")
+    ax.set_ylim(0, 1)
+    if scores:
+        ax2 = ax.twinx()
+        xs = sorted(scores)
+        values = [scores[i] for i in xs]
+        ax2.plot(xs, values, "o-", color="tab:blue", label="importance")
+        if min(values) > 0 and max(values) / min(values) > 100:
+            ax2.set_yscale("log")
+        ax2.set_ylabel("layer importance")
+    ax.set_title(f"gaqprune plan: {plan['totals'].get('achieved_ratio_selected', 0):.1%} of selected layers removed")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def summary_table(plan: dict, metrics: dict) -> str:
+    """A Markdown table per layer plus totals, printed at the end of `gaqprune prune`."""
+    lines = ["| layer | importance | target rate | achieved rate | KV groups | MLP channels | layer params after |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in plan["layers"]:
+        if not e["selected"]:
+            continue
+        imp = e.get("importance")
+        groups = "removed" if e["removed_whole"] else f"{e['groups_after']}/{e['groups_before']}"
+        channels = "removed" if e["removed_whole"] else f"{e['channels_after']}/{e['channels_before']}"
+        lines.append(f"| {e['index']} | {'' if imp is None else f'{imp:.4g}'} | {e['target_rate']:.1%} | "
+                     f"{e['achieved_rate']:.1%} | {groups} | {channels} | {e['layer_params_after']:,} |")
+    t = plan["totals"]
+    lines.append("")
+    lines.append(f"removed {t.get('achieved_ratio_selected', 0):.2%} of the selected layers' prunable parameters "
+                 f"(target {t['target_ratio']:.2%}), {t.get('achieved_ratio_decoder', 0):.2%} of all "
+                 f"decoder-layer parameters, {t.get('achieved_ratio_model', 0):.2%} of the whole model")
+    if "ppl_before" in metrics or "ppl_after" in metrics:
+        lines.append(f"perplexity (window {metrics.get('eval_seq_len')}, {metrics.get('eval_windows')} windows): "
+                     f"dense {metrics.get('ppl_before', float('nan')):.2f} | pruned {metrics.get('ppl_after', float('nan')):.2f}")
+    times = metrics.get("seconds", {})
+    if times:
+        lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    return "\n".join(lines)
+
+
+class Stopwatch:
+    """Times named stages: ``with clock("taylor"): ...``; totals in ``clock.seconds``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        watch = self
+
+        class _Stage:
+            def __enter__(self):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                watch.seconds[name] = watch.seconds.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Stage()
+
+
+def settings_dict(*settings) -> dict:
+    out = {}
+    for s in settings:
+        out.update(asdict(s))
+    return out

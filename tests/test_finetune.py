@@ -1,0 +1,121 @@
+"""LoRA recovery: only adapters train, loss falls, checkpoints hold adapters only, merged export reloads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gaqprune.lit_module import LitCausalLM
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class _Trainer:  # the two attributes configure_model reads
+    class state:
+        fn = "fit"
+
+
+def lora_module(model_dir) -> LitCausalLM:
+    lit = LitCausalLM(base_model=str(model_dir), lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=5e-3)
+    lit._trainer = _Trainer()
+    lit.configure_model()
+    lit.configure_model()  # idempotent
+    return lit
+
+
+def test_only_lora_weights_get_gradients_and_loss_falls(tiny_model_dir):
+    lit = lora_module(tiny_model_dir)
+    trainable = {n for n, p in lit.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(trainable) == 4 * 7 * 2  # 4 layers x 7 projections x (A, B)
+    batch = torch.randint(3, 5000, (4, 32), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([p for p in lit.parameters() if p.requires_grad], lr=1e-2)
+    lit.model.train()
+    losses = []
+    for _ in range(10):
+        nll, count = lit(batch)
+        loss = nll / count
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for n, p in lit.named_parameters() if "lora_" not in n)
+        assert sum(p.grad.abs().sum() for n, p in lit.named_parameters() if "lora_B" in n) > 0
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3 and losses[-1] == min(losses)
+
+
+def test_merged_export_reloads_bit_identically(tiny_model_dir, tmp_path, embedded_tokenizer):
+    from gaqprune.finetune import export_finetuned
+    from gaqprune.models import load_model
+
+    lit = lora_module(tiny_model_dir)
+    with torch.no_grad():  # make the adapters non-trivial
+        for n, p in lit.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    lit.model.eval()
+    ids = torch.randint(3, 5000, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = lit.model(ids).logits
+    paths = export_finetuned(lit, embedded_tokenizer, tmp_path)
+    assert (Path(paths["adapter"]) / "adapter_model.safetensors").is_file()
+    with torch.no_grad():
+        merged = lit.model(ids).logits
+        reloaded_model = load_model(paths["model"])
+        reloaded = reloaded_model(ids).logits
+    assert torch.allclose(before, merged, atol=1e-4)  # merging changes rounding only
+    assert torch.equal(merged, reloaded)  # export is bit-exact
+    assert not any("lora_" in n for n, _ in reloaded_model.named_parameters())
+
+
+def _fit(*args, cwd, env=None):
+    cmd = [sys.executable, "-m", "gaqprune.cli", "fit", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
+
+
+FIT_ARGS = ["--data.max_seq_len", "32", "--data.max_eval_windows", "4", "--data.batch_size", "4",
+            "--finetune_samples", "16", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1"]
+
+
+def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
+    r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "2", "--save_ckpt_log_name", "a",
+             "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert state and all("lora_" in k for k in state)
+    assert ckpt.stat().st_size < 2_000_000  # the frozen 6.5M-parameter base is not in it
+    r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "4", "--save_ckpt_log_name", "b",
+             "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = sorted(tmp_path.rglob("*step=4.ckpt"))
+    assert resumed, list(tmp_path.rglob("*.ckpt"))
+    assert (tmp_path / "prune_log" / "b" / "model_finetuned" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_prune_identically_and_train(tiny_model_dir, tmp_path):
+    probe = tmp_path / "probe"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--prune", "true", "--pruning_ratio", "0.3",
+             "--importance_samples", "4", "--importance_seq_len", "32", "--num_examples", "4", "--max_seq_len", "32",
+             "--min_pruning_rate", "0.1",
+             "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+             "--trainer.max_steps", "2", "--save_ckpt_log_name", "ddp", "--trainer.default_root_dir", str(tmp_path),
+             "--trainer.callbacks+=tests.ddp_probe.ShapeProbe", f"--trainer.callbacks.out_dir={probe}",
+             cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ranks = [json.loads((probe / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["world"] == 2
+    assert ranks[0]["shapes"] == ranks[1]["shapes"] and ranks[0]["sha"] == ranks[1]["sha"]
+    dense = {"num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 128}
+    assert any(s != dense for s in ranks[0]["shapes"]) or len(ranks[0]["shapes"]) < 4  # it really pruned
+    assert [(probe / f"rank{i}.steps").read_text() for i in (0, 1)] == ["2", "2"]
+    plan = json.loads((tmp_path / "prune_log" / "ddp" / "pruning_plan.json").read_text())
+    assert 0.25 < plan["totals"]["achieved_ratio_selected"] < 0.35

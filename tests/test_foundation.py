@@ -1,0 +1,168 @@
+"""Foundation: model loading, windowing, perplexity, the CLI's validate subcommand."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gaqprune.data import LMDataModule, make_windows, sample_windows, token_streams
+from gaqprune.errors import GaqpruneError
+from gaqprune.metrics import Perplexity, causal_nll, perplexity
+from gaqprune.models import embedded_gguf_path, load_model, resolve_dtype
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gaqprune.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+# -- windowing --------------------------------------------------------------------------------
+def test_make_windows_drops_remainder():
+    ids = torch.arange(1000)
+    w = make_windows(ids, 128)
+    assert w.shape == (7, 128)
+    assert torch.equal(w[1], torch.arange(128, 256))
+
+
+def test_sample_windows_is_seeded_and_refuses_too_many():
+    ids = torch.arange(10 * 64)
+    a, b = sample_windows(ids, 64, 4, seed=3, what="--num_examples"), sample_windows(ids, 64, 4, seed=3, what="x")
+    assert torch.equal(a, b) and a.shape == (4, 64)
+    assert len({int(r[0]) for r in a}) == 4  # distinct windows
+    with pytest.raises(GaqpruneError, match="--num_examples 11 asks for more windows"):
+        sample_windows(ids, 64, 11, seed=3, what="--num_examples")
+
+
+def test_local_text_file_split_never_overlaps(tmp_path, embedded_tokenizer):
+    f = tmp_path / "doc.txt"
+    f.write_text(" ".join(f"word{i}" for i in range(3000)))
+    s = token_streams(str(f), embedded_tokenizer, eval_fraction=0.25)
+    total = len(s["train"]) + len(s["eval"])
+    assert abs(len(s["eval"]) / total - 0.25) < 0.01
+    whole = token_streams(str(f), embedded_tokenizer, eval_fraction=1.0)
+    assert torch.equal(torch.cat([s["train"], s["eval"]]), whole["eval"])
+
+
+def test_embedded_corpus_split_is_disjoint():
+    from gaqprune.corpus import embedded_articles
+    from gaqprune.models import cache_root
+
+    parts = embedded_articles(cache_root())
+    assert len(parts["train"]) > 80 and len(parts["eval"]) >= 9
+    assert not set(parts["train"]) & set(parts["eval"])
+
+
+# -- perplexity -------------------------------------------------------------------------------
+def test_perplexity_matches_hand_computation(tiny_model):
+    windows = torch.randint(3, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = tiny_model(windows).logits.double()
+    logp = torch.log_softmax(logits, dim=-1)
+    nll = [-logp[b, t, windows[b, t + 1]].item() for b in range(3) for t in range(15)]
+    expected = math.exp(sum(nll) / len(nll))
+    assert perplexity(tiny_model, windows, batch_size=2) == pytest.approx(expected, rel=1e-5)
+    # chunked LM head (chunk of 7 tokens) gives the same sum
+    nll_sum, count = causal_nll(tiny_model, windows, chunk_tokens=7)
+    assert int(count) == 45 and nll_sum.item() == pytest.approx(sum(nll), rel=1e-5)
+
+
+def test_perplexity_metric_accumulates_like_one_batch():
+    m = Perplexity()
+    m.update(torch.tensor(10.0), torch.tensor(4))
+    m.update(torch.tensor(2.0), torch.tensor(4))
+    assert m.compute().item() == pytest.approx(math.exp(12.0 / 8))
+
+
+def test_loss_is_differentiable_through_chunks(tiny_model):
+    windows = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    nll, count = causal_nll(tiny_model, windows, chunk_tokens=5)
+    (nll / count).backward()
+    ref = tiny_model(windows, labels=windows).loss
+    assert (nll / count).item() == pytest.approx(ref.item(), rel=1e-5)
+    assert tiny_model.lm_head.weight.grad.abs().sum() > 0
+
+
+# -- loading ----------------------------------------------------------------------------------
+def test_load_hf_dir_and_dtype(tiny_model_dir):
+    model = load_model(str(tiny_model_dir), dtype="bf16")
+    assert model.dtype == torch.bfloat16 and len(model.model.layers) == 4
+    assert resolve_dtype("fp16") == torch.float16
+    with pytest.raises(GaqpruneError, match="--dtype 'int3'"):
+        resolve_dtype("int3")
+
+
+def test_load_embedded_and_gguf_give_the_same_model():
+    embedded = load_model("embedded")
+    gguf = load_model(str(embedded_gguf_path()))
+    cfg = embedded.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 576, 9, 3)
+    assert sum(p.numel() for p in embedded.parameters()) == 134_515_008
+    assert torch.equal(embedded.model.layers[5].mlp.up_proj.weight, gguf.model.layers[5].mlp.up_proj.weight)
+
+
+def test_missing_and_non_llama_models_are_refused(tmp_path):
+    with pytest.raises(GaqpruneError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(GaqpruneError, match="is a 'gpt2' model; gaqprune prunes Llama-family"):
+        load_model(str(tmp_path / "gpt2"))
+
+
+# -- CLI --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_validate_cli_matches_plain_transformers_loop():
+    from gaqprune.cli import run
+
+    cli = run(["validate", "--data.max_eval_windows", "24", "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false"])
+    ppl_cli = float(cli.trainer.callback_metrics["val_ppl"])
+    # independent loop: HF's own loss over the same windows, weighted by predicted tokens
+    model = load_model("embedded")
+    windows = LMDataModule().eval_windows()[:24]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows.split(4):
+            loss = model(input_ids=w, labels=w).loss.item()
+            total += loss * w.shape[0] * (w.shape[1] - 1)
+            count += w.shape[0] * (w.shape[1] - 1)
+    ppl_ref = math.exp(total / count)
+    assert abs(ppl_cli - ppl_ref) / ppl_ref < 0.005
+    assert 15 < ppl_cli < 80  # a real pretrained model on Wikipedia text
+
+
+def test_validate_cli_on_local_text_file(tmp_path, tiny_model_dir):
+    f = tmp_path / "notes.txt"
+    f.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    r = run_cli("validate", "--base_model", str(tiny_model_dir), "--data.source", str(f), "--data.max_seq_len", "64",
+                "--trainer.logger", "false", "--trainer.enable_progress_bar", "false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "val_ppl" in r.stdout
+
+
+@pytest.mark.parametrize("case", ["missing_model", "empty_file", "non_llama"])
+def test_cli_bad_inputs_fail_in_one_line(tmp_path, tiny_model_dir, case):
+    args = ["validate", "--trainer.logger", "false"]
+    if case == "missing_model":
+        args += ["--base_model", str(tmp_path / "missing")]
+        expect = "does not exist"
+    elif case == "empty_file":
+        (tmp_path / "empty.txt").write_text("  \n")
+        args += ["--base_model", str(tiny_model_dir), "--data.source", str(tmp_path / "empty.txt")]
+        expect = "is empty"
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "g")
+        args += ["--base_model", str(tmp_path / "g")]
+        expect = "gaqprune prunes Llama-family"
+    r = run_cli(*args)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("gaqprune: error:")]
+    assert len(errors) == 1 and expect in errors[0]
+    assert "Traceback" not in r.stderr
