@@ -1,6 +1,230 @@
-"""Pruned checkpoints (placeholder until the checkpoint module lands)."""
+"""Pruned checkpoints: save a (possibly pruned) model so it loads anywhere, and load it back.
+
+A pruned model's layers differ in shape, which a stock ``LlamaConfig`` cannot express. The saved
+folder therefore holds, next to safetensors weights, tokenizer and generation config:
+
+- ``config.json`` with ``model_type: gaqprune_llama``: the original global head counts and MLP
+  width (still valid Llama values) plus each layer's own ``num_attention_heads``,
+  ``num_key_value_heads`` and ``intermediate_size`` in transformers' ``per_layer_config`` schema,
+  ``gaqprune_version`` and ``gaqprune_base_model``;
+- ``configuration_gaqprune_llama.py`` / ``modeling_gaqprune_llama.py`` (from
+  ``gaqprune/remote_code``) and an ``auto_map``, so stock transformers loads it with
+  ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` without gaqprune.
+
+``load_pruned`` is gaqprune's own loader for these folders (no remote code executed). A dense
+model (every layer at the global shape) is saved as a plain Llama/Mistral checkpoint instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gaqprune.atomic import atomic_dir
+from gaqprune.errors import GaqpruneError
+
+if TYPE_CHECKING:  # the remote code imports transformers; keep `is_pruned_checkpoint` cheap
+    from gaqprune.remote_code.configuration_gaqprune_llama import GaqpruneLlamaConfig
+
+PRUNED_MODEL_TYPE = "gaqprune_llama"  # == GaqpruneLlamaConfig.model_type (asserted in tests)
+REMOTE_CODE_DIR = Path(__file__).resolve().parent / "remote_code"
+CONFIG_FILE = "configuration_gaqprune_llama.py"
+MODELING_FILE = "modeling_gaqprune_llama.py"
+AUTO_MAP = {
+    "AutoConfig": f"{Path(CONFIG_FILE).stem}.GaqpruneLlamaConfig",
+    "AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.GaqpruneLlamaForCausalLM",
+}
+# Model types whose pruned form is a gaqprune_llama (Mistral without a sliding window is the same network).
+PRUNABLE_MODEL_TYPES = ("llama", "mistral", PRUNED_MODEL_TYPE)
+# Keys of the source config that must not leak into the written one.
+_DROPPED_KEYS = ("per_layer_config", "auto_map", "architectures", "model_type", "transformers_version", "_name_or_path")
 
 
+def _global_shape(config) -> dict[str, int]:
+    from gaqprune.remote_code.configuration_gaqprune_llama import PER_LAYER_FIELDS
 
-def is_pruned_checkpoint(path) -> bool:
-    return False
+    return {field: int(getattr(config, field)) for field in PER_LAYER_FIELDS}
+
+
+def _checked_layer_shapes(hf_model) -> list[dict[str, int]]:
+    """Per-layer shapes read from the modules, refusing layers a half-finished surgery left inconsistent."""
+    from gaqprune.lit_module import layer_shapes
+
+    config = hf_model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for index, layer in enumerate(hf_model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        consistent = (
+            q.out_features == o.in_features and k.out_features == v.out_features
+            and q.out_features % head_dim == 0 and k.out_features % head_dim == 0 and q.out_features > 0 < k.out_features
+            and (q.out_features // head_dim) % (k.out_features // head_dim) == 0
+            and mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features > 0
+        )
+        if not consistent:
+            raise GaqpruneError(
+                f"layer {index} has inconsistent shapes (q {q.out_features}, k {k.out_features}, v {v.out_features}, "
+                f"o in {o.in_features}, gate {mlp.gate_proj.out_features}, up {mlp.up_proj.out_features}, "
+                f"down in {mlp.down_proj.in_features}, head_dim {head_dim}); it cannot be saved"
+            )
+        # Llama's config has one bias switch for all of q/k/v/o and one for gate/up/down.
+        for module, names, flag in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj"), "attention_bias"),
+                                    (mlp, ("gate_proj", "up_proj", "down_proj"), "mlp_bias")):
+            wrong = [n for n in names if (getattr(module, n).bias is not None) != bool(getattr(config, flag, False))]
+            if wrong:
+                raise GaqpruneError(
+                    f"layer {index}: {', '.join(wrong)} bias presence disagrees with config.{flag}="
+                    f"{getattr(config, flag, False)}; a Llama checkpoint cannot express that"
+                )
+    return layer_shapes(hf_model)
+
+
+def _base_model_name(hf_model, base_model: str | None) -> str | None:
+    """The model this one was pruned from: explicit, else inherited from a pruned checkpoint, else its load path."""
+    if base_model:
+        return str(base_model)
+    inherited = getattr(hf_model.config, "gaqprune_base_model", None)
+    return inherited or getattr(hf_model.config, "_name_or_path", None) or None
+
+
+def _param_dtype(hf_model) -> torch.dtype:
+    return next(p.dtype for p in hf_model.parameters() if p.is_floating_point())
+
+
+def build_config(hf_model, base_model: str | None = None):
+    """The config to write for ``hf_model``: a plain one if every layer is full size, else a gaqprune_llama one."""
+    from transformers import LlamaConfig
+
+    import gaqprune
+    from gaqprune.remote_code.configuration_gaqprune_llama import GaqpruneLlamaConfig
+
+    config = hf_model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in PRUNABLE_MODEL_TYPES:
+        raise GaqpruneError(f"cannot save a {model_type!r} model; gaqprune saves {', '.join(PRUNABLE_MODEL_TYPES)} models")
+    shapes = _checked_layer_shapes(hf_model)
+    if len(shapes) != config.num_hidden_layers:
+        raise GaqpruneError(
+            f"the model has {len(shapes)} decoder layers but config.num_hidden_layers is {config.num_hidden_layers}; "
+            "update the config when deleting layers"
+        )
+    values: dict[str, Any] = {k: v for k, v in config.to_dict().items() if k not in _DROPPED_KEYS}
+    values["dtype"] = str(_param_dtype(hf_model)).removeprefix("torch.")
+    values["use_cache"] = True  # load_model turns the KV cache off for training; the saved model should decode fast
+    values["gaqprune_version"] = gaqprune.__version__
+    values["gaqprune_base_model"] = _base_model_name(hf_model, base_model)
+    dense = all(shape == _global_shape(config) for shape in shapes)
+
+    if dense:  # stock transformers loads it as it is: no remote code, no auto_map
+        if model_type == "mistral":
+            out = type(config)(**values)
+            out.architectures = list(config.architectures or [type(hf_model).__name__])
+        else:
+            out = LlamaConfig(**values)
+            out.architectures = ["LlamaForCausalLM"]
+        return out
+
+    if model_type == "mistral":
+        if getattr(config, "sliding_window", None) is not None:
+            raise GaqpruneError(
+                f"cannot save a pruned Mistral model with sliding_window={config.sliding_window}: its checkpoint is "
+                "written as a Llama, which has no sliding window; set config.sliding_window = None if every sequence "
+                "you run is shorter than the window"
+            )
+        values.pop("sliding_window", None)
+        values["gaqprune_source_model_type"] = "mistral"
+    # Layers equal to the global shape need no override; the config still writes every layer explicitly.
+    overrides = {index: shape for index, shape in enumerate(shapes) if shape != _global_shape(config)}
+    out = GaqpruneLlamaConfig(**values, per_layer_config=overrides)
+    out.architectures = ["GaqpruneLlamaForCausalLM"]
+    out.auto_map = dict(AUTO_MAP)
+    return out
+
+
+def save_pretrained_model(hf_model, tokenizer, out_dir: str | os.PathLike, overwrite: bool = False,
+                          max_shard_size: str = "2GB", base_model: str | None = None) -> Path:
+    """Save ``hf_model`` (+ ``tokenizer``) to ``out_dir`` atomically so it reloads bit-exactly in a fresh process.
+
+    Pruned models get a ``gaqprune_llama`` config with per-layer shapes and the remote code stock
+    transformers needs (``trust_remote_code=True``); dense ones stay plain checkpoints. Weights are
+    safetensors in the model's dtype, sharded above ``max_shard_size``. An existing ``out_dir`` is
+    refused unless ``overwrite``; an interrupted save leaves no ``out_dir`` behind.
+    """
+    if any("lora_" in name for name, _ in hf_model.named_parameters()):
+        raise GaqpruneError("the model still has LoRA adapter weights; merge them (merge_and_unload) before saving")
+    config = build_config(hf_model, base_model)
+    pruned = config.model_type == PRUNED_MODEL_TYPE
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        hf_model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        config.save_pretrained(tmp)  # replaces the config.json written from the in-memory config
+        for name in (CONFIG_FILE, MODELING_FILE):
+            if pruned:
+                shutil.copyfile(REMOTE_CODE_DIR / name, tmp / name)
+            else:  # a model loaded with remote code may have copied it; a dense folder must not carry it
+                (tmp / name).unlink(missing_ok=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def _read_config_json(path: str | os.PathLike) -> dict[str, Any] | None:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def is_pruned_checkpoint(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a folder saved by gaqprune with per-layer shapes (reads config.json only)."""
+    data = _read_config_json(path)
+    return data is not None and data.get("model_type") == PRUNED_MODEL_TYPE
+
+
+def load_pruned_config(path: str | os.PathLike) -> GaqpruneLlamaConfig:
+    """The ``GaqpruneLlamaConfig`` of a pruned checkpoint, built with gaqprune's copy of the class (no remote code)."""
+    from gaqprune.remote_code.configuration_gaqprune_llama import GaqpruneLlamaConfig
+
+    if not is_pruned_checkpoint(path):
+        raise GaqpruneError(
+            f"{str(path)!r} is not a pruned gaqprune checkpoint (its config.json model_type is not {PRUNED_MODEL_TYPE!r})"
+        )
+    try:
+        return GaqpruneLlamaConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise GaqpruneError(f"{str(path)!r}: config.json could not be read: {str(err).splitlines()[0]}") from None
+
+
+def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None):
+    """Load a pruned checkpoint with gaqprune's own model class (a ``LlamaForCausalLM`` subclass), in eval mode.
+
+    ``dtype=None`` keeps the saved dtype. Every weight must match the recorded per-layer shapes:
+    a missing, unexpected or mis-sized tensor is an error, not a silently re-initialised weight.
+    """
+    from gaqprune.models import resolve_dtype
+    from gaqprune.remote_code.modeling_gaqprune_llama import GaqpruneLlamaForCausalLM
+
+    config = load_pruned_config(path)
+    torch_dtype = "auto" if dtype is None else resolve_dtype(dtype)
+    try:
+        model, info = GaqpruneLlamaForCausalLM.from_pretrained(str(path), config=config, dtype=torch_dtype,
+                                                              output_loading_info=True)
+    except (OSError, RuntimeError, ValueError) as err:  # e.g. a weight whose size disagrees with per_layer_config
+        raise GaqpruneError(f"{str(path)!r} could not be loaded: {str(err).splitlines()[0]}") from None
+    problems = {key: value for key, value in info.items() if value}
+    if problems:
+        raise GaqpruneError(f"{str(path)!r}: weights do not match config.json: {problems}")
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+__all__ = ["build_config", "is_pruned_checkpoint", "load_pruned", "load_pruned_config", "save_pretrained_model"]

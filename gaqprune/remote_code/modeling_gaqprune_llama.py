@@ -1,0 +1,62 @@
+"""A ``LlamaForCausalLM`` whose decoder layers each have their own head count and MLP width.
+
+The model is built exactly like stock Llama from the global config, then every layer whose
+``per_layer_config`` entry differs gets correctly shaped q/k/v/o and gate/up/down Linears before
+any weight is loaded, so ``from_pretrained`` fills them without size-mismatch warnings. The forward
+pass is stock Llama's: attention infers the head count from the projection width (``view(..., -1,
+head_dim)``), and only ``num_key_value_groups`` has to follow the layer.
+
+This file must only import torch/transformers: it is copied next to the weights for
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from .configuration_gaqprune_llama import GaqpruneLlamaConfig
+
+
+def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    """A fresh Linear of the new size on the old one's device/dtype (meta while from_pretrained builds)."""
+    return nn.Linear(in_features, out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+
+
+def reshape_layers(model: nn.Module, config: GaqpruneLlamaConfig) -> None:
+    """Give each decoder layer of ``model.model.layers`` the shapes ``config.per_layer_config`` records."""
+    head_dim = config.head_dim
+    hidden = config.hidden_size
+    for layer, shape in zip(model.model.layers, config.layer_shapes(), strict=True):
+        attn, mlp = layer.self_attn, layer.mlp
+        q_width = shape["num_attention_heads"] * head_dim
+        kv_width = shape["num_key_value_heads"] * head_dim
+        if attn.q_proj.out_features != q_width or attn.k_proj.out_features != kv_width:
+            attn.q_proj = _linear_like(attn.q_proj, hidden, q_width)
+            attn.k_proj = _linear_like(attn.k_proj, hidden, kv_width)
+            attn.v_proj = _linear_like(attn.v_proj, hidden, kv_width)
+            attn.o_proj = _linear_like(attn.o_proj, q_width, hidden)
+        # repeat_kv in eager/sdpa attention reads this per module; keep it true for this layer.
+        attn.num_key_value_groups = shape["num_attention_heads"] // shape["num_key_value_heads"]
+        width = shape["intermediate_size"]
+        if mlp.gate_proj.out_features != width:
+            mlp.gate_proj = _linear_like(mlp.gate_proj, hidden, width)
+            mlp.up_proj = _linear_like(mlp.up_proj, hidden, width)
+            mlp.down_proj = _linear_like(mlp.down_proj, width, hidden)
+            mlp.intermediate_size = width
+
+
+class GaqpruneLlamaForCausalLM(LlamaForCausalLM):
+    """Stock ``LlamaForCausalLM`` with per-layer shapes taken from ``GaqpruneLlamaConfig``."""
+
+    config_class = GaqpruneLlamaConfig
+    config: GaqpruneLlamaConfig
+
+    def __init__(self, config: GaqpruneLlamaConfig):
+        super().__init__(config)
+        reshape_layers(self, config)
+        # Re-run post_init so the new Linears get the usual init (and tied-weight bookkeeping is redone).
+        self.post_init()
+
+
+__all__ = ["GaqpruneLlamaForCausalLM", "reshape_layers"]

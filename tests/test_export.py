@@ -1,0 +1,381 @@
+"""Pruned checkpoints: save, then reload bit-exactly with gaqprune's loader and with stock transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_llama_config
+from torch import nn
+
+from gaqprune import export
+from gaqprune.errors import GaqpruneError
+from gaqprune.lit_module import layer_shapes
+from gaqprune.remote_code.configuration_gaqprune_llama import GaqpruneLlamaConfig
+
+HEAD_DIM = 8  # tiny_llama: hidden 64 / 8 query heads
+PRUNED_SHAPES = [
+    {"num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 128},
+    {"num_attention_heads": 4, "num_key_value_heads": 1, "intermediate_size": 128},
+    {"num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 96},
+]
+
+
+def _keep_rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None, dtype=linear.weight.dtype)
+    new.weight.data = linear.weight.data[index].clone()
+    return new
+
+
+def _keep_cols(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None, dtype=linear.weight.dtype)
+    new.weight.data = linear.weight.data[:, index].clone()
+    return new
+
+
+def prune(model):
+    """Layer 1 keeps KV group 1 of 2 (its 4 query heads), layer 2 keeps 96 of 128 MLP channels, layer 3 goes."""
+    attn = model.model.layers[1].self_attn
+    q_rows = torch.arange(4 * HEAD_DIM, 8 * HEAD_DIM)
+    kv_rows = torch.arange(HEAD_DIM, 2 * HEAD_DIM)
+    attn.q_proj, attn.o_proj = _keep_rows(attn.q_proj, q_rows), _keep_cols(attn.o_proj, q_rows)
+    attn.k_proj, attn.v_proj = _keep_rows(attn.k_proj, kv_rows), _keep_rows(attn.v_proj, kv_rows)
+    mlp = model.model.layers[2].mlp
+    channels = torch.arange(16, 112)
+    mlp.gate_proj, mlp.up_proj = _keep_rows(mlp.gate_proj, channels), _keep_rows(mlp.up_proj, channels)
+    mlp.down_proj = _keep_cols(mlp.down_proj, channels)
+    del model.model.layers[3]
+    model.config.num_hidden_layers = 3
+    return model
+
+
+def tied_tiny(seed: int = 0):
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama_config()
+    config.tie_word_embeddings = True
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+def tokens(batch: int = 2, length: int = 12) -> torch.Tensor:
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).logits
+
+
+def greedy(model, ids: torch.Tensor) -> torch.Tensor:
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, use_cache=True)
+
+
+def read_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def weight_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+# A fresh interpreter loads the checkpoint and writes logits + greedy tokens. In "stock" mode it first
+# removes gaqprune's editable-install finder, so only transformers (and the folder's own code) can help.
+CHILD = r"""
+import importlib.util, sys
+mode, ckpt, io, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+if mode == "stock":
+    sys.meta_path[:] = [f for f in sys.meta_path if "gaqprune" not in getattr(f, "__module__", "")]
+    sys.path_hooks[:] = [h for h in sys.path_hooks if "gaqprune" not in getattr(h, "__module__", "")]
+    sys.path_importer_cache.clear()
+    assert importlib.util.find_spec("gaqprune") is None
+    try:
+        import gaqprune  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise AssertionError("gaqprune is importable")
+import torch
+torch.set_num_threads(threads)
+if mode == "stock":
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True).eval()
+else:
+    import gaqprune
+    model = gaqprune.load_pruned(ckpt)
+ids = torch.load(io + "/ids.pt")
+with torch.no_grad():
+    logits = model(ids).logits
+generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, use_cache=True)
+tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+torch.save({"logits": logits, "generated": generated, "module": type(model).__module__, "dtype": model.dtype,
+            "tied": tied, "gaqprune_loaded": "gaqprune" in sys.modules}, f"{io}/{mode}.pt")
+"""
+
+
+def run_child(mode: str, ckpt: Path, io: Path) -> dict:
+    env = {**os.environ, "HF_MODULES_CACHE": str(io / "hf_modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", CHILD, mode, str(ckpt), str(io), str(torch.get_num_threads())],
+        cwd=io, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # every weight found a module of its size: no "MISMATCH ... Reinit" / missing-key load report
+    assert "LOAD REPORT" not in result.stderr and "Reinit" not in result.stderr, result.stderr[-3000:]
+    return torch.load(io / f"{mode}.pt")
+
+
+def test_pruned_checkpoint_reloads_bit_exactly_in_fresh_processes(tmp_path):
+    model = prune(tiny_llama())
+    ids = tokens()
+    ref_logits, ref_generated = logits_of(model, ids), greedy(model, ids)
+    ckpt = export.save_pretrained_model(model, None, tmp_path / "ckpt", base_model="tiny-random-llama")
+    torch.save(ids, tmp_path / "ids.pt")
+
+    ours = run_child("gaqprune", ckpt, tmp_path)
+    stock = run_child("stock", ckpt, tmp_path)
+
+    assert ours["module"] == "gaqprune.remote_code.modeling_gaqprune_llama"
+    assert stock["module"].startswith("transformers_modules.") and not stock["gaqprune_loaded"]
+    for result in (ours, stock):
+        assert result["logits"].shape == (2, 12, 256)
+        assert torch.equal(result["logits"], ref_logits)
+        assert torch.equal(result["generated"], ref_generated)
+    assert ref_generated.shape == (2, 20)
+
+
+def test_config_json_records_per_layer_shapes(tmp_path):
+    ckpt = export.save_pretrained_model(prune(tiny_llama()), None, tmp_path / "ckpt", base_model="tiny-random-llama")
+    config = read_config(ckpt)
+    assert config["model_type"] == "gaqprune_llama" == GaqpruneLlamaConfig.model_type == export.PRUNED_MODEL_TYPE
+    assert config["architectures"] == ["GaqpruneLlamaForCausalLM"]
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_gaqprune_llama.GaqpruneLlamaConfig",
+        "AutoModelForCausalLM": "modeling_gaqprune_llama.GaqpruneLlamaForCausalLM",
+    }
+    # Global fields keep the original (valid Llama) values; the layers' own counts live in per_layer_config.
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (8, 2, 128)
+    assert config["num_hidden_layers"] == 3
+    assert config["per_layer_config"] == {str(i): shape for i, shape in enumerate(PRUNED_SHAPES)}
+    assert config["gaqprune_version"] == "0.1.0" and config["gaqprune_base_model"] == "tiny-random-llama"
+    assert config["dtype"] == "float32"
+    for name in ("configuration_gaqprune_llama.py", "modeling_gaqprune_llama.py"):
+        assert (ckpt / name).read_bytes() == (export.REMOTE_CODE_DIR / name).read_bytes()
+
+    assert export.is_pruned_checkpoint(ckpt) and not export.is_pruned_checkpoint(tmp_path / "missing")
+    loaded = export.load_pruned_config(ckpt)
+    assert type(loaded) is GaqpruneLlamaConfig
+    assert loaded.num_attention_heads == 8 and loaded.layer_shapes() == PRUNED_SHAPES
+    assert [c.num_key_value_heads for c in loaded.per_layer_config] == [2, 1, 2]
+    # transformers sizes per-layer KV caches from this view
+    from transformers.configuration_utils import get_head_shapes
+
+    assert get_head_shapes(loaded) == ([2, 1, 2], HEAD_DIM)
+
+
+def test_per_layer_heads_need_not_divide_hidden_size():
+    # 24 query heads at hidden 4096 is refused by LlamaConfig; head_dim is global, so it is a valid layer here.
+    config = GaqpruneLlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                 num_hidden_layers=2, intermediate_size=14336,
+                                 per_layer_config={1: {"num_attention_heads": 24, "num_key_value_heads": 6}})
+    again = GaqpruneLlamaConfig.from_dict(json.loads(config.to_json_string()))
+    assert again.layer_shapes()[1] == {"num_attention_heads": 24, "num_key_value_heads": 6, "intermediate_size": 14336}
+    assert again.num_attention_heads == 32
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        GaqpruneLlamaConfig(num_hidden_layers=2, per_layer_config={1: {"num_attention_heads": 5, "num_key_value_heads": 2}})
+    with pytest.raises(ValueError, match="outside"):
+        GaqpruneLlamaConfig(num_hidden_layers=2, per_layer_config={2: {"intermediate_size": 5}})
+
+
+def test_gaqprune_loaders_restore_shapes_and_logits(tmp_path):
+    from gaqprune.models import load_model
+
+    model = prune(tiny_llama())
+    ids = tokens()
+    ckpt = export.save_pretrained_model(model, None, tmp_path / "ckpt")
+    for loaded in (export.load_pruned(ckpt), load_model(str(ckpt))):
+        assert isinstance(loaded, type(model)) and not loaded.training
+        assert layer_shapes(loaded) == PRUNED_SHAPES == layer_shapes(model)
+        assert torch.equal(logits_of(loaded, ids), logits_of(model, ids))
+    loaded = load_model(str(ckpt), dtype="bf16")
+    assert loaded.dtype == torch.bfloat16 and loaded.config.use_cache is False
+    # A loaded pruned model saves again with the same layout, its origin and the KV cache setting restored.
+    again = export.save_pretrained_model(loaded, None, tmp_path / "again", base_model="tiny-random-llama")
+    resaved = export.save_pretrained_model(export.load_pruned(again), None, tmp_path / "resaved")
+    config = read_config(resaved)
+    assert config["per_layer_config"] == read_config(ckpt)["per_layer_config"]
+    assert config["gaqprune_base_model"] == "tiny-random-llama" and config["use_cache"] is True
+    assert config["dtype"] == "bfloat16"
+
+
+def test_weights_that_disagree_with_config_are_an_error(tmp_path):
+    ckpt = export.save_pretrained_model(prune(tiny_llama()), None, tmp_path / "ckpt")
+    config = read_config(ckpt)
+    config["per_layer_config"]["2"]["intermediate_size"] = 112
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GaqpruneError, match="could not be loaded"):
+        export.load_pruned(ckpt)
+    with pytest.raises(GaqpruneError, match="not a pruned gaqprune checkpoint"):
+        export.load_pruned(export.save_pretrained_model(tiny_llama(), None, tmp_path / "dense"))
+
+
+def test_weight_files_shrink_with_parameters(tmp_path):
+    dense, pruned = tiny_llama(), prune(tiny_llama())
+    dense_dir = export.save_pretrained_model(dense, None, tmp_path / "dense")
+    pruned_dir = export.save_pretrained_model(pruned, None, tmp_path / "pruned")
+    param_ratio = sum(p.numel() for p in pruned.parameters()) / sum(p.numel() for p in dense.parameters())
+    byte_ratio = weight_bytes(pruned_dir) / weight_bytes(dense_dir)
+    assert param_ratio < 0.85
+    assert abs(byte_ratio - param_ratio) / param_ratio < 0.01
+
+
+def test_dense_model_saves_as_plain_llama(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    model = tiny_llama()
+    del model.model.layers[3]  # depth pruning alone keeps every layer at the global shape
+    model.config.num_hidden_layers = 3
+    ids = tokens()
+    ckpt = export.save_pretrained_model(model, None, tmp_path / "dense")
+    config = read_config(ckpt)
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert "auto_map" not in config and "per_layer_config" not in config
+    assert not list(ckpt.glob("*.py")) and not export.is_pruned_checkpoint(ckpt)
+    reloaded = AutoModelForCausalLM.from_pretrained(ckpt)  # no trust_remote_code
+    assert type(reloaded) is LlamaForCausalLM and len(reloaded.model.layers) == 3
+    assert torch.equal(logits_of(reloaded, ids), logits_of(model, ids))
+
+
+def test_bf16_and_tied_embeddings_are_preserved(tmp_path):
+    from safetensors import safe_open
+
+    model = prune(tied_tiny())
+    # Cast parameters only: a bf16 from_pretrained keeps the rotary inv_freq buffer in fp32, Module.to would not.
+    for param in model.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    ids = tokens()
+    ckpt = export.save_pretrained_model(model, None, tmp_path / "ckpt")
+    with safe_open(ckpt / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        assert {f.get_tensor(k).dtype for k in keys} == {torch.bfloat16}
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    assert read_config(ckpt)["dtype"] == "bfloat16" and read_config(ckpt)["tie_word_embeddings"] is True
+    loaded = export.load_pruned(ckpt)
+    assert loaded.dtype == torch.bfloat16
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(logits_of(loaded, ids), logits_of(model, ids))
+    torch.save(ids, tmp_path / "ids.pt")
+    stock = run_child("stock", ckpt, tmp_path)  # a subprocess keeps the remote code out of ~/.cache/huggingface
+    assert stock["dtype"] == torch.bfloat16 and stock["tied"]
+    assert torch.equal(stock["logits"], logits_of(model, ids)) and torch.equal(stock["generated"], greedy(model, ids))
+
+
+def test_sharded_save_reloads_bit_exactly(tmp_path):
+    model = prune(tiny_llama())
+    ids = tokens()
+    ckpt = export.save_pretrained_model(model, None, tmp_path / "ckpt", max_shard_size="100KB")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    shards = sorted(ckpt.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and set(index["weight_map"].values()) == {s.name for s in shards}
+    assert len(index["weight_map"]) == len(model.state_dict())
+    assert torch.equal(logits_of(export.load_pruned(ckpt), ids), logits_of(model, ids))
+
+
+def test_existing_folder_is_refused_without_overwrite(tmp_path):
+    model = prune(tiny_llama())
+    ckpt = export.save_pretrained_model(model, None, tmp_path / "ckpt")
+    before = (ckpt / "model.safetensors").read_bytes()
+    with pytest.raises(GaqpruneError, match="already exists"):
+        export.save_pretrained_model(tiny_llama(seed=1), None, ckpt)
+    assert (ckpt / "model.safetensors").read_bytes() == before
+    export.save_pretrained_model(tiny_llama(seed=1), None, ckpt, overwrite=True)
+    assert read_config(ckpt)["model_type"] == "llama"
+
+
+def test_interrupted_save_leaves_no_folder(tmp_path, monkeypatch, embedded_tokenizer):
+    def explode(self, *args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C after the weights were written
+
+    monkeypatch.setattr(type(embedded_tokenizer), "save_pretrained", explode)
+    model = prune(tiny_llama(vocab_size=len(embedded_tokenizer)))
+    with pytest.raises(KeyboardInterrupt):
+        export.save_pretrained_model(model, embedded_tokenizer, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+    # An interrupted overwrite keeps the previous complete folder.
+    monkeypatch.undo()
+    ckpt = export.save_pretrained_model(model, embedded_tokenizer, tmp_path / "ckpt")
+    before = sorted(p.name for p in ckpt.iterdir())
+    monkeypatch.setattr(type(embedded_tokenizer), "save_pretrained", explode)
+    with pytest.raises(KeyboardInterrupt):
+        export.save_pretrained_model(tiny_llama(seed=1, vocab_size=len(embedded_tokenizer)), embedded_tokenizer, ckpt,
+                                     overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == before and read_config(ckpt)["model_type"] == "gaqprune_llama"
+
+
+def test_tokenizer_reloads_with_auto_tokenizer(tmp_path, embedded_tokenizer):
+    from transformers import AutoTokenizer
+
+    model = prune(tiny_llama(vocab_size=len(embedded_tokenizer)))
+    ckpt = export.save_pretrained_model(model, embedded_tokenizer, tmp_path / "ckpt")
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)  # no trust_remote_code needed for the tokenizer
+    text = "Pruned checkpoints load anywhere: 24 heads, 96 channels."
+    assert tokenizer(text)["input_ids"] == embedded_tokenizer(text)["input_ids"]
+    assert len(tokenizer) == len(embedded_tokenizer) == 49152
+
+
+def tiny_mistral(sliding_window: int | None):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=8, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                           sliding_window=sliding_window, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = MistralForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+def test_pruned_mistral_saves_as_gaqprune_llama(tmp_path):
+    model = prune(tiny_mistral(sliding_window=None))
+    ids = tokens()
+    ckpt = export.save_pretrained_model(model, None, tmp_path / "ckpt")
+    config = read_config(ckpt)
+    assert config["model_type"] == "gaqprune_llama" and config["gaqprune_source_model_type"] == "mistral"
+    loaded = export.load_pruned(ckpt)
+    assert layer_shapes(loaded) == PRUNED_SHAPES
+    assert torch.equal(logits_of(loaded, ids), logits_of(model, ids))
+
+    with pytest.raises(GaqpruneError, match="sliding_window=4096"):
+        export.save_pretrained_model(prune(tiny_mistral(sliding_window=4096)), None, tmp_path / "windowed")
+    dense_dir = export.save_pretrained_model(tiny_mistral(sliding_window=4096), None, tmp_path / "dense")
+    assert read_config(dense_dir)["model_type"] == "mistral" and not (tmp_path / "windowed").exists()
+
+
+def test_inconsistent_or_unmerged_models_are_refused(tmp_path):
+    model = tiny_llama()
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = _keep_rows(attn.q_proj, torch.arange(4 * HEAD_DIM))  # o_proj left full width
+    with pytest.raises(GaqpruneError, match="layer 0 has inconsistent shapes"):
+        export.save_pretrained_model(model, None, tmp_path / "bad")
+    biased = tiny_llama()
+    down = biased.model.layers[2].mlp.down_proj
+    biased.model.layers[2].mlp.down_proj = nn.Linear(down.in_features, down.out_features, bias=True)
+    with pytest.raises(GaqpruneError, match=r"layer 2: down_proj bias presence disagrees with config.mlp_bias=False"):
+        export.save_pretrained_model(biased, None, tmp_path / "biased")
+    lora = tiny_llama()
+    lora.model.layers[0].self_attn.q_proj.register_parameter("lora_A", nn.Parameter(torch.zeros(4, 64)))
+    with pytest.raises(GaqpruneError, match="LoRA"):
+        export.save_pretrained_model(lora, None, tmp_path / "lora")
+    assert list(tmp_path.iterdir()) == []
