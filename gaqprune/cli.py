@@ -9,7 +9,9 @@ prunes in ``Callback.setup`` and then fine-tunes with LoRA in the same run.
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from argparse import ArgumentError
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,22 +62,22 @@ class GaqpruneTrainer(L.Trainer):
             datamodule.calibration_windows(job.importance.importance_samples, job.importance.importance_seq_len,
                                            what="--importance_samples")
         datamodule.calibration_windows(job.pruning.num_examples, job.pruning.max_seq_len, what="--num_examples")
+        eval_windows = datamodule.eval_windows() if job.run.test_after_prune else None
         clock = pipeline.Stopwatch()
         metrics: dict = {"base_model": job.base_model}
         hf_model.to(device)
-        eval_windows = datamodule.eval_windows() if job.run.test_after_prune else None
+        meta = pipeline.importance_meta(hf_model, job.importance, start, end, job.base_model, datamodule.source,
+                                        job.run.seed)
+        with clock("layer_importance"):  # first: a reused cache is checked before any heavy work
+            scores = pipeline.layer_importance_stage(hf_model, datamodule, job.importance, start, end, out_dir, meta,
+                                                     device, progress)
+        if job.config_yaml:
+            write_text(out_dir / "config.yaml", job.config_yaml)
         if eval_windows is not None:
             metrics.update(eval_seq_len=int(eval_windows.shape[1]), eval_windows=int(eval_windows.shape[0]))
             with clock("eval_before"):
                 metrics["ppl_before"] = perplexity(hf_model, eval_windows, datamodule.eval_batch_size,
                                                    progress="dense perplexity" if progress else None)
-        meta = pipeline.importance_meta(hf_model, job.importance, start, end, job.base_model, datamodule.source,
-                                        job.run.seed)
-        if job.config_yaml:
-            write_text(out_dir / "config.yaml", job.config_yaml)
-        with clock("layer_importance"):
-            scores = pipeline.layer_importance_stage(hf_model, datamodule, job.importance, start, end, out_dir, meta,
-                                                     device, progress)
         with clock("taylor_and_plan"):
             plan, windows = pipeline.plan_stage(hf_model, datamodule, scores, job.pruning, job.run.seed, device, progress)
         write_json(out_dir / pipeline.PLAN_FILE, plan)
@@ -176,11 +178,11 @@ class GaqpruneCLI(LightningCLI):
             validate_prune_settings(prune, getattr(model_config, "num_hidden_layers", 0))
             if prune.max_seq_len > (context or prune.max_seq_len):
                 raise GaqpruneError(f"--max_seq_len {prune.max_seq_len} exceeds the model's context of {context} tokens")
-            validate_finetune_settings(fin, self.subcommand)
+            validate_finetune_settings(fin, cfg["model"])
             pipeline.check_run_dir(run)
         if self.subcommand == "fit":
             run = self._settings(RunSettings)
-            validate_finetune_settings(self._settings(FinetuneSettings), "fit")
+            validate_finetune_settings(self._settings(FinetuneSettings), cfg["model"])
             finetuned = pipeline.run_dir(run) / "model_finetuned"
             if finetuned.exists() and not run.overwrite:
                 raise GaqpruneError(f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: {str(finetuned)!r} already exists; "
@@ -242,11 +244,29 @@ def validate_importance_settings(imp: ImportanceSettings, context: int | None) -
         raise GaqpruneError(f"--importance_config {imp.importance_config!r} is only read with --skip_importance_analysis true")
 
 
-def validate_finetune_settings(fin: FinetuneSettings, subcommand: str) -> None:
+def validate_finetune_settings(fin: FinetuneSettings, model_cfg) -> None:
     if fin.finetune_samples < 1:
         raise GaqpruneError(f"--finetune_samples {fin.finetune_samples} must be at least 1")
     if fin.finetune_epochs < 1:
         raise GaqpruneError(f"--finetune_epochs {fin.finetune_epochs} must be at least 1")
+    if fin.finetune_method == "full":
+        import inspect
+
+        defaults = inspect.signature(LitCausalLM.__init__).parameters
+        changed = [name for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+                   if model_cfg[name] != defaults[name].default]
+        if changed:
+            raise GaqpruneError(f"--finetune_method full trains every weight, so --model.{changed[0]} "
+                                f"{model_cfg[changed[0]]!r} would have no effect; drop it or use --finetune_method lora")
+
+
+def one_line(message: str) -> str:
+    """Parser errors span lines; users get one: the flag, the value and what is accepted."""
+    literal = re.search(r'key "([^"]+)":\s*Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)', message, re.S)
+    if literal:
+        flag, choices, value = literal.groups()
+        return f"--{flag} {value.strip()!r} is not accepted; use one of {choices.replace(chr(39), '')}"
+    return " ".join(message.split())
 
 
 def main(args: list[str] | None = None) -> None:
@@ -267,10 +287,10 @@ def run(args: list[str] | None = None) -> GaqpruneCLI:
             save_config_kwargs={"overwrite": True},
             seed_everything_default=42,
             args=args,
-            parser_kwargs={"default_env": False},
+            parser_kwargs={"default_env": False, "exit_on_error": False},
         )
-    except GaqpruneError as err:
-        print(f"gaqprune: error: {err}", file=sys.stderr)
+    except (GaqpruneError, ArgumentError) as err:
+        print(f"gaqprune: error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("gaqprune: interrupted; complete results are kept, a rerun reuses them", file=sys.stderr)

@@ -1,0 +1,125 @@
+"""Every user mistake: one-line error naming the flag and value, exit status 2, no run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gaqprune.cli import run
+
+RUN = "bad"
+SMALL = ["--importance_samples", "2", "--importance_seq_len", "32", "--num_examples", "2", "--max_seq_len", "32",
+         "--data.max_seq_len", "32", "--data.max_eval_windows", "2", "--trainer.logger", "false",
+         "--trainer.enable_progress_bar", "false", "--save_ckpt_log_name", RUN]
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    f = tmp_path / "corpus.txt"
+    f.write_text("\n\n".join(f"Paragraph {i}: the river flows past the old mill and the town." for i in range(300)))
+    return f
+
+
+def importance_json(path: Path, num_layers: int = 4, fingerprint: str = "0" * 16) -> Path:
+    from gaqprune.layer_importance import importance_record, save_importance
+
+    meta = {"base_model": "other", "model_fingerprint": fingerprint, "num_layers": num_layers, "method": "removal",
+            "samples": 2, "seq_len": 32, "data_source": "x", "layer_start": 0, "layer_end": num_layers, "seed": 42,
+            "gaqprune_version": "0.1.0"}
+    save_importance(path, importance_record({i: float(i + 1) for i in range(num_layers)}, meta))
+    return path
+
+
+def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (extra args, text the one-line error must contain)."""
+    empty = tmp / "empty.txt"
+    empty.write_text("\n \n")
+    binary = tmp / "blob.txt"
+    binary.write_bytes(b"\x00\x01\x02binary\x00" * 100)
+    corrupt = tmp / "corrupt.json"
+    corrupt.write_text('{"scores": {"0": 1.0,')
+    data = ["--data.source", str(text)]
+    return {
+        "ratio_zero": ([*data, "--pruning_ratio", "0"], "--pruning_ratio 0"),
+        "ratio_above_one": ([*data, "--pruning_ratio", "1.5"], "--pruning_ratio 1.5"),
+        "min_above_max": ([*data, "--min_pruning_rate", "0.4", "--max_pruning_rate", "0.2"], "--min_pruning_rate 0.4"),
+        "min_outside": ([*data, "--min_pruning_rate", "-0.1"], "--min_pruning_rate -0.1"),
+        "max_outside": ([*data, "--max_pruning_rate", "1.0"], "--max_pruning_rate 1.0"),
+        "target_unreachable": ([*data, "--pruning_ratio", "0.05", "--min_pruning_rate", "0.15"], "not reachable"),
+        "alpha_negative": ([*data, "--alpha", "-1"], "--alpha -1"),
+        "layer_start_after_end": ([*data, "--layer_start", "3", "--layer_end", "2"], "--layer_start 3"),
+        "layer_end_outside": ([*data, "--layer_start", "0", "--layer_end", "9"], "--layer_end 9"),
+        "importance_samples_zero": ([*data, "--importance_samples", "0"], "--importance_samples 0"),
+        "num_examples_zero": ([*data, "--num_examples", "0"], "--num_examples 0"),
+        "too_many_samples": ([*data, "--importance_samples", "5000"], "--importance_samples 5000 asks for more windows"),
+        "seq_len_above_context": ([*data, "--max_seq_len", "4096"], "--max_seq_len 4096 exceeds the model's context"),
+        "unknown_strategy": ([*data, "--pruning_strategy", "random"], "--pruning_strategy 'random' is not accepted"),
+        "unknown_method": ([*data, "--importance_method", "magic"], "--importance_method 'magic' is not accepted"),
+        "missing_model": (["--base_model", str(tmp / "no_model")], "does not exist"),
+        "unreadable_model": (["--base_model", str(text)], "is not a model folder"),
+        "importance_other_model": (
+            [*data, "--skip_importance_analysis", "true", "--importance_config", str(importance_json(tmp / "o.json"))],
+            "--importance_config"),
+        "importance_other_layer_count": (
+            [*data, "--skip_importance_analysis", "true",
+             "--importance_config", str(importance_json(tmp / "l.json", num_layers=30))], "--importance_config"),
+        "importance_corrupted": (
+            [*data, "--skip_importance_analysis", "true", "--importance_config", str(corrupt)], "is not valid JSON"),
+        "importance_missing": (
+            [*data, "--skip_importance_analysis", "true", "--importance_config", str(tmp / "nope.json")], "file not found"),
+        "config_without_skip": ([*data, "--importance_config", str(corrupt)], "only read with --skip_importance_analysis"),
+        "empty_text_file": (["--data.source", str(empty)], "is empty"),
+        "binary_text_file": (["--data.source", str(binary)], "looks binary"),
+        "unknown_dataset": (["--data.source", "no-such-org/no-such-dataset-xyz"], "could not be loaded"),
+        "finetune_samples_zero": ([*data, "--finetune", "true", "--finetune_samples", "0"], "--finetune_samples 0"),
+        "finetune_full_with_lora_rank": (
+            [*data, "--finetune", "true", "--finetune_method", "full", "--model.lora_r", "32"], "--finetune_method full"),
+    }
+
+
+CASE_NAMES = [
+    "ratio_zero", "ratio_above_one", "min_above_max", "min_outside", "max_outside", "target_unreachable",
+    "alpha_negative", "layer_start_after_end", "layer_end_outside", "importance_samples_zero", "num_examples_zero",
+    "too_many_samples", "seq_len_above_context", "unknown_strategy", "unknown_method", "missing_model",
+    "unreadable_model", "importance_other_model", "importance_other_layer_count", "importance_corrupted",
+    "importance_missing", "config_without_skip", "empty_text_file", "binary_text_file", "unknown_dataset",
+    "finetune_samples_zero", "finetune_full_with_lora_rank",
+]
+
+
+def run_prune(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        run(["prune", *args])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_bad_input_is_refused_cleanly(name, tmp_path, monkeypatch, capsys, tiny_model_dir, text_file):
+    monkeypatch.chdir(tmp_path)
+    extra, expected = cases(tmp_path, tiny_model_dir, text_file)[name]
+    args = ["--base_model", str(tiny_model_dir), *SMALL, *extra]
+    if "--base_model" in extra:  # the case brings its own model
+        args = [*SMALL, *extra]
+    code, err = run_prune(args, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("gaqprune: error:")]
+    assert code == 2, err[-2000:]
+    assert len(errors) == 1, err[-2000:]
+    assert expected in errors[0], errors[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "prune_log" / RUN).exists()
+
+
+def test_case_list_is_complete(tmp_path, tiny_model_dir, text_file):
+    assert sorted(cases(tmp_path, tiny_model_dir, text_file)) == sorted(CASE_NAMES)
+
+
+def test_existing_run_folder_needs_overwrite(tmp_path, monkeypatch, capsys, tiny_model_dir, text_file):
+    monkeypatch.chdir(tmp_path)
+    done = tmp_path / "prune_log" / RUN
+    done.mkdir(parents=True)
+    (done / "metrics.json").write_text(json.dumps({"finished": True}))
+    code, err = run_prune(["--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file)], capsys)
+    assert code == 2 and "already holds a finished run" in err and "--overwrite true" in err
+    assert json.loads((done / "metrics.json").read_text()) == {"finished": True}  # untouched
