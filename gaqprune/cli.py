@@ -92,7 +92,8 @@ class GaqpruneTrainer(L.Trainer):
             from gaqprune.export import save_pretrained_model
 
             with clock("save"):
-                save_pretrained_model(hf_model, datamodule.tokenizer, out_dir / "model", overwrite=True)
+                save_pretrained_model(hf_model, datamodule.tokenizer, out_dir / "model", overwrite=True,
+                                      base_model=model_name(job.base_model))
         metrics.update(params=plan["totals"], seconds=clock.seconds)
         self._log_prune_metrics(scores, plan, metrics)
         if progress:
@@ -125,6 +126,12 @@ class GaqpruneTrainer(L.Trainer):
             if key in metrics:
                 experiment.add_scalar(f"prune/{key}", metrics[key], global_step=0)
         experiment.flush()
+
+
+def model_name(base_model: str) -> str:
+    from gaqprune.models import EMBEDDED_NAME
+
+    return f"HuggingFaceTB/{EMBEDDED_NAME} (embedded Q4_1 GGUF)" if base_model == EMBEDDED else base_model
 
 
 class GaqpruneCLI(LightningCLI):

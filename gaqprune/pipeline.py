@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -44,6 +45,9 @@ def check_run_dir(run: RunSettings) -> Path:
             f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: run folder {str(path)!r} already holds a finished run; "
             "pick another name or pass --overwrite true"
         )
+    if path.is_dir():  # leftovers of a killed write: never complete, never reused
+        for stale in path.glob(".*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     return path
 
 
