@@ -1,0 +1,24 @@
+"""The README documents every flag and opens with the two fresh-machine commands."""
+
+import dataclasses
+from pathlib import Path
+
+from gaqprune.run_settings import FinetuneSettings, RunSettings
+from gaqprune.settings import ImportanceSettings, PruneSettings
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def test_readme_opens_with_install_run_and_test_commands():
+    lines = README.splitlines()
+    assert lines[0] == "```bash" and lines[3] == "```"
+    assert lines[1].startswith("pip install torch==2.13.0") and "gaqprune prune --config configs/" in lines[1]
+    assert lines[2] == "python -m pytest -q"
+    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    assert "\npython -m pytest -q\n" in ci
+
+
+def test_every_flag_is_documented_with_its_default():
+    for cls in (ImportanceSettings, PruneSettings, RunSettings, FinetuneSettings):
+        for field in dataclasses.fields(cls):
+            assert f"| `--{field.name}` | `{field.default}` |" in README, field.name
