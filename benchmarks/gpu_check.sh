@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# One-shot GPU check (one H200, Llama-3-8B shape, random weights, bf16), in well under 8 minutes of device time.
+#
+#   bash benchmarks/gpu_check.sh            # from the repository root; JSON + logs go to $OUT if set, else a temp dir
+#
+# Steps, each under `timeout` and isolated (a failure prints FAILED and the next step runs):
+#   1. stages standard  (50 x 128 importance, 10 x 64 Taylor, ratio 0.25; incl. save of the pruned model to /tmp)
+#   2. stages precise   (128 x 128 importance, 32 x 64 Taylor; save skipped)
+#   3. Taylor one pass vs one backward per layer (27 layers, 10 x 64 tokens)
+#   4. inference dense vs pruned (prefill 1x2048, 16x512; decode batch 1 and 16: CUDA graph, static eager, HF generate)
+# A global budget (GPU_CHECK_BUDGET_S, default 420 s) caps the per-step timeouts so the whole script ends in time;
+# 150 s of it stay reserved for the inference step (a slow earlier step shortens or skips the ones before it).
+# GPU_CHECK_SMOKE=1 runs the same steps on a tiny random model on the CPU (tests this script, not the GPU).
+# Needs only torch, transformers, lightning, torchmetrics, safetensors (no datasets / jsonargparse / gguf, no internet).
+set -u
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export TRANSFORMERS_VERBOSITY=error
+RES="${OUT:-$(mktemp -d /tmp/gaqprune-gpu-check.XXXXXX)}"
+mkdir -p "$RES"
+BUDGET="${GPU_CHECK_BUDGET_S:-420}"
+T0=$(date +%s)
+declare -A STATUS
+
+step() {  # step NAME TIMEOUT_S RESERVE_S SCRIPT ARGS...  (RESERVE_S: budget kept back for the steps after it)
+    local name=$1 limit=$2 reserve=$3
+    shift 3
+    local left=$((BUDGET - ($(date +%s) - T0) - reserve))
+    ((limit > left)) && limit=$left
+    if ((limit < 30)); then
+        echo "=== $name: SKIPPED (global budget of ${BUDGET} s spent)"
+        STATUS[$name]="skipped"
+        return
+    fi
+    echo "=== $name (timeout ${limit} s, t=$(($(date +%s) - T0)) s): python3 $*"
+    local t=$(date +%s)
+    timeout -k 10 "$limit" python3 "$@" 2>&1 | grep --line-buffered -v -e "Writing model shards" -e "^\s*warnings.warn" | tee "$RES/$name.log"
+    local rc=${PIPESTATUS[0]}
+    if ((rc == 0)); then STATUS[$name]="ok"; else STATUS[$name]="FAILED rc=$rc"; echo "=== $name FAILED (rc $rc)"; fi
+    echo "=== $name: ${STATUS[$name]} in $(($(date +%s) - t)) s"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$RES/gpu.txt" || echo "nvidia-smi FAILED"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name())" 2>&1 | tee -a "$RES/gpu.txt" || echo "FAILED"
+
+M=(--model llama3-8b --device cuda --dtype bfloat16)
+INF=()
+if [[ "${GPU_CHECK_SMOKE:-0}" == 1 ]]; then  # test this script's plumbing on a CPU: tiny random model, small shapes
+    M=(--model tiny --device cpu --dtype float32)
+    INF=(--prefill 1x128 --decode_batch 2 --prompt 32 --eager_steps 4)
+fi
+step stages_standard 150 150 benchmarks/stages.py "${M[@]}" --scheme standard --save_dir /tmp --out "$RES/stages_standard.json"
+step stages_precise 100 150 benchmarks/stages.py "${M[@]}" --scheme precise --skip_save --out "$RES/stages_precise.json"
+step taylor 80 150 benchmarks/taylor.py "${M[@]}" --num_examples 10 --max_seq_len 64 --out "$RES/taylor.json"
+step inference 170 0 benchmarks/inference.py "${M[@]}" --prune plan "${INF[@]}" --out "$RES/inference.json"
+
+echo
+echo "================ gpu_check summary (wall $(($(date +%s) - T0)) s; results in $RES) ================"
+for name in stages_standard stages_precise taylor inference; do echo "$name: ${STATUS[$name]:-not run}"; done
+python3 - "$RES" <<'EOF' || echo "summary FAILED"
+import json, sys
+from pathlib import Path
+
+res = Path(sys.argv[1])
+
+
+def get(name):
+    p = res / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+summary = {}
+for scheme, target in (("standard", 30), ("precise", 90)):
+    s = get(f"stages_{scheme}")
+    if s:
+        sec = s["seconds"]
+        line = ", ".join(f"{k} {v:.1f}" for k, v in sec.items())
+        print(f"stages {scheme}: {line} s | importance+Taylor+surgery {s['seconds_importance_taylor_surgery']:.1f} s "
+              f"(target < {target}) | peak {s['peak_over_bf16_weights']:.2f}x bf16 weights (target <= 2.2)"
+              + ("" if s.get("complete") else " | INCOMPLETE (save did not finish)"))
+        summary[f"stages_{scheme}"] = {"seconds": sec, "core_s": s["seconds_importance_taylor_surgery"],
+                                       "peak_x_bf16": s["peak_over_bf16_weights"], "complete": s.get("complete")}
+t = get("taylor")
+if t:
+    print(f"taylor: one pass {t['seconds_one_pass']:.2f} s, per layer {t['seconds_per_layer']:.2f} s, speed-up "
+          f"{t['speedup']:.2f}x, max rel diff {t['max_relative_difference']:.1e} ({'agree' if t['agree'] else 'DISAGREE'})")
+    summary["taylor"] = {k: t[k] for k in ("seconds_one_pass", "seconds_per_layer", "speedup", "max_relative_difference")}
+i = get("inference")
+if i:
+    print(f"inference: ideal {i['ideal_speedup']:.3f}x; static-path check {i['static_path_check']}; pruned by {i['prune']}")
+    ratios = {}
+    for shape, d in i["dense"]["prefill"].items():
+        p = i["pruned"]["prefill"][shape]
+        ratios[f"prefill {shape}"] = p / d
+        print(f"  prefill {shape}: dense {d:,.0f} pruned {p:,.0f} tok/s -> {p / d:.2f}x")
+    for b, paths in i["dense"]["decode"].items():
+        for path, d in paths.items():
+            p = i["pruned"]["decode"][b].get(path)
+            if isinstance(d, float) and isinstance(p, float):
+                ratios[f"decode b{b} {path}"] = p / d
+                print(f"  decode batch {b} {path}: dense {d:,.1f} pruned {p:,.1f} tok/s -> {p / d:.2f}x")
+            else:
+                print(f"  decode batch {b} {path}: dense {d} pruned {p}")
+    summary["inference"] = {"ideal": i["ideal_speedup"], "ratios": ratios, "dense": i["dense"], "pruned": i["pruned"]}
+(res / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+print(f"wrote {res / 'summary.json'}")
+EOF
