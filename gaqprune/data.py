@@ -33,6 +33,64 @@ HF_PRESETS = {
     "c4": ("allenai/c4", "en", "train", "validation", "text"),
 }
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json")
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task{input_clause}. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+def alpaca_prompt(record: dict, template: str = ALPACA_TEMPLATE) -> str:
+    """The Alpaca prompt of one ``{"instruction", "input", "output"}`` record (response not included)."""
+    extra = (record.get("input") or "").strip()
+    return template.format(
+        instruction=record["instruction"].strip(),
+        input_clause=", paired with an input that provides further context" if extra else "",
+        input_block=f"### Input:\n{extra}\n\n" if extra else "",
+    )
+
+
+def instruction_records(source: str) -> list[dict]:
+    """Alpaca-style records from a local .json (a list) / .jsonl file or a hub dataset id (train split)."""
+    path = Path(source).expanduser()
+    if path.suffix.lower() in (".json", ".jsonl") or path.exists():
+        if not path.is_file():
+            raise GaqpruneError(f"--data.instruction_data {source!r}: file not found")
+        text = path.read_text(encoding="utf-8")
+        try:
+            records = json.loads(text) if path.suffix.lower() == ".json" else [
+                json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise GaqpruneError(f"--data.instruction_data {source!r} is not valid JSON/JSONL ({err})") from None
+    else:
+        import datasets
+
+        try:
+            records = list(datasets.load_dataset(source, split="train"))
+        except Exception as err:
+            raise GaqpruneError(f"--data.instruction_data {source!r} could not be loaded "
+                                f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict) or not isinstance(r.get("instruction"), str)
+                or not isinstance(r.get("output"), str)), None)
+    if not records or bad is not None:
+        raise GaqpruneError(f"--data.instruction_data {source!r}: record {bad} needs string 'instruction' and 'output' "
+                            "fields (Alpaca format: instruction, input, output)")
+    return records
+
+
+def tokenize_instructions(records: list[dict], tokenizer, seq_len: int, template: str = ALPACA_TEMPLATE):
+    """``(input_ids, attention_mask, labels)`` with the loss on response tokens only, padded to ``seq_len``."""
+    n = len(records)
+    ids = torch.full((n, seq_len), tokenizer.pad_token_id, dtype=torch.int64)
+    mask = torch.zeros((n, seq_len), dtype=torch.int64)
+    labels = torch.full((n, seq_len), -100, dtype=torch.int64)
+    for i, record in enumerate(records):
+        prompt = tokenizer(alpaca_prompt(record, template), add_special_tokens=True)["input_ids"]
+        answer = tokenizer(record["output"].strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        tokens = (prompt + answer)[:seq_len]
+        ids[i, : len(tokens)] = torch.tensor(tokens)
+        mask[i, : len(tokens)] = 1
+        labels[i, len(prompt) : len(tokens)] = torch.tensor(tokens[len(prompt) :], dtype=torch.int64)
+    return ids, mask, labels
 
 
 def _is_local(source: str) -> bool:
@@ -191,6 +249,8 @@ class LMDataModule(L.LightningDataModule):
         eval_fraction: float = 0.1,
         num_workers: int = 0,
         seed: int = 42,
+        instruction_data: str | None = None,
+        prompt_template: str = ALPACA_TEMPLATE,
     ):
         """
         Args:
@@ -205,6 +265,9 @@ class LMDataModule(L.LightningDataModule):
             eval_fraction: share of a local file's tokens (its tail) used for evaluation; 1.0 = all.
             num_workers: DataLoader workers.
             seed: seed for sampling calibration windows.
+            instruction_data: fine-tune on Alpaca-style records (a .json list, a .jsonl file or a hub id with
+                instruction/input/output) instead of plain text windows; the loss covers response tokens only.
+            prompt_template: Python format string of the prompt ({instruction}, {input_clause}, {input_block}).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -218,6 +281,8 @@ class LMDataModule(L.LightningDataModule):
         self.eval_fraction = eval_fraction
         self.num_workers = num_workers
         self.seed = seed
+        self.instruction_data = instruction_data
+        self.prompt_template = prompt_template
         self._tokenizer = None
         self._streams: dict[str, dict[str, torch.Tensor]] = {}
         self.train_windows_limit: int | None = None  # set by the fine-tune settings (finetune_samples)
@@ -264,7 +329,14 @@ class LMDataModule(L.LightningDataModule):
         return windows
 
     def setup(self, stage: str) -> None:
-        if stage == "fit":
+        if stage == "fit" and self.instruction_data:
+            records = instruction_records(self.instruction_data)
+            if self.train_windows_limit is not None and len(records) > self.train_windows_limit:
+                order = torch.randperm(len(records), generator=torch.Generator().manual_seed(self.seed))
+                records = [records[i] for i in order[: self.train_windows_limit].sort().values]
+            self._train = TensorDataset(*tokenize_instructions(records, self.tokenizer, self.max_seq_len,
+                                                               self.prompt_template))
+        elif stage == "fit":
             self._train = TensorDataset(self.train_windows())
         if stage in ("fit", "validate", "test"):
             self._eval = TensorDataset(self.eval_windows())

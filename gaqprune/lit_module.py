@@ -87,11 +87,12 @@ class LitCausalLM(L.LightningModule):
         self.model.train()  # load_model() returns eval mode; LoRA dropout needs train mode
 
     # -- steps --------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor):
-        return causal_nll(self.model, input_ids, chunk_tokens=self.hparams.chunk_tokens)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None):
+        return causal_nll(self.model, input_ids, attention_mask, chunk_tokens=self.hparams.chunk_tokens, labels=labels)
 
     def training_step(self, batch, batch_idx):
-        nll, count = self(batch[0])
+        nll, count = self(*batch)  # (windows,) or (input_ids, attention_mask, labels) for instruction data
         loss = nll / count.clamp(min=1)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}; lower the learning rate")

@@ -19,14 +19,15 @@ def _chunk_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def causal_nll(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               chunk_tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+               chunk_tokens: int = 4096, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token NLL over a batch and the number of predicted tokens.
 
-    Token t predicts token t+1 (the shift), positions whose label is padding are ignored.
+    Token t predicts token t+1 (the shift); positions that are padding, or whose label is -100
+    (e.g. an instruction prompt), are ignored.
     """
     out = hf_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])
-    labels = input_ids[:, 1:].reshape(-1)
+    labels = (input_ids if labels is None else labels)[:, 1:].reshape(-1)
     if attention_mask is not None:
         labels = labels.masked_fill(attention_mask[:, 1:].reshape(-1) == 0, -100)
     head = hf_model.get_output_embeddings()

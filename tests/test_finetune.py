@@ -119,3 +119,34 @@ def test_ddp_two_ranks_prune_identically_and_train(tiny_model_dir, tmp_path):
     assert [(probe / f"rank{i}.steps").read_text() for i in (0, 1)] == ["2", "2"]
     plan = json.loads((tmp_path / "prune_log" / "ddp" / "pruning_plan.json").read_text())
     assert 0.25 < plan["totals"]["achieved_ratio_selected"] < 0.35
+
+
+def alpaca_file(tmp_path: Path) -> Path:
+    records = [{"instruction": f"Add {i} and {i + 1}.", "input": "" if i % 2 else "Show your work.",
+                "output": f"{i} + {i + 1} = {2 * i + 1}."} for i in range(12)]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_instruction_data_masks_the_prompt(tmp_path, embedded_tokenizer):
+    from gaqprune.data import alpaca_prompt, instruction_records, tokenize_instructions
+
+    records = instruction_records(str(alpaca_file(tmp_path)))
+    ids, mask, labels = tokenize_instructions(records[:2], embedded_tokenizer, seq_len=96)
+    assert ids.shape == mask.shape == labels.shape == (2, 96)
+    prompt_len = len(embedded_tokenizer(alpaca_prompt(records[0]))["input_ids"])
+    answer = embedded_tokenizer(records[0]["output"], add_special_tokens=False)["input_ids"]
+    assert (labels[0, :prompt_len] == -100).all()
+    assert labels[0, prompt_len : prompt_len + len(answer)].tolist() == answer
+    assert labels[0, prompt_len + len(answer)] == embedded_tokenizer.eos_token_id
+    assert int(mask[0].sum()) == prompt_len + len(answer) + 1 and (labels[0, int(mask[0].sum()):] == -100).all()
+    assert "### Input:\nShow your work." in alpaca_prompt(records[0]) and "### Input" not in alpaca_prompt(records[1])
+
+
+def test_fit_on_instruction_data(tiny_model_dir, tmp_path):
+    r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--data.max_seq_len", "96",
+             "--data.instruction_data", str(alpaca_file(tmp_path)), "--trainer.max_steps", "2", "--save_ckpt_log_name", "i",
+             "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "prune_log" / "i" / "lora_adapter" / "adapter_model.safetensors").is_file()
