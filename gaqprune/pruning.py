@@ -1,0 +1,321 @@
+"""The pruning plan: settings checks, per-layer rates, unit selection from Taylor scores, and applying it.
+
+``build_plan`` decides (JSON-serialisable, deterministic, written verbatim to pruning_plan.json);
+``apply_plan`` performs the surgery (plus least-squares compensation when the plan asks for it), so
+every DDP rank applying the same plan to the same model ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict
+
+import torch
+
+from gaqprune import allocation, compensation, surgery, units
+from gaqprune.errors import GaqpruneError
+from gaqprune.settings import PruneSettings
+from gaqprune.taylor import taylor_scores
+
+log = logging.getLogger(__name__)
+
+PLAN_FORMAT = "gaqprune-plan/1"
+SPLITS = ("per_param", "same_rate", "mlp_only")
+COMPENSATIONS = ("lstsq", "none")
+# Default layer range (None flags): skip the most important edge layers, like LLM-Pruner's 4..30 of 32.
+EDGE_START_FRACTION = 0.1
+EDGE_END_FRACTION = 0.07
+
+
+def layer_range(settings: PruneSettings, num_layers: int) -> tuple[int, int]:
+    """Resolve ``--layer_start`` / ``--layer_end`` (None = defaults, negative = from the end) to ``[start, end)``."""
+    start, end = settings.layer_start, settings.layer_end
+    if start is None:
+        start = round(EDGE_START_FRACTION * num_layers)
+    elif start < 0:
+        start += num_layers
+    if end is None:
+        end = num_layers - round(EDGE_END_FRACTION * num_layers)
+    elif end < 0:
+        end += num_layers
+    if not 0 <= start < end <= num_layers:
+        raise GaqpruneError(
+            f"--layer_start {settings.layer_start} / --layer_end {settings.layer_end} give the empty or out-of-range "
+            f"layers [{start}, {end}); the model has {num_layers} layers, need 0 <= layer_start < layer_end <= {num_layers}"
+        )
+    return start, end
+
+
+def validate_prune_settings(settings: PruneSettings, num_layers: int) -> tuple[int, int]:
+    """Check every pruning setting without touching the model; returns the resolved layer range."""
+    s = settings
+    if not isinstance(s.pruning_ratio, (int, float)) or not 0.0 < s.pruning_ratio < 1.0:
+        raise GaqpruneError(f"--pruning_ratio {s.pruning_ratio} is invalid; give a fraction in (0, 1), e.g. 0.25")
+    if s.pruning_strategy not in allocation.STRATEGIES:
+        accepted = ", ".join(allocation.STRATEGIES)
+        raise GaqpruneError(f"--pruning_strategy {s.pruning_strategy!r} is invalid; use one of {accepted}")
+    if not (s.alpha >= 0 and math.isfinite(s.alpha)):
+        raise GaqpruneError(f"--alpha {s.alpha} is invalid; give a number >= 0 (0 = uniform, 1 = standard)")
+    for flag, value in (("--min_pruning_rate", s.min_pruning_rate), ("--max_pruning_rate", s.max_pruning_rate)):
+        if not 0.0 <= value < 1.0:
+            raise GaqpruneError(f"{flag} {value} is invalid; give a rate in [0, 1)")
+    if s.min_pruning_rate > s.max_pruning_rate:
+        raise GaqpruneError(
+            f"--min_pruning_rate {s.min_pruning_rate} is above --max_pruning_rate {s.max_pruning_rate}; need min <= max"
+        )
+    if s.whole_layer_rate is None and not s.min_pruning_rate <= s.pruning_ratio <= s.max_pruning_rate:
+        raise GaqpruneError(
+            f"--pruning_ratio {s.pruning_ratio} is not reachable with every layer's rate in [--min_pruning_rate "
+            f"{s.min_pruning_rate}, --max_pruning_rate {s.max_pruning_rate}]; give a ratio in that range or widen the bounds"
+        )
+    if s.whole_layer_rate is not None:
+        if not 0.0 < s.whole_layer_rate:
+            raise GaqpruneError(f"--whole_layer_rate {s.whole_layer_rate} is invalid; give a rate > 0 or None")
+        if s.pruning_ratio < s.min_pruning_rate:
+            raise GaqpruneError(
+                f"--pruning_ratio {s.pruning_ratio} is below --min_pruning_rate {s.min_pruning_rate}; "
+                "give a ratio >= the minimum rate"
+            )
+    if s.num_examples < 1:
+        raise GaqpruneError(f"--num_examples {s.num_examples} is invalid; give at least 1 calibration window")
+    if s.max_seq_len < 2:
+        raise GaqpruneError(f"--max_seq_len {s.max_seq_len} is invalid; give at least 2 tokens (guide: 64-128)")
+    if s.unit_split not in SPLITS:
+        raise GaqpruneError(f"--unit_split {s.unit_split!r} is invalid; use one of {', '.join(SPLITS)}")
+    if s.compensation not in COMPENSATIONS:
+        raise GaqpruneError(f"--compensation {s.compensation!r} is invalid; use one of {', '.join(COMPENSATIONS)}")
+    if not (s.compensation_ridge >= 0 and math.isfinite(s.compensation_ridge)):
+        raise GaqpruneError(f"--compensation_ridge {s.compensation_ridge} is invalid; give a number >= 0, e.g. 1.0")
+    if s.channel_multiple is not None and s.channel_multiple < 1:
+        raise GaqpruneError(f"--channel_multiple {s.channel_multiple} is invalid; give a count >= 1 (1 = no alignment) or None")
+    if s.taylor_batch_size < 1:
+        raise GaqpruneError(f"--taylor_batch_size {s.taylor_batch_size} is invalid; give at least 1")
+    return layer_range(s, num_layers)
+
+
+def channel_alignment(num_channels: int, channel_multiple: int | None) -> int:
+    """The multiple a layer's kept MLP channel count is rounded to (see ``PruneSettings.channel_multiple``)."""
+    if channel_multiple is not None:
+        return max(1, int(channel_multiple))
+    return 64 if num_channels >= 8192 else 8 if num_channels >= 512 else 1
+
+
+def select_units(attn_scores: torch.Tensor, mlp_scores: torch.Tensor, group_params: int, channel_params: int,
+                 rate: float, split: str, channel_multiple: int = 1) -> tuple[list[int], list[int]]:
+    """Kept (group indices, channel indices) of one layer removing about ``rate`` of its prunable parameters.
+
+    Always keeps >= 1 group and >= 1 channel (removing everything is whole-layer removal).
+    The removed parameter count lands within one MLP channel of the target whenever channels allow it.
+    """
+    n_groups, n_channels = len(attn_scores), len(mlp_scores)
+    total = n_groups * group_params + n_channels * channel_params
+    budget = rate * total
+    remove_g: list[int] = []
+    remove_c: list[int] = []
+    group_order = sorted(range(n_groups), key=lambda i: (float(attn_scores[i]), i))
+    channel_order = sorted(range(n_channels), key=lambda i: (float(mlp_scores[i]), i))
+    if split == "same_rate":
+        # LLM-Pruner: the same rate for both; channels absorb the coarse group step so the layer hits its budget.
+        n_g = min(n_groups - 1, round(rate * n_groups))
+        n_c = min(n_channels - 1, max(0, round((budget - n_g * group_params) / channel_params)))
+        remove_g, remove_c = group_order[:n_g], channel_order[:n_c]
+    elif split == "mlp_only":
+        remove_c = channel_order[: min(n_channels - 1, round(budget / channel_params))]
+    elif split == "per_param":
+        # Cheapest-per-parameter first; a unit that would overshoot by more than half a channel is skipped.
+        candidates = [(float(attn_scores[i]) / group_params, 0, i) for i in range(n_groups)]
+        candidates += [(float(mlp_scores[i]) / channel_params, 1, i) for i in range(n_channels)]
+        removed = 0.0
+        for _score, kind, i in sorted(candidates):
+            size = group_params if kind == 0 else channel_params
+            if removed + size > budget + channel_params / 2:
+                continue
+            if kind == 0 and len(remove_g) < n_groups - 1:
+                remove_g.append(i)
+            elif kind == 1 and len(remove_c) < n_channels - 1:
+                remove_c.append(i)
+            else:
+                continue
+            removed += size
+    else:
+        raise GaqpruneError(f"--unit_split {split!r} is invalid; use one of {', '.join(SPLITS)}")
+    if channel_multiple > 1 and remove_c:
+        # Removed channels are always the cheapest ones (a prefix of channel_order): round the kept count to the
+        # nearest multiple (at least one multiple), moving the cut along that order.
+        kept = n_channels - len(remove_c)
+        aligned = min(n_channels, max(channel_multiple, round(kept / channel_multiple) * channel_multiple))
+        remove_c = channel_order[: n_channels - aligned]
+    kept_g = sorted(set(range(n_groups)) - set(remove_g))
+    kept_c = sorted(set(range(n_channels)) - set(remove_c))
+    return kept_g, kept_c
+
+
+def _model_params(hf_model) -> int:
+    return sum(p.numel() for p in hf_model.parameters())  # parameters() yields tied weights once
+
+
+def _layer_params(layer) -> int:
+    return sum(p.numel() for p in layer.parameters())
+
+
+def build_plan(hf_model, layer_importance: dict[int, float] | None, calib_windows: torch.Tensor,
+               settings: PruneSettings, progress: bool = True) -> dict:
+    """Decide what to prune: a deterministic, JSON-serialisable plan (written verbatim to pruning_plan.json).
+
+    Per layer: index, importance, target and achieved rate, kept GQA group and MLP channel indices,
+    removed_whole, parameter counts before/after; totals over the selected layers, all decoder layers and
+    the whole model; the settings used. ``layer_importance`` None means equal importance (uniform rates).
+    """
+    layers = hf_model.model.layers
+    num_layers = len(layers)
+    start, end = validate_prune_settings(settings, num_layers)
+    selected = list(range(start, end))
+    if calib_windows is None or calib_windows.ndim != 2 or len(calib_windows) < 1:
+        raise GaqpruneError("--num_examples: build_plan needs calibration windows [num_examples, max_seq_len]")
+    importance = {}
+    for i in selected:
+        value = 1.0 if layer_importance is None else layer_importance.get(i, layer_importance.get(str(i)))
+        if value is None:
+            raise GaqpruneError(
+                f"--importance_config has no importance for layer {i}; it covers layers "
+                f"{sorted(layer_importance)} but --layer_start/--layer_end select [{start}, {end})"
+            )
+        importance[i] = float(value)
+
+    prunable = {i: units.prunable_params(layers[i]) for i in selected}
+    try:
+        rates = allocation.allocate_rates(
+            [importance[i] for i in selected], settings.pruning_ratio, settings.pruning_strategy, settings.alpha,
+            settings.min_pruning_rate, settings.max_pruning_rate, [prunable[i] for i in selected],
+            settings.whole_layer_rate,
+        )
+    except ValueError as err:
+        raise GaqpruneError(str(err)) from None
+    target = dict(zip(selected, rates))
+    width = [i for i in selected if target[i] < 1.0]
+    scores = taylor_scores(hf_model, calib_windows, width, batch_size=settings.taylor_batch_size, progress=progress)
+    return plan_from_scores(hf_model, target, scores, settings, importance, (start, end), tuple(calib_windows.shape))
+
+
+def plan_from_scores(hf_model, target: dict[int, float], scores: dict[int, dict[str, torch.Tensor]],
+                     settings: PruneSettings, importance: dict[int, float | None], layer_span: tuple[int, int],
+                     calib_shape: tuple[int, ...]) -> dict:
+    """Assemble the plan from per-layer target rates (1.0 = remove whole) and unit scores of the width-pruned layers.
+
+    ``build_plan`` uses Taylor scores; baselines pass other scores (magnitude) or whole-layer targets (ShortGPT).
+    """
+    layers = hf_model.model.layers
+    entries = []
+    for i, layer in enumerate(layers):
+        groups, channels = units.num_groups(layer), units.num_channels(layer)
+        g_params, c_params = units.params_per_unit(layer, units.ATTENTION), units.params_per_unit(layer, units.MLP)
+        before = units.prunable_params(layer)
+        layer_total = _layer_params(layer)
+        removed_whole = target.get(i, 0.0) >= 1.0
+        entry = {
+            "index": i, "selected": i in target, "importance": importance.get(i),
+            "target_rate": target.get(i, 0.0), "removed_whole": removed_whole,
+            "groups_before": groups, "channels_before": channels,
+        }
+        if removed_whole:
+            kept_g, kept_c, after, layer_after = [], [], 0, 0
+        else:
+            kept_g, kept_c = list(range(groups)), list(range(channels))
+            if i in scores and target.get(i, 0.0) > 0:
+                kept_g, kept_c = select_units(scores[i][units.ATTENTION], scores[i][units.MLP], g_params, c_params,
+                                              target[i], settings.unit_split,
+                                              channel_alignment(channels, settings.channel_multiple))
+            after = len(kept_g) * g_params + len(kept_c) * c_params
+            layer_after = layer_total - before + after
+        entry.update({
+            "achieved_rate": 1.0 - after / before,
+            "kept_groups": kept_g, "kept_channels": kept_c,
+            "groups_after": len(kept_g), "channels_after": len(kept_c),
+            "prunable_params_before": before, "prunable_params_after": after,
+            "layer_params_before": layer_total, "layer_params_after": layer_after,
+        })
+        entries.append(entry)
+
+    sel = [e for e in entries if e["selected"]]
+    prunable_before = sum(e["prunable_params_before"] for e in sel)
+    prunable_after = sum(e["prunable_params_after"] for e in sel)
+    decoder_before = sum(e["layer_params_before"] for e in entries)
+    decoder_after = sum(e["layer_params_after"] for e in entries)
+    model_before = _model_params(hf_model)
+    model_after = model_before - decoder_before + decoder_after
+    return {
+        "format": PLAN_FORMAT,
+        "num_layers": len(layers),
+        "layer_start": layer_span[0],
+        "layer_end": layer_span[1],
+        "settings": asdict(settings),
+        "calibration": {"num_windows": int(calib_shape[0]), "seq_len": int(calib_shape[1])},
+        "layers": entries,
+        "removed_layers": [e["index"] for e in entries if e["removed_whole"]],
+        "totals": {
+            "target_ratio": settings.pruning_ratio,
+            "prunable_params_before": prunable_before, "prunable_params_after": prunable_after,
+            "achieved_ratio_selected": 1.0 - prunable_after / prunable_before,
+            "decoder_params_before": decoder_before, "decoder_params_after": decoder_after,
+            "achieved_ratio_decoder": 1.0 - decoder_after / decoder_before,
+            "model_params_before": model_before, "model_params_after": model_after,
+            "achieved_ratio_model": 1.0 - model_after / model_before,
+        },
+    }
+
+
+def _check_plan(hf_model, plan: dict) -> None:
+    if plan.get("format") != PLAN_FORMAT:
+        raise GaqpruneError(f"pruning plan format {plan.get('format')!r} is not supported; expected {PLAN_FORMAT!r}")
+    layers = hf_model.model.layers
+    if plan["num_layers"] != len(layers):
+        raise GaqpruneError(f"the pruning plan is for {plan['num_layers']} layers but the model has {len(layers)}")
+    for entry, layer in zip(plan["layers"], layers):
+        if (entry["groups_before"], entry["channels_before"]) != (units.num_groups(layer), units.num_channels(layer)):
+            raise GaqpruneError(
+                f"the pruning plan does not match the model: layer {entry['index']} has "
+                f"{units.num_groups(layer)} groups / {units.num_channels(layer)} channels, the plan expects "
+                f"{entry['groups_before']} / {entry['channels_before']} (already pruned?)"
+            )
+
+
+def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None) -> None:
+    """Prune ``hf_model`` in place as ``plan`` says (any device/dtype).
+
+    With ``plan["settings"]["compensation"] == "lstsq"`` and ``calib_windows`` given, o_proj / down_proj of
+    every width-pruned layer are refit by least squares on those windows, layer by layer (deterministic for
+    fixed windows); without windows the plan is applied as plain removal.
+    """
+    _check_plan(hf_model, plan)
+    settings = plan["settings"]
+    layers = hf_model.model.layers
+    refit = settings.get("compensation", "none") == "lstsq" and calib_windows is not None
+    batches = None
+    if refit:
+        batches = compensation.capture_layer_inputs(hf_model, calib_windows, settings.get("taylor_batch_size", 4))
+    for entry, layer in zip(plan["layers"], layers):
+        if entry["removed_whole"]:
+            continue  # removed below; later layers are refit on the stream without it
+        g_changed = entry["groups_after"] < entry["groups_before"]
+        c_changed = entry["channels_after"] < entry["channels_before"]
+        if refit and (g_changed or c_changed):
+            ridge = float(settings.get("compensation_ridge", 1.0))
+            if g_changed:
+                owner = units.owners(layer, units.ATTENTION)[-1]  # o_proj columns
+                kept_cols = units.kept_positions(owner, torch.as_tensor(entry["kept_groups"]))
+                compensation.prune_with_refit(
+                    layer, lambda lay=layer: lay.self_attn.o_proj,
+                    lambda lay=layer, e=entry: surgery.keep_units(lay, units.ATTENTION, e["kept_groups"]),
+                    kept_cols, batches, ridge)
+            if c_changed:
+                compensation.prune_with_refit(
+                    layer, lambda lay=layer: lay.mlp.down_proj,
+                    lambda lay=layer, e=entry: surgery.keep_units(lay, units.MLP, e["kept_channels"]),
+                    torch.as_tensor(entry["kept_channels"]), batches, ridge)
+        else:
+            surgery.keep_units(layer, units.ATTENTION, entry["kept_groups"])
+            surgery.keep_units(layer, units.MLP, entry["kept_channels"])
+        if refit:
+            batches = compensation.run_layer(layer, batches)
+    surgery.remove_layers(hf_model, plan["removed_layers"])

@@ -1,0 +1,157 @@
+"""Surgery and plans on tiny random Llamas: exactness, parameter counts, KV cache, depth pruning, determinism."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from gaqprune import surgery, units
+from gaqprune.pruning import apply_plan, build_plan
+from gaqprune.settings import PruneSettings
+
+IMPORTANCE = {0: 4.0, 1: 0.5, 2: 1.5, 3: 2.5}
+
+
+def settings(**kw) -> PruneSettings:
+    base = {"pruning_ratio": 0.3, "layer_start": 0, "layer_end": 4, "min_pruning_rate": 0.1, "max_pruning_rate": 0.6,
+            "compensation": "none", "num_examples": 6, "max_seq_len": 32}
+    base.update(kw)
+    return PruneSettings(**base)
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def keep_everything(plan: dict) -> dict:
+    plan = copy.deepcopy(plan)
+    for e in plan["layers"]:
+        e.update(kept_groups=list(range(e["groups_before"])), kept_channels=list(range(e["channels_before"])),
+                 groups_after=e["groups_before"], channels_after=e["channels_before"], removed_whole=False)
+    plan["removed_layers"] = []
+    return plan
+
+
+@pytest.mark.parametrize("compensation", ["none", "lstsq"])
+def test_nothing_removed_is_bit_equal(random_windows, compensation):
+    dense, model = tiny_llama(), tiny_llama()
+    plan = keep_everything(build_plan(model, IMPORTANCE, random_windows, settings(compensation=compensation), progress=False))
+    apply_plan(model, plan, random_windows)
+    with torch.no_grad():
+        assert torch.equal(dense(random_windows).logits, model(random_windows).logits)
+    assert n_params(model) == n_params(dense)
+
+
+def test_removal_equals_masking_the_dense_model(random_windows):
+    """Without compensation, removing units == zeroing the o_proj / down_proj columns they own."""
+    model, masked = tiny_llama(), tiny_llama()
+    plan = build_plan(model, IMPORTANCE, random_windows, settings(unit_split="same_rate", pruning_ratio=0.4), progress=False)
+    assert any(e["groups_after"] < e["groups_before"] for e in plan["layers"])
+    apply_plan(model, plan, random_windows)
+    with torch.no_grad():
+        for e, layer in zip(plan["layers"], masked.model.layers):
+            o_owner = units.owners(layer, units.ATTENTION)[-1]
+            drop_cols = torch.ones(layer.self_attn.o_proj.in_features, dtype=torch.bool)
+            drop_cols[units.kept_positions(o_owner, torch.tensor(e["kept_groups"]))] = False
+            layer.self_attn.o_proj.weight[:, drop_cols] = 0
+            drop_ch = torch.ones(layer.mlp.down_proj.in_features, dtype=torch.bool)
+            drop_ch[e["kept_channels"]] = False
+            layer.mlp.down_proj.weight[:, drop_ch] = 0
+        torch.testing.assert_close(model(random_windows).logits, masked(random_windows).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("split", ["per_param", "same_rate", "mlp_only"])
+@pytest.mark.parametrize("compensation", ["none", "lstsq"])
+def test_parameter_count_matches_plan(random_windows, split, compensation):
+    model = tiny_llama()
+    before = n_params(model)
+    plan = build_plan(model, IMPORTANCE, random_windows, settings(unit_split=split, compensation=compensation), progress=False)
+    assert n_params(model) == before  # planning does not modify the model
+    apply_plan(model, plan, random_windows)
+    t = plan["totals"]
+    assert n_params(model) == t["model_params_after"] < t["model_params_before"] == before
+    assert t["achieved_ratio_selected"] == pytest.approx(0.3, abs=4 * 192 / t["prunable_params_before"])  # <= 1 unit/layer
+    for e, layer in zip(plan["layers"], model.model.layers):
+        assert units.num_groups(layer) == e["groups_after"] >= 1
+        assert units.num_channels(layer) == e["channels_after"] >= 1
+        assert layer.self_attn.q_proj.out_features // 8 == 4 * units.num_groups(layer)  # 4 query heads per KV head
+    logits = model(random_windows).logits
+    assert torch.isfinite(logits).all()
+
+
+def greedy_no_cache(model, ids, steps):
+    for _ in range(steps):
+        with torch.no_grad():
+            nxt = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("whole", [None, 0.5])
+def test_kv_cache_generation_after_pruning(random_windows, whole):
+    model = tiny_llama()
+    plan = build_plan(model, IMPORTANCE, random_windows,
+                      settings(unit_split="same_rate", pruning_ratio=0.4, whole_layer_rate=whole, compensation="lstsq"),
+                      progress=False)
+    assert bool(plan["removed_layers"]) == (whole is not None)
+    apply_plan(model, plan, random_windows)
+    prompt = random_windows[:2, :10]
+    cached = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True, min_new_tokens=5)
+    assert cached.shape == (2, 15)
+    assert torch.equal(cached, greedy_no_cache(model, prompt, 5))
+
+
+def test_whole_layer_removal_equals_skipping(random_windows):
+    model, dense = tiny_llama(), tiny_llama()
+    surgery.remove_layers(model, [1, 2])
+    assert model.config.num_hidden_layers == 2 == len(model.model.layers)
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    for i in (1, 2):  # the dense model with layers 1 and 2 turned into identities
+        dense.model.layers[i].forward = lambda hidden_states, *a, **k: hidden_states
+    with torch.no_grad():
+        torch.testing.assert_close(model(random_windows).logits, dense(random_windows).logits)
+
+
+def test_compensation_reduces_output_error(random_windows):
+    dense = tiny_llama()
+    with torch.no_grad():
+        ref = dense(random_windows).logits
+    errors = {}
+    for comp in ("none", "lstsq"):
+        model = tiny_llama()
+        plan = build_plan(model, IMPORTANCE, random_windows, settings(compensation=comp, pruning_ratio=0.4), progress=False)
+        apply_plan(model, plan, random_windows)
+        with torch.no_grad():
+            errors[comp] = (model(random_windows).logits - ref).pow(2).mean().item()
+    assert errors["lstsq"] < 0.7 * errors["none"]
+
+
+def test_plan_is_deterministic_json(random_windows):
+    s = settings(whole_layer_rate=0.5, pruning_ratio=0.35)
+    a = json.dumps(build_plan(tiny_llama(), IMPORTANCE, random_windows, s, progress=False), sort_keys=True)
+    b = json.dumps(build_plan(tiny_llama(), IMPORTANCE, random_windows, s, progress=False), sort_keys=True)
+    assert a == b
+    plan = json.loads(a)
+    assert plan["settings"]["pruning_ratio"] == 0.35 and len(plan["layers"]) == 4
+
+
+def test_plan_for_other_model_refused(random_windows):
+    from gaqprune.errors import GaqpruneError
+
+    model = tiny_llama()
+    plan = build_plan(model, IMPORTANCE, random_windows, settings(), progress=False)
+    apply_plan(model, plan)
+    with pytest.raises(GaqpruneError, match="already pruned"):
+        apply_plan(model, plan)
+
+
+def test_bf16_apply(random_windows):
+    model = tiny_llama().to(torch.bfloat16)
+    plan = build_plan(model, IMPORTANCE, random_windows, settings(compensation="lstsq"), progress=False)
+    apply_plan(model, plan, random_windows)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert n_params(model) == plan["totals"]["model_params_after"]
