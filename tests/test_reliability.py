@@ -83,3 +83,53 @@ def test_kill_during_analysis_leaves_nothing_half_written_and_rerun_works(tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     no_partial_files(run_dir)
     assert json.loads((run_dir / "metrics.json").read_text())["params"]["achieved_ratio_selected"] > 0.25
+
+
+def test_reuse_of_importance_config_spends_no_forward_pass(tmp_path, monkeypatch, tiny_model_dir):
+    import torch
+
+    from gaqprune import layer_importance
+    from gaqprune.cli import run
+
+    monkeypatch.chdir(tmp_path)
+    text = corpus(tmp_path)
+    base = ["prune", "--base_model", str(tiny_model_dir), "--data.source", str(text), "--importance_samples", "6",
+            *ARGS, "--trainer.enable_progress_bar", "false"]
+    run([*base, "--save_ckpt_log_name", "first"])
+    cache = tmp_path / "prune_log" / "first" / "layer_importance_config.json"
+
+    calls = {"analysis": 0, "decoder_forwards": 0}
+    real = layer_importance.compute_layer_importance
+
+    def counting(*args, **kwargs):
+        calls["analysis"] += 1
+        return real(*args, **kwargs)
+
+    original_forward = torch.nn.Module.__call__
+
+    def counting_call(self, *args, **kwargs):
+        if type(self).__name__ == "LlamaModel":
+            calls["decoder_forwards"] += 1
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(layer_importance, "compute_layer_importance", counting)
+    from gaqprune import pipeline
+
+    real_stage = pipeline.layer_importance_stage
+
+    def stage_counting_forwards(*args, **kwargs):
+        monkeypatch.setattr(torch.nn.Module, "__call__", counting_call)
+        try:
+            return real_stage(*args, **kwargs)
+        finally:
+            monkeypatch.setattr(torch.nn.Module, "__call__", original_forward)
+
+    monkeypatch.setattr(pipeline, "layer_importance_stage", stage_counting_forwards)
+    run([*base, "--save_ckpt_log_name", "second", "--skip_importance_analysis", "true", "--importance_config", str(cache)])
+    assert calls == {"analysis": 0, "decoder_forwards": 0}
+    first = strip_created(cache)
+    second = strip_created(tmp_path / "prune_log" / "second" / "layer_importance_config.json")
+    assert first["scores"] == second["scores"]
+    # and the control: the same counter sees the forwards of a fresh analysis
+    run([*base, "--save_ckpt_log_name", "third"])
+    assert calls["analysis"] == 1 and calls["decoder_forwards"] > 0
