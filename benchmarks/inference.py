@@ -189,6 +189,16 @@ def prefill_tokens_per_s(hf_model, batch: int, length: int, vocab: int, device: 
     return batch * length / statistics.median(times)
 
 
+
+def tokens_per_second(step, n: int, batch: int, device) -> float:
+    """Decode throughput of ``n`` calls of ``step`` (one token per sequence each), timed between device syncs."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync(device)
+    return batch * n / (time.perf_counter() - t0)
+
 def decode_tokens_per_s(hf_model, batch: int, prompt_len: int, vocab: int, device: str, steps: int, eager_steps: int,
                         paths: list[str]) -> dict[str, float | str]:
     """Decode tokens/s (batch x steps / seconds) after a ``prompt_len`` prefill on each path of ``paths``."""
@@ -200,12 +210,7 @@ def decode_tokens_per_s(hf_model, batch: int, prompt_len: int, vocab: int, devic
             dec.prefill()
             dec.step()  # warm-up
             dec.prefill()
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(eager_steps):
-                dec.step()
-            sync(device)
-            result["static-eager"] = batch * eager_steps / (time.perf_counter() - t0)
+            result["static-eager"] = tokens_per_second(dec.step, eager_steps, batch, device)
         if "graph" in paths:
             if not is_cuda(device):
                 result["graph"] = "n/a (CPU)"
@@ -216,12 +221,7 @@ def decode_tokens_per_s(hf_model, batch: int, prompt_len: int, vocab: int, devic
                     dec.prefill()  # restart from the prompt: position prompt_len, cache beyond it unused
                     dec.replay()  # warm-up replay
                     dec.prefill()
-                    sync(device)
-                    t0 = time.perf_counter()
-                    for _ in range(steps):
-                        dec.replay()
-                    sync(device)
-                    result["graph"] = batch * steps / (time.perf_counter() - t0)
+                    result["graph"] = tokens_per_second(dec.replay, steps, batch, device)
                 except Exception as err:  # report, keep the other paths
                     result["graph"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
         del dec
