@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from gaqprune import units
+from gaqprune.errors import GaqpruneError
 from gaqprune.metrics import causal_nll
 
 CHUNK_ROWS = 4096  # rows of |w * g| materialised at once when reducing a large weight
@@ -72,11 +73,16 @@ def taylor_scores(hf_model, windows: torch.Tensor, layers: list[int], batch_size
             for start in tqdm(batches, desc="Taylor scores", disable=not progress, leave=False):
                 ids = windows[start : start + batch_size].to(device)
                 nll, _ = causal_nll(hf_model, ids)
+                if not torch.isfinite(nll):
+                    raise GaqpruneError(f"the Taylor pass produced a {nll.item()} loss on calibration windows "
+                                        f"{start}..{start + len(ids) - 1}; the model is numerically broken (try --dtype float32)")
                 (nll / total_tokens).backward()
         scores: dict[int, dict[str, torch.Tensor]] = {}
         for idx in layers:
             layer = decoder[idx]
             scores[idx] = {kind: unit_scores_from_grads(layer, kind).cpu() for kind in (units.ATTENTION, units.MLP)}
+            if not all(torch.isfinite(v).all() for v in scores[idx].values()):
+                raise GaqpruneError(f"Taylor scores of layer {idx} are not finite (NaN/inf gradients); try --dtype float32")
             for lin in _prunable_linears(layer):
                 for p in lin.parameters():
                     p.grad = None  # free this layer's gradient memory before reducing the next

@@ -68,3 +68,19 @@ def test_unit_ownership_covers_every_weight_once(tiny_model):
             assert torch.equal(torch.bincount(owner.unit_of), torch.full((count,), len(owner.unit_of) // count))
     assert units.params_per_unit(layer, units.ATTENTION) * 2 + units.params_per_unit(layer, units.MLP) * 128 == \
         units.prunable_params(layer)
+
+
+def test_nan_in_the_model_stops_the_taylor_pass_with_a_clear_error():
+    import pytest
+    import torch
+
+    from gaqprune.errors import GaqpruneError
+    from gaqprune.taylor import taylor_scores
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    windows = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(GaqpruneError, match="numerically broken"):
+        taylor_scores(model, windows, [0, 1, 2, 3])
