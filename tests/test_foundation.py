@@ -116,11 +116,11 @@ def test_missing_and_non_llama_models_are_refused(tmp_path):
 
 # -- CLI --------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_validate_cli_matches_plain_transformers_loop():
+def test_validate_cli_matches_plain_transformers_loop(tmp_path):
     from gaqprune.cli import run
 
     cli = run(["validate", "--data.max_eval_windows", "24", "--trainer.logger", "false",
-                "--trainer.enable_progress_bar", "false"])
+               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
     ppl_cli = float(cli.trainer.callback_metrics["val_ppl"])
     # independent loop: HF's own loss over the same windows, weighted by predicted tokens
     model = load_model("embedded")
