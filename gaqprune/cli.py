@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from gaqprune import pipeline
@@ -28,6 +29,8 @@ from gaqprune.run_settings import FinetuneSettings, RunSettings
 from gaqprune.settings import ImportanceSettings, PruneSettings
 
 log = logging.getLogger("gaqprune")
+# The settings dataclasses document each field in a docstring under it: show those in --help.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 SETTINGS = {"importance": ImportanceSettings, "pruning": PruneSettings, "run": RunSettings, "finetune": FinetuneSettings}
 
 
