@@ -284,8 +284,30 @@ def main(args: list[str] | None = None) -> None:
     run(args)
 
 
+def bool_flags() -> set[str]:
+    """The switches of the parameter guide, e.g. ``--save_model``, that its users write without a value."""
+    import dataclasses
+
+    flags = {"--prune"}
+    for cls in SETTINGS.values():
+        flags |= {f"--{f.name}" for f in dataclasses.fields(cls) if f.type in (bool, "bool")}
+    return flags
+
+
+def expand_bare_flags(args: list[str]) -> list[str]:
+    """``--save_model`` alone means ``--save_model true`` (the guide's usage); explicit values pass through."""
+    switches, out = bool_flags(), []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        following = args[i + 1] if i + 1 < len(args) else None
+        if arg in switches and (following is None or following.startswith("--")):
+            out.append("true")
+    return out
+
+
 def run(args: list[str] | None = None) -> GaqpruneCLI:
     """Run the CLI and return it; user mistakes become one-line errors with exit status 2."""
+    args = expand_bare_flags(sys.argv[1:] if args is None else list(args))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

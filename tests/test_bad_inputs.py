@@ -123,3 +123,13 @@ def test_existing_run_folder_needs_overwrite(tmp_path, monkeypatch, capsys, tiny
     code, err = run_prune(["--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file)], capsys)
     assert code == 2 and "already holds a finished run" in err and "--overwrite true" in err
     assert json.loads((done / "metrics.json").read_text()) == {"finished": True}  # untouched
+
+
+def test_guide_switches_work_without_a_value():
+    from gaqprune.cli import expand_bare_flags
+
+    args = ["prune", "--save_model", "--test_after_prune", "--pruning_ratio", "0.25", "--finetune",
+            "--skip_importance_analysis", "--importance_config", "x.json", "--overwrite", "false", "--finetune"]
+    assert expand_bare_flags(args) == [
+        "prune", "--save_model", "true", "--test_after_prune", "true", "--pruning_ratio", "0.25", "--finetune", "true",
+        "--skip_importance_analysis", "true", "--importance_config", "x.json", "--overwrite", "false", "--finetune", "true"]

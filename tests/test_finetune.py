@@ -150,3 +150,22 @@ def test_fit_on_instruction_data(tiny_model_dir, tmp_path):
              "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "prune_log" / "i" / "lora_adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
+    """The guide's workflow, its switches written bare: prune ... --finetune --finetune_method lora ..."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Item {i}: the bridge over the river was rebuilt in stone." for i in range(800)))
+    cmd = [sys.executable, "-m", "gaqprune.cli", "prune", "--base_model", str(tiny_model_dir), "--data.source", str(text),
+           "--save_ckpt_log_name", "one", "--importance_samples", "4", "--importance_seq_len", "32", "--num_examples", "4",
+           "--max_seq_len", "32", "--pruning_ratio", "0.3", "--min_pruning_rate", "0.1", "--data.max_seq_len", "32",
+           "--data.max_eval_windows", "4", "--save_model", "--test_after_prune", "--finetune", "--finetune_method", "lora",
+           "--finetune_samples", "16", "--finetune_epochs", "1", "--trainer.enable_progress_bar", "false",
+           "--trainer.default_root_dir", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / "prune_log" / "one"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"ppl_before", "ppl_after", "ppl_after_finetune"} <= set(metrics)
+    assert (run_dir / "model" / "config.json").is_file() and (run_dir / "model_finetuned" / "config.json").is_file()
+    assert (run_dir / "lora_adapter" / "adapter_model.safetensors").is_file()
