@@ -10,7 +10,6 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -199,10 +198,3 @@ class Stopwatch:
                 watch.seconds[name] = watch.seconds.get(name, 0.0) + time.perf_counter() - self.t0
 
         return _Stage()
-
-
-def settings_dict(*settings) -> dict:
-    out = {}
-    for s in settings:
-        out.update(asdict(s))
-    return out
