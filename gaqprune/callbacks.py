@@ -14,15 +14,8 @@ import torch
 
 from gaqprune import pipeline
 from gaqprune.atomic import write_json
+from gaqprune.pruning import apply_plan, layer_range
 from gaqprune.settings import ImportanceSettings, PruneSettings
-
-
-def _log_per_layer(trainer: L.Trainer, name: str, values: dict[int, float]) -> None:
-    logger = trainer.logger
-    experiment = getattr(logger, "experiment", None) if logger is not None else None
-    if trainer.is_global_zero and hasattr(experiment, "add_scalar"):
-        for layer, value in sorted(values.items()):
-            experiment.add_scalar(name, value, global_step=layer)
 
 
 class LayerImportance(L.Callback):
@@ -41,7 +34,7 @@ class LayerImportance(L.Callback):
         if self.scores is not None or stage != "fit":
             return
         hf_model = pl_module.model
-        start, end = pipeline.layer_range(self.prune_settings, len(hf_model.model.layers))
+        start, end = layer_range(self.prune_settings, len(hf_model.model.layers))
         scores = None
         if trainer.is_global_zero:
             device = trainer.strategy.root_device
@@ -52,7 +45,8 @@ class LayerImportance(L.Callback):
                                                      self.out_dir, meta, device, progress=True)
         scores = trainer.strategy.broadcast(scores, src=0)
         self.scores = {int(k): float(v) for k, v in scores.items()}
-        _log_per_layer(trainer, "layer_importance", self.scores)
+        if trainer.is_global_zero:
+            pipeline.log_per_layer(trainer.logger, "layer_importance", self.scores)
 
 
 class GQAPrune(L.Callback):
@@ -75,19 +69,15 @@ class GQAPrune(L.Callback):
         device = trainer.strategy.root_device
         hf_model.to(device)
         scores = self.importance.scores if self.importance is not None else None
-        plan = None
-        if trainer.is_global_zero:
-            plan, _ = pipeline.plan_stage(hf_model, trainer.datamodule, scores, self.settings, self.seed, device,
-                                          progress=True)
+        windows = pipeline.taylor_windows(trainer.datamodule, self.settings, self.seed, device)
+        plan = pipeline.plan_stage(hf_model, scores, windows, self.settings, progress=True) if trainer.is_global_zero else None
         self.plan = trainer.strategy.broadcast(plan, src=0)
-        windows = trainer.datamodule.calibration_windows(self.settings.num_examples, self.settings.max_seq_len,
-                                                         seed=self.seed + 1, what="--num_examples").to(device)
-        from gaqprune.pruning import apply_plan
-
         apply_plan(hf_model, self.plan, windows)
         if trainer.is_global_zero and self.out_dir is not None:
             write_json(self.out_dir / pipeline.PLAN_FILE, self.plan)
             pipeline.plot_rates(scores or {}, self.plan, self.out_dir / "pruning_rates.png")
-        _log_per_layer(trainer, "pruning_rate", {e["index"]: e["achieved_rate"] for e in self.plan["layers"]})
+        if trainer.is_global_zero:
+            pipeline.log_per_layer(trainer.logger, "pruning_rate",
+                                   {e["index"]: e["achieved_rate"] for e in self.plan["layers"]})
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

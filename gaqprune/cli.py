@@ -50,13 +50,13 @@ class GaqpruneTrainer(L.Trainer):
     def prune(self, model: LitCausalLM, datamodule: LMDataModule | None = None, job: PruneJob | None = None) -> dict:
         """Load, analyse layer importance, Taylor-score, prune, (evaluate), save; optionally fine-tune."""
         from gaqprune.metrics import perplexity
-        from gaqprune.pruning import apply_plan
+        from gaqprune.pruning import apply_plan, layer_range
 
         job = job or PruneJob(ImportanceSettings(), PruneSettings(), RunSettings(), FinetuneSettings(), EMBEDDED)
         datamodule = datamodule or LMDataModule(tokenizer=job.base_model)
         hf_model = model.model
         num_layers = len(hf_model.model.layers)
-        start, end = pipeline.layer_range(job.pruning, num_layers)
+        start, end = layer_range(job.pruning, num_layers)
         out_dir = pipeline.check_run_dir(job.run)
         device = self.strategy.root_device
         progress = self.is_global_zero
@@ -82,7 +82,8 @@ class GaqpruneTrainer(L.Trainer):
                 metrics["ppl_before"] = perplexity(hf_model, eval_windows, datamodule.eval_batch_size,
                                                    progress="dense perplexity" if progress else None)
         with clock("taylor_and_plan"):
-            plan, windows = pipeline.plan_stage(hf_model, datamodule, scores, job.pruning, job.run.seed, device, progress)
+            windows = pipeline.taylor_windows(datamodule, job.pruning, job.run.seed, device)
+            plan = pipeline.plan_stage(hf_model, scores, windows, job.pruning, progress)
         write_json(out_dir / pipeline.PLAN_FILE, plan)
         with clock("surgery"):
             apply_plan(hf_model, plan, windows)
@@ -118,17 +119,13 @@ class GaqpruneTrainer(L.Trainer):
         return metrics
 
     def _log_prune_metrics(self, scores: dict[int, float], plan: dict, metrics: dict) -> None:
-        experiment = getattr(self.logger, "experiment", None) if self.logger is not None else None
-        if not self.is_global_zero or not hasattr(experiment, "add_scalar"):
+        if not self.is_global_zero:
             return
-        for layer, value in sorted(scores.items()):
-            experiment.add_scalar("prune/layer_importance", value, global_step=layer)
-        for entry in plan["layers"]:
-            experiment.add_scalar("prune/layer_rate", entry["achieved_rate"], global_step=entry["index"])
+        pipeline.log_per_layer(self.logger, "prune/layer_importance", scores)
+        pipeline.log_per_layer(self.logger, "prune/layer_rate", {e["index"]: e["achieved_rate"] for e in plan["layers"]})
         for key in ("ppl_before", "ppl_after"):
             if key in metrics:
-                experiment.add_scalar(f"prune/{key}", metrics[key], global_step=0)
-        experiment.flush()
+                pipeline.log_per_layer(self.logger, f"prune/{key}", {0: metrics[key]})
 
 
 def model_name(base_model: str) -> str:

@@ -25,13 +25,6 @@ PLAN_FILE = "pruning_plan.json"
 METRICS_FILE = "metrics.json"
 
 
-def layer_range(settings: PruneSettings, num_layers: int) -> tuple[int, int]:
-    """The selected layers ``[start, end)`` (defaults and validation live with the allocation)."""
-    from gaqprune.pruning import layer_range as resolve
-
-    return resolve(settings, num_layers)
-
-
 def run_dir(run: RunSettings) -> Path:
     return Path(run.output_dir) / run.save_ckpt_log_name
 
@@ -98,28 +91,33 @@ def layer_importance_stage(hf_model, datamodule, imp: ImportanceSettings, start:
             scores = li.compute_layer_importance(hf_model, windows.to(device), method=imp.importance_method,
                                                  layer_start=start, layer_end=end, progress=progress)
             record = li.importance_record(scores, meta)
-    check_finite(scores, "layer importance")
     if out_dir is not None:
         li.save_importance(out_dir / IMPORTANCE_FILE, record)
         li.plot_layer_importance(scores, out_dir / "layer_importance.png", method=record.get("method", "removal"))
     return scores
 
 
-def check_finite(scores: dict[int, float], what: str) -> None:
-    bad = {k: v for k, v in scores.items() if not (v == v and abs(v) != float("inf"))}
-    if bad:
-        raise GaqpruneError(f"{what} has non-finite scores {bad}; the model produced NaN/inf (try --dtype float32)")
+def taylor_windows(datamodule, settings: PruneSettings, seed: int, device: torch.device) -> torch.Tensor:
+    """The Taylor / compensation calibration windows: the same on every rank for the same seed."""
+    return datamodule.calibration_windows(settings.num_examples, settings.max_seq_len, seed=seed + 1,
+                                          what="--num_examples").to(device)
 
 
-def plan_stage(hf_model, datamodule, scores: dict[int, float], settings: PruneSettings, seed: int, device: torch.device,
-               progress: bool) -> tuple[dict, torch.Tensor]:
-    """Taylor scores + allocation -> a plan (deterministic); returns it with the calibration windows used."""
+def plan_stage(hf_model, scores: dict[int, float], windows: torch.Tensor, settings: PruneSettings,
+               progress: bool) -> dict:
+    """Taylor scores + allocation -> a deterministic plan."""
     from gaqprune.pruning import build_plan
 
-    windows = datamodule.calibration_windows(settings.num_examples, settings.max_seq_len, seed=seed + 1,
-                                             what="--num_examples").to(device)
-    plan = build_plan(hf_model, scores, windows, settings, progress=progress)
-    return plan, windows
+    return build_plan(hf_model, scores, windows, settings, progress=progress)
+
+
+def log_per_layer(logger, name: str, values: dict[int, float]) -> None:
+    """One TensorBoard scalar per layer (step = layer index), when the logger is TensorBoard."""
+    experiment = getattr(logger, "experiment", None) if logger is not None else None
+    if hasattr(experiment, "add_scalar"):
+        for layer, value in sorted(values.items()):
+            experiment.add_scalar(name, value, global_step=layer)
+        experiment.flush()  # `gaqprune prune` never closes the logger; keep the events readable right away
 
 
 def plot_rates(scores: dict[int, float], plan: dict, path: Path) -> None:
