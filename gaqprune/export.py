@@ -53,7 +53,7 @@ def _global_shape(config) -> dict[str, int]:
 
 def _checked_layer_shapes(hf_model) -> list[dict[str, int]]:
     """Per-layer shapes read from the modules, refusing layers a half-finished surgery left inconsistent."""
-    from gaqprune.lit_module import layer_shapes
+    from gaqprune.units import layer_shapes
 
     config = hf_model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

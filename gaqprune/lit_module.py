@@ -13,6 +13,7 @@ import torch
 
 from gaqprune.metrics import Perplexity, causal_nll
 from gaqprune.models import EMBEDDED, load_model
+from gaqprune.units import layer_shapes
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -138,16 +139,3 @@ class LitCausalLM(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.strict_loading = self.hparams.finetune_method != "lora"
 
-
-def layer_shapes(hf_model) -> list[dict[str, int]]:
-    """Per-layer unit counts (query heads, KV heads, MLP channels) of a (possibly pruned) model."""
-    shapes = []
-    head_dim = hf_model.config.head_dim if getattr(hf_model.config, "head_dim", None) else (
-        hf_model.config.hidden_size // hf_model.config.num_attention_heads)
-    for layer in hf_model.model.layers:
-        shapes.append({
-            "num_attention_heads": layer.self_attn.q_proj.out_features // head_dim,
-            "num_key_value_heads": layer.self_attn.k_proj.out_features // head_dim,
-            "intermediate_size": layer.mlp.gate_proj.out_features,
-        })
-    return shapes

@@ -45,6 +45,15 @@ def num_channels(layer: nn.Module) -> int:
     return layer.mlp.gate_proj.out_features
 
 
+def layer_shapes(hf_model) -> list[dict[str, int]]:
+    """Per-layer unit counts (query heads, KV heads, MLP channels) of a (possibly pruned) model, read from its modules."""
+    return [{
+        "num_attention_heads": layer.self_attn.q_proj.out_features // head_dim(layer),
+        "num_key_value_heads": num_groups(layer),
+        "intermediate_size": num_channels(layer),
+    } for layer in hf_model.model.layers]
+
+
 def owners(layer: nn.Module, kind: str) -> list[Owner]:
     """The weights a unit of ``kind`` (``attention`` or ``mlp``) owns in ``layer``."""
     if kind == ATTENTION:

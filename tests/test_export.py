@@ -15,8 +15,8 @@ from torch import nn
 
 from gaqprune import export
 from gaqprune.errors import GaqpruneError
-from gaqprune.lit_module import layer_shapes
 from gaqprune.remote_code.configuration_gaqprune_llama import GaqpruneLlamaConfig
+from gaqprune.units import layer_shapes
 
 HEAD_DIM = 8  # tiny_llama: hidden 64 / 8 query heads
 PRUNED_SHAPES = [
