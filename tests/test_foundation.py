@@ -140,7 +140,7 @@ def test_validate_cli_on_local_text_file(tmp_path, tiny_model_dir):
     f = tmp_path / "notes.txt"
     f.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     r = run_cli("validate", "--base_model", str(tiny_model_dir), "--data.source", str(f), "--data.max_seq_len", "64",
-                "--trainer.logger", "false", "--trainer.enable_progress_bar", "false")
+                "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "val_ppl" in r.stdout
 
@@ -161,7 +161,7 @@ def test_cli_bad_inputs_fail_in_one_line(tmp_path, tiny_model_dir, case):
         GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "g")
         args += ["--base_model", str(tmp_path / "g")]
         expect = "gaqprune prunes Llama-family"
-    r = run_cli(*args)
+    r = run_cli(*args, cwd=tmp_path)
     assert r.returncode == 2
     errors = [line for line in r.stderr.splitlines() if line.startswith("gaqprune: error:")]
     assert len(errors) == 1 and expect in errors[0]
