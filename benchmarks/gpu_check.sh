@@ -7,9 +7,12 @@
 #   1. stages standard  (50 x 128 importance, 10 x 64 Taylor, ratio 0.25; incl. save of the pruned model to /tmp)
 #   2. stages precise   (128 x 128 importance, 32 x 64 Taylor; save skipped)
 #   3. Taylor one pass vs one backward per layer (27 layers, 10 x 64 tokens)
-#   4. inference dense vs pruned (prefill 1x2048, 16x512; decode batch 1 and 16: CUDA graph, static eager, HF generate)
-# A global budget (GPU_CHECK_BUDGET_S, default 420 s) caps the per-step timeouts so the whole script ends in time;
-# 150 s of it stay reserved for the inference step (a slow earlier step shortens or skips the ones before it).
+#   4. inference dense vs pruned (prefill 1x2048, 16x512; decode batch 1 and 16: CUDA graph, static eager, fused
+#      projections + CUDA graph, HF generate; plus a torch.profiler table of HF generate per model and batch)
+#   5. inference_compiled: decode batch 16 and 1 with the fused step through torch.compile + CUDA graph (no prefill)
+# GPU_CHECK_STEPS (default: all five) picks steps by name, e.g. GPU_CHECK_STEPS="inference inference_compiled".
+# A global budget (GPU_CHECK_BUDGET_S, default 600 s) caps the per-step timeouts so the whole script ends in time;
+# each step keeps back what the steps after it need (a slow earlier step shortens or skips the ones before it).
 # GPU_CHECK_SMOKE=1 runs the same steps on a tiny random model on the CPU (tests this script, not the GPU).
 # Needs only torch, transformers, lightning, torchmetrics, safetensors (no datasets / jsonargparse / gguf, no internet).
 set -u
@@ -19,13 +22,18 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTH
 export TRANSFORMERS_VERBOSITY=error
 RES="${OUT:-$(mktemp -d /tmp/gaqprune-gpu-check.XXXXXX)}"
 mkdir -p "$RES"
-BUDGET="${GPU_CHECK_BUDGET_S:-420}"
+BUDGET="${GPU_CHECK_BUDGET_S:-600}"
+STEPS=" ${GPU_CHECK_STEPS:-stages_standard stages_precise taylor inference inference_compiled} "
 T0=$(date +%s)
 declare -A STATUS
 
 step() {  # step NAME TIMEOUT_S RESERVE_S SCRIPT ARGS...  (RESERVE_S: budget kept back for the steps after it)
     local name=$1 limit=$2 reserve=$3
     shift 3
+    if [[ "$STEPS" != *" $name "* ]]; then
+        STATUS[$name]="not selected"
+        return
+    fi
     local left=$((BUDGET - ($(date +%s) - T0) - reserve))
     ((limit > left)) && limit=$left
     if ((limit < 30)); then
@@ -50,15 +58,29 @@ INF=()
 if [[ "${GPU_CHECK_SMOKE:-0}" == 1 ]]; then  # test this script's plumbing on a CPU: tiny random model, small shapes
     M=(--model tiny --device cpu --dtype float32)
     INF=(--prefill 1x128 --decode_batch 2 --prompt 32 --eager_steps 4)
+    COMPILED=(--decode_batch 2 --prompt 32 --eager_steps 4 --paths compiled-eager)
+else
+    COMPILED=(--decode_batch 16 1 --paths compiled-graph)
 fi
-step stages_standard 150 150 benchmarks/stages.py "${M[@]}" --scheme standard --save_dir /tmp --out "$RES/stages_standard.json"
-step stages_precise 100 150 benchmarks/stages.py "${M[@]}" --scheme precise --skip_save --out "$RES/stages_precise.json"
-step taylor 80 150 benchmarks/taylor.py "${M[@]}" --num_examples 10 --max_seq_len 64 --out "$RES/taylor.json"
-step inference 170 0 benchmarks/inference.py "${M[@]}" --prune plan "${INF[@]}" --out "$RES/inference.json"
+reserve() {  # budget the selected steps after this one need: reserve NAME:SECONDS ...
+    local total=0 item
+    for item in "$@"; do [[ "$STEPS" == *" ${item%%:*} "* ]] && total=$((total + ${item##*:})); done
+    echo $total
+}
+step stages_standard 150 "$(reserve inference:200 inference_compiled:240)" benchmarks/stages.py "${M[@]}" \
+    --scheme standard --save_dir /tmp --out "$RES/stages_standard.json"
+step stages_precise 100 "$(reserve inference:200 inference_compiled:240)" benchmarks/stages.py "${M[@]}" \
+    --scheme precise --skip_save --out "$RES/stages_precise.json"
+step taylor 80 "$(reserve inference:200 inference_compiled:240)" benchmarks/taylor.py "${M[@]}" \
+    --num_examples 10 --max_seq_len 64 --out "$RES/taylor.json"
+step inference 220 "$(reserve inference_compiled:240)" benchmarks/inference.py "${M[@]}" --prune plan \
+    --paths graph static-eager fused-graph hf-eager "${INF[@]}" --profile_hf "$RES/profile_hf" --out "$RES/inference.json"
+step inference_compiled 300 0 benchmarks/inference.py "${M[@]}" --prune plan --prefill "${COMPILED[@]}" \
+    --out "$RES/inference_compiled.json"
 
 echo
 echo "================ gpu_check summary (wall $(($(date +%s) - T0)) s; results in $RES) ================"
-for name in stages_standard stages_precise taylor inference; do echo "$name: ${STATUS[$name]:-not run}"; done
+for name in stages_standard stages_precise taylor inference inference_compiled; do echo "$name: ${STATUS[$name]:-not run}"; done
 python3 - "$RES" <<'EOF' || echo "summary FAILED"
 import json, sys
 from pathlib import Path
@@ -87,9 +109,11 @@ if t:
     print(f"taylor: one pass {t['seconds_one_pass']:.2f} s, per layer {t['seconds_per_layer']:.2f} s, speed-up "
           f"{t['speedup']:.2f}x, max rel diff {t['max_relative_difference']:.1e} ({'agree' if t['agree'] else 'DISAGREE'})")
     summary["taylor"] = {k: t[k] for k in ("seconds_one_pass", "seconds_per_layer", "speedup", "max_relative_difference")}
-i = get("inference")
-if i:
-    print(f"inference: ideal {i['ideal_speedup']:.3f}x; static-path check {i['static_path_check']}; pruned by {i['prune']}")
+for name in ("inference", "inference_compiled"):
+    i = get(name)
+    if not i:
+        continue
+    print(f"{name}: ideal {i['ideal_speedup']:.3f}x; static-path check {i['static_path_check']}; pruned by {i['prune']}")
     ratios = {}
     for shape, d in i["dense"]["prefill"].items():
         p = i["pruned"]["prefill"][shape]
@@ -98,12 +122,14 @@ if i:
     for b, paths in i["dense"]["decode"].items():
         for path, d in paths.items():
             p = i["pruned"]["decode"][b].get(path)
-            if isinstance(d, float) and isinstance(p, float):
+            if path.endswith(" setup s"):
+                print(f"  decode batch {b} {path.removesuffix(' setup s')}: compile + capture dense {d} s, pruned {p} s")
+            elif isinstance(d, float) and isinstance(p, float):
                 ratios[f"decode b{b} {path}"] = p / d
                 print(f"  decode batch {b} {path}: dense {d:,.1f} pruned {p:,.1f} tok/s -> {p / d:.2f}x")
             else:
                 print(f"  decode batch {b} {path}: dense {d} pruned {p}")
-    summary["inference"] = {"ideal": i["ideal_speedup"], "ratios": ratios, "dense": i["dense"], "pruned": i["pruned"]}
+    summary[name] = {"ideal": i["ideal_speedup"], "ratios": ratios, "dense": i["dense"], "pruned": i["pruned"]}
 (res / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(f"wrote {res / 'summary.json'}")
 EOF

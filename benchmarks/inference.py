@@ -37,6 +37,8 @@ import statistics
 import sys
 import time
 from dataclasses import replace
+from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -73,48 +75,127 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _attend(attn, q, k, v, cache: StaticKV, i: int, positions, visible, cos, sin) -> torch.Tensor:
+    """Rotary embedding, cache write and attention of layer ``i`` for ``q, k, v`` ``[B, T, heads * head_dim]``.
+
+    The query heads of each GQA group are folded into the query-length axis, so SDPA runs with the layer's KV
+    heads and no repeated K/V copies. Returns ``[B, T, q_heads * head_dim]``.
+    """
+    hd = cache.keys[i].shape[-1]
+    batch, steps = q.shape[:2]
+    q = q.view(batch, steps, -1, hd).transpose(1, 2)
+    k = k.view(batch, steps, -1, hd).transpose(1, 2)
+    v = v.view(batch, steps, -1, hd).transpose(1, 2)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    cache.keys[i].index_copy_(2, positions, k)
+    cache.values[i].index_copy_(2, positions, v)
+    kv_heads, q_heads = k.shape[1], q.shape[1]
+    group = q_heads // kv_heads  # query heads j*group .. (j+1)*group-1 read KV head j (HF's repeat_kv)
+    q = q.reshape(batch, kv_heads, group * steps, hd)
+    out = F.scaled_dot_product_attention(q, cache.keys[i], cache.values[i], attn_mask=visible.repeat(group, 1),
+                                         scale=getattr(attn, "scaling", hd**-0.5))
+    return out.reshape(batch, q_heads, steps, hd).transpose(1, 2).reshape(batch, steps, q_heads * hd)
+
+
+def _embed(inner, ids: torch.Tensor, positions: torch.Tensor, max_len: int):
+    """Embeddings, rotary ``cos, sin`` ``[B, 1, T, head_dim]`` and the visibility mask ``[T, max_len]``."""
+    batch, steps = ids.shape
+    hidden = inner.embed_tokens(ids)
+    cos, sin = inner.rotary_emb(hidden, positions[None].expand(batch, steps))
+    visible = torch.arange(max_len, device=ids.device)[None, :] <= positions[:, None]
+    return hidden, cos[:, None], sin[:, None], visible
+
+
 @torch.no_grad()
 def static_forward(hf_model, ids: torch.Tensor, positions: torch.Tensor, cache: StaticKV) -> torch.Tensor:
     """Logits ``[B, vocab]`` of the last position of ``ids`` ``[B, T]`` at ``positions`` ``[T]``, writing the cache.
 
     Uses the model's own modules (embeddings, RMSNorms, projections, rotary embedding, MLP, LM head); only the
-    cache and the attention call are this script's: the query heads of each GQA group are folded into the
-    query-length axis, so SDPA runs with the layer's KV heads and no repeated K/V copies.
+    cache and the attention call (``_attend``) are this script's.
     """
     inner = hf_model.model
-    batch, steps = ids.shape
-    hidden = inner.embed_tokens(ids)
-    cos, sin = inner.rotary_emb(hidden, positions[None].expand(batch, steps))
-    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, head_dim]
-    visible = torch.arange(cache.max_len, device=ids.device)[None, :] <= positions[:, None]  # [T, max_len]
+    hidden, cos, sin, visible = _embed(inner, ids, positions, cache.max_len)
     for i, layer in enumerate(inner.layers):
         attn = layer.self_attn
-        hd = units.head_dim(layer)
         x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(batch, steps, -1, hd).transpose(1, 2)
-        k = attn.k_proj(x).view(batch, steps, -1, hd).transpose(1, 2)
-        v = attn.v_proj(x).view(batch, steps, -1, hd).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        cache.keys[i].index_copy_(2, positions, k)
-        cache.values[i].index_copy_(2, positions, v)
-        kv_heads, q_heads = k.shape[1], q.shape[1]
-        group = q_heads // kv_heads  # query heads j*group .. (j+1)*group-1 read KV head j (HF's repeat_kv)
-        q = q.reshape(batch, kv_heads, group * steps, hd)
-        out = F.scaled_dot_product_attention(q, cache.keys[i], cache.values[i], attn_mask=visible.repeat(group, 1),
-                                             scale=getattr(attn, "scaling", hd**-0.5))
-        out = out.reshape(batch, q_heads, steps, hd).transpose(1, 2).reshape(batch, steps, q_heads * hd)
+        out = _attend(attn, attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), cache, i, positions, visible, cos, sin)
         hidden = hidden + attn.o_proj(out)
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return hf_model.lm_head(inner.norm(hidden[:, -1]))
 
 
-class Decoder:
-    """Greedy decoding over a ``StaticKV``: ``step()`` feeds the last token and advances the position in place."""
+class FusedProjections:
+    """Per decoder layer one ``[q; k; v]`` weight and one ``[gate; up]`` weight (concatenated copies, as serving
+    engines keep them): 4 GEMMs per layer instead of 7, and wider ones, which small decode batches need to
+    reach memory bandwidth. Everything else stays the model's own modules."""
 
-    def __init__(self, hf_model, prompt: torch.Tensor, max_new: int):
+    def __init__(self, hf_model):
+        self.layers = []
+        with torch.no_grad():
+            for layer in hf_model.model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+                if any(lin.bias is not None for lin in (*qkv, mlp.gate_proj, mlp.up_proj)):
+                    raise SystemExit("fused paths: projections with biases are not supported")
+                self.layers.append({
+                    "qkv": torch.cat([lin.weight for lin in qkv]), "split": [lin.out_features for lin in qkv],
+                    "gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                    "channels": mlp.gate_proj.out_features,
+                })
+
+
+def fused_forward(hf_model, fused: FusedProjections, ids: torch.Tensor, positions: torch.Tensor,
+                  cache: StaticKV) -> torch.Tensor:
+    """``static_forward`` with the fused projections of ``fused``; same logits up to rounding."""
+    inner = hf_model.model
+    hidden, cos, sin, visible = _embed(inner, ids, positions, cache.max_len)
+    for i, (layer, w) in enumerate(zip(inner.layers, fused.layers)):
+        attn, mlp = layer.self_attn, layer.mlp
+        q, k, v = F.linear(layer.input_layernorm(hidden), w["qkv"]).split(w["split"], dim=-1)
+        hidden = hidden + attn.o_proj(_attend(attn, q, k, v, cache, i, positions, visible, cos, sin))
+        gate, up = F.linear(layer.post_attention_layernorm(hidden), w["gate_up"]).split(w["channels"], dim=-1)
+        hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+    return hf_model.lm_head(inner.norm(hidden[:, -1]))
+
+
+STEP_KINDS = ("static", "fused", "compiled")
+# --paths name -> (step kind, replayed as a CUDA graph)
+STATIC_PATHS = {
+    "graph": ("static", True), "static-eager": ("static", False),
+    "fused-graph": ("fused", True), "fused-eager": ("fused", False),
+    "compiled-graph": ("compiled", True), "compiled-eager": ("compiled", False),
+}
+
+
+def step_forward(hf_model, kind: str):
+    """The decode-step forward ``f(ids, positions, cache) -> logits`` of ``kind``.
+
+    static: ``static_forward``; fused: ``fused_forward`` (q/k/v and gate/up GEMMs fused); compiled: the fused step
+    through ``torch.compile`` (fullgraph, static shapes: inductor fuses the RMSNorms, rotary embedding, SiLU-gating
+    and residual adds into a few kernels per layer; GEMMs stay cuBLAS). Compiles on the first call.
+    """
+    if kind == "static":
+        return partial(static_forward, hf_model)
+    fused = FusedProjections(hf_model)
+    forward = torch.no_grad()(partial(fused_forward, hf_model, fused))
+    if kind == "fused":
+        return forward
+    if kind == "compiled":
+        return torch.compile(forward, fullgraph=True, dynamic=False)
+    raise ValueError(f"unknown step kind {kind!r}; use one of {STEP_KINDS}")
+
+
+class Decoder:
+    """Greedy decoding over a ``StaticKV``: ``step()`` feeds the last token and advances the position in place.
+
+    ``forward`` runs the decode steps (``step_forward``); the prompt is always prefilled by ``static_forward``.
+    """
+
+    def __init__(self, hf_model, prompt: torch.Tensor, max_new: int, forward=None):
         batch, length = prompt.shape
         self.model = hf_model
+        self.forward = forward or partial(static_forward, hf_model)
         self.prompt_len = length
         # Cache length a multiple of 64: SDPA's memory-efficient kernel wants the mask's last dim aligned.
         self.cache = StaticKV(hf_model, batch, -(-(length + max_new) // 64) * 64)
@@ -130,7 +211,7 @@ class Decoder:
         return logits
 
     def step(self) -> torch.Tensor:
-        logits = static_forward(self.model, self.token, self.pos, self.cache)
+        logits = self.forward(self.token, self.pos, self.cache)
         self.token.copy_(logits.argmax(-1, keepdim=True))
         self.pos.add_(1)
         return logits
@@ -151,19 +232,20 @@ class Decoder:
         self.graph.replay()
 
 
-def check_static_path(hf_model, vocab: int, device: str) -> float:
-    """Max |static-path logits - HF forward logits| / max |HF logits| over prefill + 2 decode steps (2 x 12 tokens)."""
+def check_static_path(hf_model, vocab: int, device: str, kinds: tuple[str, ...] = ("static",)) -> dict[str, float]:
+    """Per step kind: max |logits - HF forward logits| / max |HF logits| over prefill + 2 decode steps (2 x 12 tokens)."""
     ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(3)).to(device)
+    worst: dict[str, float] = {}
     with torch.no_grad():
         ref = hf_model(input_ids=ids, use_cache=False).logits.float()
-        dec = Decoder(hf_model, ids[:, :10], 4)
-        got = [dec.prefill()]
-        for t in (10, 11):
-            dec.token.copy_(ids[:, t : t + 1])  # teacher forcing: feed the real next token
-            got.append(dec.step())
-    worst = 0.0
-    for logits, t in zip(got, (9, 10, 11)):
-        worst = max(worst, float((logits.float() - ref[:, t]).abs().max() / ref[:, t].abs().max()))
+        for kind in kinds:
+            dec = Decoder(hf_model, ids[:, :10], 4, step_forward(hf_model, kind))
+            got = [dec.prefill()]
+            for t in (10, 11):
+                dec.token.copy_(ids[:, t : t + 1])  # teacher forcing: feed the real next token
+                got.append(dec.step())
+            worst[kind] = max(float((logits.float() - ref[:, t]).abs().max() / ref[:, t].abs().max())
+                              for logits, t in zip(got, (9, 10, 11)))
     return worst
 
 
@@ -204,30 +286,73 @@ def decode_tokens_per_s(hf_model, batch: int, prompt_len: int, vocab: int, devic
     """Decode tokens/s (batch x steps / seconds) after a ``prompt_len`` prefill on each path of ``paths``."""
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(5)).to(device)
     result: dict[str, float | str] = {}
-    if "graph" in paths or "static-eager" in paths:
-        dec = Decoder(hf_model, prompt, 4 + max(steps, eager_steps))
-        if "static-eager" in paths:
-            dec.prefill()
-            dec.step()  # warm-up
-            dec.prefill()
-            result["static-eager"] = tokens_per_second(dec.step, eager_steps, batch, device)
-        if "graph" in paths:
-            if not is_cuda(device):
-                result["graph"] = "n/a (CPU)"
-            else:
-                try:
-                    dec.prefill()
-                    dec.capture()
-                    dec.prefill()  # restart from the prompt: position prompt_len, cache beyond it unused
+    for kind in STEP_KINDS:
+        wanted = [name for name in paths if name in STATIC_PATHS and STATIC_PATHS[name][0] == kind]
+        if not wanted:
+            continue
+        try:
+            dec = Decoder(hf_model, prompt, 4 + max(steps, eager_steps), step_forward(hf_model, kind))
+        except Exception as err:  # report, keep the other paths
+            result.update({name: _failure(err) for name in wanted})
+            continue
+        for name in wanted:
+            graph = STATIC_PATHS[name][1]
+            if graph and not is_cuda(device):
+                result[name] = "n/a (CPU)"
+                continue
+            try:
+                t0 = time.perf_counter()
+                dec.prefill()
+                if graph:
+                    dec.capture()  # warm-up steps (and compilation) + capture
+                else:
+                    dec.step()  # warm-up (and compilation)
+                dec.prefill()  # restart from the prompt: position prompt_len, cache beyond it unused
+                if graph:
                     dec.replay()  # warm-up replay
                     dec.prefill()
-                    result["graph"] = tokens_per_second(dec.replay, steps, batch, device)
-                except Exception as err:  # report, keep the other paths
-                    result["graph"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+                sync(device)
+                setup_s = time.perf_counter() - t0
+                result[name] = tokens_per_second(dec.replay if graph else dec.step, steps if graph else eager_steps,
+                                                 batch, device)
+                if kind == "compiled":
+                    result[f"{name} setup s"] = round(setup_s, 1)
+            except Exception as err:  # report, keep the other paths
+                result[name] = _failure(err)
         del dec
     if "hf-eager" in paths:
         result["hf-eager"] = hf_generate_tokens_per_s(hf_model, prompt, eager_steps, device)
     return result
+
+
+def profile_hf_generate(hf_model, batch: int, prompt_len: int, vocab: int, device: str, path: Path) -> None:
+    """Op tables (by device time and by CPU time) of HF ``generate`` of 8 new tokens after a ``prompt_len`` prompt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(5)).to(device)
+    kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8,
+                  do_sample=False, use_cache=True, pad_token_id=0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda(device) else [])
+    try:
+        with torch.no_grad():
+            hf_model.generate(**kwargs)  # warm-up
+            sync(device)
+            with profile(activities=activities) as prof:
+                hf_model.generate(**kwargs)
+                sync(device)
+        averages = prof.key_averages()
+        sort_device = "self_cuda_time_total" if is_cuda(device) else "self_cpu_time_total"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"HF generate, batch {batch}, prompt {prompt_len}, 8 new tokens\n\n"
+                        + averages.table(sort_by=sort_device, row_limit=25) + "\n\n"
+                        + averages.table(sort_by="self_cpu_time_total", row_limit=25) + "\n")
+        print(f"  profile of HF generate written to {path}", flush=True)
+    except Exception as err:  # a diagnostic: never fail the benchmark
+        print(f"  profiling HF generate {_failure(err)}", flush=True)
+
+
+def _failure(err: Exception) -> str:
+    return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
 
 
 def hf_generate_tokens_per_s(hf_model, prompt: torch.Tensor, steps: int, device: str) -> float | str:
@@ -252,6 +377,10 @@ def hf_generate_tokens_per_s(hf_model, prompt: torch.Tensor, steps: int, device:
     return prompt.shape[0] * steps / max(full - base, 1e-9)
 
 
+def _checks(check: dict[str, float]) -> str:
+    return ", ".join(f"{kind} {value:.2e}" for kind, value in check.items())
+
+
 def measure(hf_model, label: str, args, vocab: int) -> dict:
     out: dict = {"prefill": {}, "decode": {}}
     for shape in args.prefill:
@@ -263,6 +392,8 @@ def measure(hf_model, label: str, args, vocab: int) -> dict:
                                                           args.eager_steps, args.paths)
         shown = ", ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items())
         print(f"  [{label}] decode batch {b}: {shown} tokens/s", flush=True)
+        if args.profile_hf:
+            profile_hf_generate(hf_model, b, args.prompt, vocab, args.device, Path(args.profile_hf) / f"{label}_b{b}.txt")
         gc.collect()
         if is_cuda(args.device):
             torch.cuda.empty_cache()
@@ -306,32 +437,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pruning_ratio", type=float, default=0.25)
     parser.add_argument("--prune", choices=("plan", "uniform", "slice"), default="plan")
     parser.add_argument("--importance_samples", type=int, default=20, help="--prune plan: removal-importance windows")
-    parser.add_argument("--prefill", nargs="+", default=None, help="BxT shapes (default: 1x2048 16x512 on CUDA, 1x256 4x128 CPU)")
+    parser.add_argument("--prefill", nargs="*", default=None,
+                        help="BxT shapes (default: 1x2048 16x512 on CUDA, 1x256 4x128 CPU; the flag alone: none)")
     parser.add_argument("--decode_batch", type=int, nargs="+", default=None, help="default: 1 16 on CUDA, 1 4 on the CPU")
     parser.add_argument("--prompt", type=int, default=None, help="prompt tokens before decoding (default 512 CUDA, 64 CPU)")
     parser.add_argument("--steps", type=int, default=128, help="decode steps timed on the CUDA-graph path")
     parser.add_argument("--eager_steps", type=int, default=None, help="decode steps timed on the eager paths (32 CUDA, 8 CPU)")
-    parser.add_argument("--paths", nargs="+", default=["graph", "static-eager", "hf-eager"],
-                        choices=["graph", "static-eager", "hf-eager"])
+    parser.add_argument("--paths", nargs="+", default=None, choices=[*STATIC_PATHS, "hf-eager"],
+                        help="decode paths (default: every graph and eager path but compiled-eager on CUDA; "
+                             "static-eager fused-eager hf-eager on the CPU)")
     parser.add_argument("--reps", type=int, default=None, help="prefill repetitions (median; default 5 CUDA, 2 CPU)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--profile_hf", default=None, metavar="DIR",
+                        help="also profile 8 tokens of HF generate per model and batch (torch.profiler op tables in DIR)")
     args = parser.parse_args(argv)
 
     cuda = is_cuda(args.device)
     dtype = resolve_dtype(args.dtype or ("bfloat16" if cuda else "float32"))
-    args.prefill = args.prefill or (["1x2048", "16x512"] if cuda else ["1x256", "4x128"])
+    if args.prefill is None:
+        args.prefill = ["1x2048", "16x512"] if cuda else ["1x256", "4x128"]
     args.decode_batch = args.decode_batch or ([1, 16] if cuda else [1, 4])
     args.prompt = args.prompt or (512 if cuda else 64)
     args.eager_steps = args.eager_steps or (32 if cuda else 8)
     args.reps = args.reps or (5 if cuda else 2)
+    if args.paths is None:
+        args.paths = ([name for name in STATIC_PATHS if name != "compiled-eager"] + ["hf-eager"] if cuda
+                      else ["static-eager", "fused-eager", "hf-eager"])
     if not cuda:
         args.steps = min(args.steps, args.eager_steps)
+    # Logit checks against the HF forward: every step kind in use (compiled ones only on the CPU, where the extra
+    # compilation for the check's shapes is cheap; on CUDA the compiled step's math is the checked fused step's).
+    kinds = tuple(k for k in STEP_KINDS if any(STATIC_PATHS[p][0] == k for p in args.paths if p in STATIC_PATHS))
+    if cuda:
+        kinds = tuple(dict.fromkeys("fused" if k == "compiled" else k for k in kinds))
 
     model, _, window_fn, what = load(args.model, args.device, dtype, args.layers)
     vocab = model.config.vocab_size
     print(f"inference: {what}; {args.device} {str(dtype).removeprefix('torch.')}, torch threads {torch.get_num_threads()}")
-    dense_check = check_static_path(model, vocab, args.device)
-    print(f"  static-cache path vs HF forward (dense): max relative logit difference {dense_check:.2e}", flush=True)
+    dense_check = check_static_path(model, vocab, args.device, kinds)
+    print(f"  static-cache paths vs HF forward (dense): max relative logit difference {_checks(dense_check)}", flush=True)
     dense_params = matmul_params(model)
     dense = measure(model, "dense", args, vocab)
     kv_dense = StaticKV(model, 1, 1).nbytes()
@@ -345,8 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     kv_pruned = StaticKV(model, 1, 1).nbytes()
     print(f"  pruned in {prune_s:.1f} s: {how}; matmul params {dense_params / 1e9:.3f} B -> {pruned_params / 1e9:.3f} B "
           f"(ideal speed-up {ideal:.3f}x); KV cache per token {kv_dense} -> {kv_pruned} bytes", flush=True)
-    pruned_check = check_static_path(model, vocab, args.device)
-    print(f"  static-cache path vs HF forward (pruned): max relative logit difference {pruned_check:.2e}", flush=True)
+    pruned_check = check_static_path(model, vocab, args.device, kinds)
+    print(f"  static-cache paths vs HF forward (pruned): max relative logit difference {_checks(pruned_check)}", flush=True)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -363,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append([f"decode batch {b} ({path})", f"{d:,.1f}", f"{p:,.1f}", f"{p / d:.2f}x"])
             else:
                 rows.append([f"decode batch {b} ({path})", str(d), str(p), "-"])
+            setup = f"{path} setup s"
+            if setup in dense["decode"][b]:
+                rows.append([f"  {path}: compile + capture seconds", str(dense["decode"][b][setup]),
+                             str(pruned["decode"][b].get(setup)), ""])
     rows.append(["ideal (matmul params dense / pruned)", "", "", f"{ideal:.2f}x"])
     print()
     print(table(rows, ["tokens/s", "dense", "pruned", "pruned / dense"]))
@@ -376,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     })
     # float32 pins the math (about 1e-6 on the CPU); in 16-bit both paths carry their own rounding over every layer.
     tolerance = 1e-3 if dtype == torch.float32 else 1e-1
-    if max(dense_check, pruned_check) > tolerance:
+    if max([*dense_check.values(), *pruned_check.values()], default=0.0) > tolerance:
         print(f"static-cache path DISAGREES with the HF forward (tolerance {tolerance:.0e}): decode numbers are suspect")
         return 1
     return 0
