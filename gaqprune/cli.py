@@ -195,6 +195,16 @@ class GaqpruneCLI(LightningCLI):
                 raise GaqpruneError(f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: {str(finetuned)!r} already exists; "
                                     "pick another name or pass --overwrite true")
 
+    def instantiate_trainer(self, **kwargs):
+        """Lightning rejects impossible --trainer.* combinations (e.g. strategy fsdp on the CPU) with a ValueError
+        while building the Trainer: a user mistake, reported in one line like every other one."""
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as err:
+            raise GaqpruneError(f"--trainer settings rejected by Lightning: {err}") from None
+
     def before_prune(self) -> None:
         self._job = PruneJob(*(self._settings(c) for c in SETTINGS.values()), base_model=self.config.prune.base_model,
                              config_yaml=self.parser.dump(self.config, skip_none=False))

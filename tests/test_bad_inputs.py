@@ -76,6 +76,8 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
         "finetune_samples_zero": ([*data, "--finetune", "true", "--finetune_samples", "0"], "--finetune_samples 0"),
         "finetune_full_with_lora_rank": (
             [*data, "--finetune", "true", "--finetune_method", "full", "--model.lora_r", "32"], "--finetune_method full"),
+        "fsdp_on_cpu": ([*data, "--trainer.strategy", "fsdp", "--trainer.accelerator", "cpu"],
+                        "strategy `fsdp` requires a GPU"),
     }
 
 
@@ -85,7 +87,7 @@ CASE_NAMES = [
     "too_many_samples", "seq_len_above_context", "unknown_strategy", "unknown_method", "missing_model",
     "unreadable_model", "importance_other_model", "importance_other_layer_count", "importance_corrupted",
     "importance_missing", "config_without_skip", "empty_text_file", "binary_text_file", "unknown_dataset",
-    "finetune_samples_zero", "finetune_full_with_lora_rank",
+    "finetune_samples_zero", "finetune_full_with_lora_rank", "fsdp_on_cpu",
 ]
 
 
