@@ -423,7 +423,7 @@ def prune(hf_model, how: str, ratio: float, window_fn, device: str, importance_s
         scores = compute_layer_importance(hf_model, windows, "removal", start, end, progress=False)
     calib = window_fn(settings.num_examples, settings.max_seq_len, 1).to(device)
     plan = build_plan(hf_model, scores, calib, settings, progress=False)
-    apply_plan(hf_model, plan, calib)
+    apply_plan(hf_model, plan, window_fn(settings.compensation_samples, settings.compensation_seq_len, 2).to(device))
     what = "removal importance + build_plan + apply_plan" if how == "plan" else "build_plan (equal importance) + apply_plan"
     return f"{what} (default settings, {plan['totals']['achieved_ratio_selected']:.1%} of layers [{start}, {end}))"
 

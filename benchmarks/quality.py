@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num_examples", type=int, default=64,
                         help="calibration windows for Taylor and compensation, shared by all methods (guide: 32-64)")
     parser.add_argument("--max_seq_len", type=int, default=128, help="tokens per calibration window (guide: 64-128)")
+    parser.add_argument("--compensation_samples", type=int, default=PruneSettings.compensation_samples,
+                        help="refit windows of gaqprune's least-squares compensation (0: refit on the Taylor windows)")
+    parser.add_argument("--compensation_seq_len", type=int, default=PruneSettings.compensation_seq_len)
     parser.add_argument("--importance_samples", type=int, default=ImportanceSettings.importance_samples)
     parser.add_argument("--importance_method", default=ImportanceSettings.importance_method)
     parser.add_argument("--importance_cache", default=None, help="JSON file to reuse/store the layer importance")
@@ -92,7 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
     data = LMDataModule(max_seq_len=128, max_eval_windows=args.eval_windows)
     eval_windows = data.eval_windows()
     calib = data.calibration_windows(args.num_examples, args.max_seq_len)
-    log(f"model loaded; {len(eval_windows)} eval windows, calibration {tuple(calib.shape)}")
+    refit = calib
+    if args.compensation_samples:
+        refit = data.calibration_windows(args.compensation_samples, args.compensation_seq_len, seed=2,
+                                         what="--compensation_samples")
+    log(f"model loaded; {len(eval_windows)} eval windows, calibration {tuple(calib.shape)}, refit {tuple(refit.shape)}")
 
     importance: dict[int, float] = {}
     needs_importance = "gaqprune" in args.methods or args.variant
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         model = copy.deepcopy(dense)
         plan = make_plan(method if method in METHODS else "gaqprune", model, float(fraction), calib, importance, overrides)
-        apply_plan(model, plan, calib)
+        apply_plan(model, plan, refit if plan["settings"]["compensation"] != "none" else None)
         t_prune = time.time() - t0
         ppl = perplexity(model, eval_windows, batch_size=args.eval_batch_size)
         totals = plan["totals"]
@@ -149,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{r['removed_model']:.2%} |")
     print("\n".join(table))
     summary = {
-        "eval_windows": len(eval_windows), "calibration": list(calib.shape), "importance_method": args.importance_method,
+        "eval_windows": len(eval_windows), "calibration": list(calib.shape), "refit": list(refit.shape),
+        "importance_method": args.importance_method,
         "importance_samples": args.importance_samples, "importance": importance, "results": results,
         "defaults": {k: v for k, v in vars(PruneSettings()).items()}, "seconds": round(time.time() - started, 1),
     }

@@ -2,7 +2,8 @@
 
 Stages (each timed with the device synchronised): load (model + calibration windows), layer importance
 (``compute_layer_importance``, method ``removal``, cached), Taylor + plan (``build_plan``), surgery
-(``apply_plan`` with the default settings, i.e. least-squares compensation on the Taylor windows) and save
+(``apply_plan`` with the default settings, i.e. least-squares compensation on ``--compensation_samples`` windows of
+``--compensation_seq_len`` tokens, 64 x 128 by default) and save
 (``save_pretrained_model`` into a temporary folder, deleted afterwards). The total excludes load.
 
     python benchmarks/stages.py                                          # embedded SmolLM2 on the CPU, quick scheme
@@ -100,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, window_fn, what = load(args.model, device, dtype, args.layers)
         importance_windows = window_fn(imp.importance_samples, imp.importance_seq_len, 0)
         taylor_windows = window_fn(settings.num_examples, settings.max_seq_len, 1).to(device)
-        return model, tokenizer, importance_windows, taylor_windows, what
+        refit_windows = window_fn(settings.compensation_samples, settings.compensation_seq_len, 2).to(device)
+        return model, tokenizer, importance_windows, taylor_windows, refit_windows, what
 
-    model, tokenizer, importance_windows, taylor_windows, what = stage("load", do_load)
+    model, tokenizer, importance_windows, taylor_windows, refit_windows, what = stage("load", do_load)
     num_layers = len(model.model.layers)
     params_before = param_count(model)
     weights = weight_bytes(model)
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = stage("layer importance", compute_layer_importance, model, importance_windows.to(device), method="removal",
                    layer_start=start, layer_end=end, batch_size=args.importance_batch_size, progress=False)
     plan = stage("Taylor + plan", build_plan, model, scores, taylor_windows, settings, progress=False)
-    stage("surgery", apply_plan, model, plan, taylor_windows)
+    stage("surgery", apply_plan, model, plan, refit_windows)
     params_after = param_count(model)
     t = plan["totals"]
 

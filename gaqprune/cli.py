@@ -65,6 +65,9 @@ class GaqpruneTrainer(L.Trainer):
             datamodule.calibration_windows(job.importance.importance_samples, job.importance.importance_seq_len,
                                            what="--importance_samples")
         datamodule.calibration_windows(job.pruning.num_examples, job.pruning.max_seq_len, what="--num_examples")
+        if job.pruning.compensation != "none" and job.pruning.compensation_samples is not None:
+            datamodule.calibration_windows(job.pruning.compensation_samples, job.pruning.compensation_seq_len,
+                                           what="--compensation_samples")
         eval_windows = datamodule.eval_windows() if job.run.test_after_prune else None
         clock = pipeline.Stopwatch()
         metrics: dict = {"base_model": job.base_model}
@@ -86,7 +89,7 @@ class GaqpruneTrainer(L.Trainer):
             plan = pipeline.plan_stage(hf_model, scores, windows, job.pruning, progress)
         write_json(out_dir / pipeline.PLAN_FILE, plan)
         with clock("surgery"):
-            apply_plan(hf_model, plan, windows)
+            apply_plan(hf_model, plan, pipeline.compensation_windows(datamodule, job.pruning, job.run.seed, device, windows))
         pipeline.plot_rates(scores, plan, out_dir / "pruning_rates.png")
         if eval_windows is not None:
             with clock("eval_after"):
@@ -185,6 +188,9 @@ class GaqpruneCLI(LightningCLI):
             validate_prune_settings(prune, getattr(model_config, "num_hidden_layers", 0))
             if prune.max_seq_len > (context or prune.max_seq_len):
                 raise GaqpruneError(f"--max_seq_len {prune.max_seq_len} exceeds the model's context of {context} tokens")
+            if prune.compensation_seq_len > (context or prune.compensation_seq_len):
+                raise GaqpruneError(f"--compensation_seq_len {prune.compensation_seq_len} exceeds the model's context of "
+                                    f"{context} tokens")
             validate_finetune_settings(fin, cfg["model"])
             pipeline.check_run_dir(run)
         if self.subcommand == "fit":

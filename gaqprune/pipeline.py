@@ -98,9 +98,23 @@ def layer_importance_stage(hf_model, datamodule, imp: ImportanceSettings, start:
 
 
 def taylor_windows(datamodule, settings: PruneSettings, seed: int, device: torch.device) -> torch.Tensor:
-    """The Taylor / compensation calibration windows: the same on every rank for the same seed."""
+    """The Taylor calibration windows: the same on every rank for the same seed."""
     return datamodule.calibration_windows(settings.num_examples, settings.max_seq_len, seed=seed + 1,
                                           what="--num_examples").to(device)
+
+
+def compensation_windows(datamodule, settings: PruneSettings, seed: int, device: torch.device,
+                         taylor: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The windows ``apply_plan`` refits on (the same on every rank for the same seed); None without compensation.
+
+    ``--compensation_samples None`` reuses the Taylor windows (``taylor``, drawn here if not given).
+    """
+    if settings.compensation == "none":
+        return None
+    if settings.compensation_samples is None:
+        return taylor if taylor is not None else taylor_windows(datamodule, settings, seed, device)
+    return datamodule.calibration_windows(settings.compensation_samples, settings.compensation_seq_len, seed=seed + 2,
+                                          what="--compensation_samples").to(device)
 
 
 def plan_stage(hf_model, scores: dict[int, float], windows: torch.Tensor, settings: PruneSettings,

@@ -85,6 +85,11 @@ def validate_prune_settings(settings: PruneSettings, num_layers: int) -> tuple[i
         raise GaqpruneError(f"--unit_split {s.unit_split!r} is invalid; use one of {', '.join(SPLITS)}")
     if s.compensation not in COMPENSATIONS:
         raise GaqpruneError(f"--compensation {s.compensation!r} is invalid; use one of {', '.join(COMPENSATIONS)}")
+    if s.compensation_samples is not None and s.compensation_samples < 1:
+        raise GaqpruneError(f"--compensation_samples {s.compensation_samples} is invalid; give at least 1 window, or None "
+                            "to refit on the Taylor windows")
+    if s.compensation_seq_len < 2:
+        raise GaqpruneError(f"--compensation_seq_len {s.compensation_seq_len} is invalid; give at least 2 tokens")
     if not (s.compensation_ridge >= 0 and math.isfinite(s.compensation_ridge)):
         raise GaqpruneError(f"--compensation_ridge {s.compensation_ridge} is invalid; give a number >= 0, e.g. 1.0")
     if s.channel_multiple is not None and s.channel_multiple < 1:
@@ -292,6 +297,9 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None) 
     layers = hf_model.model.layers
     refit = settings.get("compensation", "none") == "lstsq" and calib_windows is not None
     batches = None
+    changed = [e["index"] for e in plan["layers"] if not e["removed_whole"]
+               and (e["groups_after"] < e["groups_before"] or e["channels_after"] < e["channels_before"])]
+    refit = refit and bool(changed)
     if refit:
         batches = compensation.capture_layer_inputs(hf_model, calib_windows, settings.get("taylor_batch_size", 4))
     for entry, layer in zip(plan["layers"], layers):
@@ -316,6 +324,6 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None) 
         else:
             surgery.keep_units(layer, units.ATTENTION, entry["kept_groups"])
             surgery.keep_units(layer, units.MLP, entry["kept_channels"])
-        if refit:
+        if refit and entry["index"] < changed[-1]:  # the calibration stream is needed up to the last refit layer
             batches = compensation.run_layer(layer, batches)
     surgery.remove_layers(hf_model, plan["removed_layers"])

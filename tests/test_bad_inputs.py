@@ -11,6 +11,7 @@ from gaqprune.cli import run
 
 RUN = "bad"
 SMALL = ["--importance_samples", "2", "--importance_seq_len", "32", "--num_examples", "2", "--max_seq_len", "32",
+         "--compensation_samples", "4", "--compensation_seq_len", "32",
          "--data.max_seq_len", "32", "--data.max_eval_windows", "2", "--trainer.logger", "false",
          "--trainer.enable_progress_bar", "false", "--save_ckpt_log_name", RUN]
 
@@ -76,6 +77,11 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
         "finetune_samples_zero": ([*data, "--finetune", "true", "--finetune_samples", "0"], "--finetune_samples 0"),
         "finetune_full_with_lora_rank": (
             [*data, "--finetune", "true", "--finetune_method", "full", "--model.lora_r", "32"], "--finetune_method full"),
+        "compensation_samples_zero": ([*data, "--compensation_samples", "0"], "--compensation_samples 0"),
+        "compensation_samples_too_many": ([*data, "--compensation_samples", "5000"],
+                                          "--compensation_samples 5000 asks for more windows"),
+        "compensation_seq_len_above_context": ([*data, "--compensation_seq_len", "4096"],
+                                               "--compensation_seq_len 4096 exceeds the model's context"),
         "fsdp_on_cpu": ([*data, "--trainer.strategy", "fsdp", "--trainer.accelerator", "cpu"],
                         "strategy `fsdp` requires a GPU"),
     }
@@ -87,7 +93,8 @@ CASE_NAMES = [
     "too_many_samples", "seq_len_above_context", "unknown_strategy", "unknown_method", "missing_model",
     "unreadable_model", "importance_other_model", "importance_other_layer_count", "importance_corrupted",
     "importance_missing", "config_without_skip", "empty_text_file", "binary_text_file", "unknown_dataset",
-    "finetune_samples_zero", "finetune_full_with_lora_rank", "fsdp_on_cpu",
+    "finetune_samples_zero", "finetune_full_with_lora_rank", "compensation_samples_zero",
+    "compensation_samples_too_many", "compensation_seq_len_above_context", "fsdp_on_cpu",
 ]
 
 
