@@ -3,10 +3,13 @@
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 from gaqprune.run_settings import FinetuneSettings, RunSettings
 from gaqprune.settings import ImportanceSettings, PruneSettings
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
 
 
 def test_readme_opens_with_install_run_and_test_commands():
@@ -22,3 +25,20 @@ def test_every_flag_is_documented_with_its_default():
     for cls in (ImportanceSettings, PruneSettings, RunSettings, FinetuneSettings):
         for field in dataclasses.fields(cls):
             assert f"| `--{field.name}` | `{field.default}` |" in README, field.name
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_parses(config, capsys):
+    """Each scenario YAML is a valid `gaqprune prune` config (unknown or mistyped keys would fail here)."""
+    import yaml
+
+    from gaqprune.cli import run
+
+    with pytest.raises(SystemExit) as done:
+        run(["prune", "--config", str(REPO / "configs" / config), "--print_config"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    written = yaml.safe_load((REPO / "configs" / config).read_text())
+    for key, value in written.items():
+        if not isinstance(value, dict):
+            assert printed[key] == value, key
