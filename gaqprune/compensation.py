@@ -1,16 +1,24 @@
-"""Least-squares compensation: refit the weights that read pruned units so a layer's output barely changes.
+"""Least-squares compensation: refit the weights that read pruned units so the pruned model stays close to the dense one.
 
-For a Linear ``y = x W^T`` whose input units ``K`` are kept (o_proj after removing GQA groups,
-down_proj after removing MLP channels) the refit weight solves
+For a Linear ``y = x W^T`` whose input units ``K`` are kept (o_proj after removing GQA groups, down_proj after
+removing MLP channels), with ``X`` its input on the calibration stream of the *already pruned* earlier layers,
+the refit weight solves
 
-    min_W'  || X_K W'^T - X W^T ||^2 + lam ||W' - W_K||^2  =>  W'^T = (G_KK + lam I)^-1 (G_K: W^T + lam W_K^T),
+    min_W'  || X_K W'^T - T ||^2 + lam ||W' - W_K||^2  =>  W'^T = (G_KK + lam I)^-1 (X_K^T T + lam W_K^T),
 
-with G = X^T X the Gram matrix of the layer's dense input activations on calibration tokens and
-lam = ridge * mean(diag G_KK). The ridge pulls toward the *original* kept columns W_K (not toward 0),
-so few calibration tokens (fewer than input features) cannot drag the weights far from the dense ones.
-Only G is accumulated (no token-sized copies). Layers are processed
-in order on the calibration stream of the *already pruned* earlier layers, so each refit sees the
-inputs the final model will give it. Everything is deterministic for fixed windows and hardware.
+with G = X^T X and lam = ridge * mean(diag G_KK). The ridge pulls toward the *original* kept columns W_K (not
+toward 0), so few calibration tokens cannot drag the weights far from the dense ones. Two targets ``T``:
+
+* ``lstsq``: T = X W^T, the layer's own dense output on the pruned stream (X_K^T T = G_K: W^T, so only G is
+  accumulated);
+* ``residual``: the dense model's residual stream. For o_proj T = h_mid,dense - h_in,pruned (the attention output
+  that brings the pruned stream after the attention's residual add back to the dense model's); for down_proj
+  T = h_out,dense - h_mid,pruned. Each refit also corrects the drift that earlier pruned layers left in the
+  residual stream. It needs the dense stream next to the pruned one (each still-dense layer runs once more on it)
+  and the cross term X_K^T T; neither keeps a token-sized copy beyond the calibration hidden states.
+
+Layers are processed in order; every Linear's statistics stop the layer's forward at that Linear (no wasted
+work). Everything is deterministic for fixed windows and hardware.
 """
 
 from __future__ import annotations
@@ -49,48 +57,114 @@ def capture_layer_inputs(hf_model, windows: torch.Tensor, batch_size: int) -> li
     return captured
 
 
-def input_gram(layer: nn.Module, linear: nn.Linear, batches: list[tuple[torch.Tensor, dict]]) -> torch.Tensor:
-    """Gram matrix X^T X (float64) of ``linear``'s input while ``layer`` runs over ``batches``."""
-    gram = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64, device=linear.weight.device)
-
-    def hook(_module, args):
-        x = args[0].reshape(-1, args[0].shape[-1]).double()
-        gram.addmm_(x.T, x)
-
-    handle = linear.register_forward_pre_hook(hook)
-    try:
-        run_layer(layer, batches)
-    finally:
-        handle.remove()
-    return gram
-
-
 def run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
     """The layer's outputs for every micro-batch (same kwargs)."""
     with torch.no_grad():
         return [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in batches]
 
 
-def refit_weight(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Least-squares weight ``[out, len(kept)]`` reading only input positions ``kept`` (see module docstring)."""
+def _run_to(layer: nn.Module, linear: nn.Linear, batches: list[tuple[torch.Tensor, dict]],
+            on_input: Callable[[int, torch.Tensor], None], before: Callable[[int, torch.Tensor], None] | None = None,
+            before_module: nn.Module | None = None) -> None:
+    """Run ``layer`` over ``batches`` up to ``linear`` and call ``on_input(batch_index, x)`` with its input (then stop);
+    ``before(batch_index, h)`` sees the input of ``before_module`` earlier in the same pass."""
+    current = {"b": 0}
+
+    def at_linear(_module, args):
+        on_input(current["b"], args[0])
+        raise _Stop
+
+    handles = [linear.register_forward_pre_hook(at_linear)]
+    if before is not None:
+        handles.append(before_module.register_forward_pre_hook(lambda _m, args: before(current["b"], args[0])))
+    try:
+        with torch.no_grad():
+            for b, (hidden, kwargs) in enumerate(batches):
+                current["b"] = b
+                try:
+                    layer(hidden, **kwargs)
+                except _Stop:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class LinearStats:
+    """Gram ``X^T X`` of a Linear's input and, with targets, the cross term ``X^T T`` (float64)."""
+
+    def __init__(self, linear: nn.Linear, with_cross: bool):
+        kw = {"dtype": torch.float64, "device": linear.weight.device}
+        self.gram = torch.zeros(linear.in_features, linear.in_features, **kw)
+        self.cross = torch.zeros(linear.in_features, linear.out_features, **kw) if with_cross else None
+
+    def add(self, x: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.gram.addmm_(x.T, x)
+        if target is not None:
+            self.cross.addmm_(x.T, target.reshape(-1, target.shape[-1]).double())
+
+
+def refit_weight(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge: float,
+                 cross: torch.Tensor | None = None) -> torch.Tensor:
+    """Least-squares weight ``[out, len(kept)]`` reading only input positions ``kept`` (see module docstring).
+
+    ``cross`` = X^T T ``[in, out]`` for an explicit target; None: the target is the dense output X W^T.
+    """
     kept = kept.to(gram.device)
     g_kk = gram.index_select(0, kept).index_select(1, kept)
-    g_kf = gram.index_select(0, kept)
     lam = ridge * g_kk.diagonal().mean().clamp(min=1e-12)
     g_kk = g_kk + lam * torch.eye(len(kept), dtype=gram.dtype, device=gram.device)
     w = weight.detach().double()
-    rhs = g_kf @ w.T + lam * w.index_select(1, kept).T
-    solution = torch.linalg.solve(g_kk, rhs)  # [kept, out]
+    fit = gram.index_select(0, kept) @ w.T if cross is None else cross.index_select(0, kept)
+    solution = torch.linalg.solve(g_kk, fit + lam * w.index_select(1, kept).T)  # [kept, out]
     return solution.T.to(weight.dtype).contiguous()
 
 
-def prune_with_refit(layer: nn.Module, linear_getter: Callable[[], nn.Linear], prune: Callable[[], None],
-                     kept_inputs: torch.Tensor, batches: list[tuple[torch.Tensor, dict]], ridge: float) -> None:
-    """Accumulate the dense input Gram of the reading Linear, apply ``prune``, then refit the reading Linear."""
-    dense = linear_getter()
-    gram = input_gram(layer, dense, batches)
-    weight = dense.weight.detach().clone()
+def _refit(linear_getter: Callable[[], nn.Linear], prune: Callable[[], None], stats: LinearStats, kept: torch.Tensor,
+           ridge: float) -> None:
+    weight = linear_getter().weight.detach().clone()
     prune()
-    pruned = linear_getter()
     with torch.no_grad():
-        pruned.weight.copy_(refit_weight(weight, gram, kept_inputs, ridge))
+        linear_getter().weight.copy_(refit_weight(weight, stats.gram, kept, ridge, stats.cross))
+
+
+def prune_layer_with_refit(layer: nn.Module, attention: tuple[Callable[[], None], torch.Tensor] | None,
+                           mlp: tuple[Callable[[], None], torch.Tensor] | None, stream: list[tuple[torch.Tensor, dict]],
+                           ridge: float, dense: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> None:
+    """Prune one layer's attention and/or MLP (``(prune_fn, kept input columns of the reading Linear)`` each) and
+    refit o_proj / down_proj on ``stream`` (the pruned model's input micro-batches of this layer).
+
+    ``dense`` = (mid, out): the dense model's hidden states after this layer's attention residual add and after
+    the layer, per micro-batch: the ``residual`` target. None: the ``lstsq`` target.
+    """
+    if attention is not None:
+        o_proj = layer.self_attn.o_proj
+        stats = LinearStats(o_proj, with_cross=dense is not None)
+
+        def at_o(b: int, x: torch.Tensor) -> None:
+            stats.add(x, None if dense is None else dense[0][b].double() - stream[b][0].double())
+
+        _run_to(layer, o_proj, stream, at_o)
+        _refit(lambda: layer.self_attn.o_proj, attention[0], stats, attention[1], ridge)
+    if mlp is not None:
+        down = layer.mlp.down_proj
+        stats = LinearStats(down, with_cross=dense is not None)
+        mid: dict[int, torch.Tensor] = {}
+
+        def at_down(b: int, x: torch.Tensor) -> None:
+            stats.add(x, None if dense is None else dense[1][b].double() - mid.pop(b).double())
+
+        _run_to(layer, down, stream, at_down, before=mid.__setitem__, before_module=layer.post_attention_layernorm)
+        _refit(lambda: layer.mlp.down_proj, mlp[0], stats, mlp[1], ridge)
+
+
+def run_dense_layer(layer: nn.Module, stream: list[tuple[torch.Tensor, dict]]):
+    """The still-dense layer on the dense stream: (mid-layer hidden states per micro-batch, the next dense stream)."""
+    mid: list[torch.Tensor] = []
+    handle = layer.post_attention_layernorm.register_forward_pre_hook(lambda _m, args: mid.append(args[0].detach()))
+    try:
+        out = run_layer(layer, stream)
+    finally:
+        handle.remove()
+    return mid, out

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 PLAN_FORMAT = "gaqprune-plan/1"
 SPLITS = ("per_param", "same_rate", "mlp_only")
-COMPENSATIONS = ("lstsq", "none")
+COMPENSATIONS = ("residual", "lstsq", "none")
 # Default layer range (None flags): skip the most important edge layers, like LLM-Pruner's 4..30 of 32.
 EDGE_START_FRACTION = 0.1
 EDGE_END_FRACTION = 0.07
@@ -288,42 +288,54 @@ def _check_plan(hf_model, plan: dict) -> None:
 def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None) -> None:
     """Prune ``hf_model`` in place as ``plan`` says (any device/dtype).
 
-    With ``plan["settings"]["compensation"] == "lstsq"`` and ``calib_windows`` given, o_proj / down_proj of
-    every width-pruned layer are refit by least squares on those windows, layer by layer (deterministic for
-    fixed windows); without windows the plan is applied as plain removal.
+    With ``plan["settings"]["compensation"]`` ``lstsq`` or ``residual`` and ``calib_windows`` given, o_proj /
+    down_proj of every width-pruned layer are refit by least squares on those windows, layer by layer
+    (deterministic for fixed windows; see ``gaqprune.compensation``); without windows the plan is applied as
+    plain removal.
     """
     _check_plan(hf_model, plan)
     settings = plan["settings"]
     layers = hf_model.model.layers
-    refit = settings.get("compensation", "none") == "lstsq" and calib_windows is not None
-    batches = None
+    mode = settings.get("compensation", "none")
     changed = [e["index"] for e in plan["layers"] if not e["removed_whole"]
                and (e["groups_after"] < e["groups_before"] or e["channels_after"] < e["channels_before"])]
-    refit = refit and bool(changed)
+    refit = mode in ("lstsq", "residual") and calib_windows is not None and bool(changed)
+    ridge = float(settings.get("compensation_ridge", 1.0))
+    stream = dense = None  # calibration micro-batches entering the current layer: pruned model, dense model
     if refit:
-        batches = compensation.capture_layer_inputs(hf_model, calib_windows, settings.get("taylor_batch_size", 4))
+        stream = compensation.capture_layer_inputs(hf_model, calib_windows, settings.get("taylor_batch_size", 4))
+        dense = stream if mode == "residual" else None  # the same list until the first layer differs
     for entry, layer in zip(plan["layers"], layers):
-        if entry["removed_whole"]:
-            continue  # removed below; later layers are refit on the stream without it
         g_changed = entry["groups_after"] < entry["groups_before"]
         c_changed = entry["channels_after"] < entry["channels_before"]
+        needed = refit and entry["index"] < changed[-1]  # the streams are needed up to the last refit layer
+        if entry["removed_whole"]:
+            if dense is not None and needed:
+                dense = compensation.run_layer(layer, dense)  # removed below; the pruned stream skips it
+            continue
         if refit and (g_changed or c_changed):
-            ridge = float(settings.get("compensation_ridge", 1.0))
+            mid = out = None
+            if dense is not None:
+                mid, out = compensation.run_dense_layer(layer, dense)
+            owner = units.owners(layer, units.ATTENTION)[-1]  # o_proj columns
+            attention = mlp = None
             if g_changed:
-                owner = units.owners(layer, units.ATTENTION)[-1]  # o_proj columns
-                kept_cols = units.kept_positions(owner, torch.as_tensor(entry["kept_groups"]))
-                compensation.prune_with_refit(
-                    layer, lambda lay=layer: lay.self_attn.o_proj,
-                    lambda lay=layer, e=entry: surgery.keep_units(lay, units.ATTENTION, e["kept_groups"]),
-                    kept_cols, batches, ridge)
+                attention = (lambda lay=layer, e=entry: surgery.keep_units(lay, units.ATTENTION, e["kept_groups"]),
+                             units.kept_positions(owner, torch.as_tensor(entry["kept_groups"])))
             if c_changed:
-                compensation.prune_with_refit(
-                    layer, lambda lay=layer: lay.mlp.down_proj,
-                    lambda lay=layer, e=entry: surgery.keep_units(lay, units.MLP, e["kept_channels"]),
-                    torch.as_tensor(entry["kept_channels"]), batches, ridge)
-        else:
-            surgery.keep_units(layer, units.ATTENTION, entry["kept_groups"])
-            surgery.keep_units(layer, units.MLP, entry["kept_channels"])
-        if refit and entry["index"] < changed[-1]:  # the calibration stream is needed up to the last refit layer
-            batches = compensation.run_layer(layer, batches)
+                mlp = (lambda lay=layer, e=entry: surgery.keep_units(lay, units.MLP, e["kept_channels"]),
+                       torch.as_tensor(entry["kept_channels"]))
+            compensation.prune_layer_with_refit(layer, attention, mlp, stream, ridge,
+                                                None if dense is None else (mid, [h for h, _ in out]))
+            if needed:
+                stream = compensation.run_layer(layer, stream)
+                dense = out if dense is not None else None
+            continue
+        surgery.keep_units(layer, units.ATTENTION, entry["kept_groups"])
+        surgery.keep_units(layer, units.MLP, entry["kept_channels"])
+        if needed:
+            advanced = compensation.run_layer(layer, stream)
+            if dense is not None:
+                dense = advanced if dense is stream else compensation.run_layer(layer, dense)
+            stream = advanced
     surgery.remove_layers(hf_model, plan["removed_layers"])

@@ -59,7 +59,7 @@ class PruneSettings:
     """Depth + width in one budget: a layer whose (unclipped) allocated rate reaches this value is removed whole
     and the rest of the budget is spread over the other layers. None: never remove whole layers. Measured at 20 % on
     the embedded model: 0.6 removed no layer (the default bounds keep every rate well below it), so it is off."""
-    compensation: Literal["lstsq", "none"] = "lstsq"
+    compensation: Literal["residual", "lstsq", "none"] = "lstsq"
     """After pruning a layer, refit the weights that read the pruned units (o_proj, down_proj) by ridge-regularised
     least squares so the layer's output on calibration activations matches the dense layer's (keeps the bias-free
     Llama layout). Runs layer by layer on the calibration windows given to apply_plan (pass every rank the same

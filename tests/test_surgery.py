@@ -36,7 +36,7 @@ def keep_everything(plan: dict) -> dict:
     return plan
 
 
-@pytest.mark.parametrize("compensation", ["none", "lstsq"])
+@pytest.mark.parametrize("compensation", ["none", "lstsq", "residual"])
 def test_nothing_removed_is_bit_equal(random_windows, compensation):
     dense, model = tiny_llama(), tiny_llama()
     plan = keep_everything(build_plan(model, IMPORTANCE, random_windows, settings(compensation=compensation), progress=False))
@@ -65,7 +65,7 @@ def test_removal_equals_masking_the_dense_model(random_windows):
 
 
 @pytest.mark.parametrize("split", ["per_param", "same_rate", "mlp_only"])
-@pytest.mark.parametrize("compensation", ["none", "lstsq"])
+@pytest.mark.parametrize("compensation", ["none", "lstsq", "residual"])
 def test_parameter_count_matches_plan(random_windows, split, compensation):
     model = tiny_llama()
     before = n_params(model)
@@ -200,3 +200,32 @@ def test_more_refit_windows_fit_better_than_the_taylor_windows_alone():
         with torch.no_grad():
             errors[name] = (model(held_out).logits - ref).pow(2).mean().item()
     assert errors["many"] < errors["taylor"], errors
+
+
+def test_residual_target_beats_the_layers_own_output_on_held_out_text():
+    """--compensation residual (refit toward the dense model's residual stream, correcting earlier layers' drift)
+    ends closer to the dense model than lstsq (each layer's own dense output), which beats plain removal."""
+    held_out = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(11))
+    calib = torch.randint(3, 256, (32, 32), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        ref = tiny_llama()(held_out).logits
+    errors = {}
+    for comp in ("none", "lstsq", "residual"):
+        model = tiny_llama()
+        plan = build_plan(model, IMPORTANCE, calib, settings(compensation=comp, pruning_ratio=0.4, num_examples=32),
+                          progress=False)
+        apply_plan(model, plan, calib)
+        with torch.no_grad():
+            errors[comp] = (model(held_out).logits - ref).pow(2).mean().item()
+    assert errors["residual"] < errors["lstsq"] < errors["none"], errors
+
+
+def test_residual_compensation_with_a_removed_layer_matches_the_plan(random_windows):
+    model = tiny_llama()
+    s = settings(compensation="residual", whole_layer_rate=0.45, pruning_ratio=0.35)
+    plan = build_plan(model, IMPORTANCE, random_windows, s, progress=False)
+    assert plan["removed_layers"]
+    apply_plan(model, plan, random_windows)
+    assert n_params(model) == plan["totals"]["model_params_after"]
+    with torch.no_grad():
+        assert torch.isfinite(model(random_windows).logits).all()
