@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
@@ -27,15 +26,13 @@ from pathlib import Path
 import torch
 
 from gaqprune import allocation, units
-from gaqprune.data import LMDataModule
 from gaqprune.metrics import perplexity
-from gaqprune.models import load_model
 from gaqprune.pruning import apply_plan, build_plan, channel_alignment, layer_range, plan_from_scores
 from gaqprune.settings import PruneSettings
 from gaqprune.taylor import taylor_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import ratio_for_decoder_fraction  # noqa: E402
+from quality import finish, load_embedded, ratio_for_decoder_fraction, read_importance  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -148,11 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     started = time.time()
 
-    dense = load_model("embedded", dtype="float32")
-    data = LMDataModule(max_seq_len=128, max_eval_windows=args.eval_windows)
-    eval_windows = data.eval_windows()
-    calib = data.calibration_windows(args.num_examples, args.max_seq_len)
-    importance = {int(k): float(v) for k, v in json.loads(Path(args.importance_cache).read_text()).items()}
+    dense, _, eval_windows, calib = load_embedded(args.eval_windows, args.num_examples, args.max_seq_len)
+    importance = read_importance(args.importance_cache)
     base = replace(PruneSettings(), num_examples=len(calib), max_seq_len=calib.shape[1])
     start, end = layer_range(base, len(dense.model.layers))
     log(f"model loaded; {len(eval_windows)} eval windows, calibration {tuple(calib.shape)}, layers [{start}, {end})")
@@ -219,12 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\ncalibration {args.num_examples} x {args.max_seq_len}, {len(eval_windows)} eval windows\n")
     print("\n".join(table))
     summary = {"eval_windows": len(eval_windows), "calibration": list(calib.shape),
-               "dense_taylor_seconds": round(t_dense_taylor, 1), "results": results,
-               "seconds": round(time.time() - started, 1)}
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=2))
-    log(f"done in {summary['seconds']:.0f}s")
-    return summary
+               "dense_taylor_seconds": round(t_dense_taylor, 1), "results": results}
+    return finish(summary, args.out, started)
 
 
 if __name__ == "__main__":

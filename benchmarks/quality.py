@@ -45,6 +45,28 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def load_embedded(eval_windows: int | None, num_examples: int, max_seq_len: int):
+    """``(dense model fp32, LMDataModule, eval windows [N, 128], calibration windows [num_examples, max_seq_len])``:
+    the setup every quality script shares (evaluation at window 128, the first ``eval_windows`` or all 298)."""
+    dense = load_model("embedded", dtype="float32")
+    data = LMDataModule(max_seq_len=128, max_eval_windows=eval_windows)
+    return dense, data, data.eval_windows(), data.calibration_windows(num_examples, max_seq_len)
+
+
+def read_importance(path: str | Path) -> dict[int, float]:
+    """A layer -> score JSON as ``--importance_cache`` stores it."""
+    return {int(k): float(v) for k, v in json.loads(Path(path).read_text()).items()}
+
+
+def finish(summary: dict, out: str | None, started: float) -> dict:
+    """Stamp the wall time, write ``summary`` as JSON to ``out`` (if given) and log the end."""
+    summary["seconds"] = round(time.time() - started, 1)
+    if out:
+        Path(out).write_text(json.dumps(summary, indent=2))
+    log(f"done in {summary['seconds']:.0f}s")
+    return summary
+
+
 def ratio_for_decoder_fraction(model, fraction: float, settings: PruneSettings) -> float:
     """The ``--pruning_ratio`` (of the selected layers' prunable parameters) that removes ``fraction`` of the decoder."""
     layers = model.model.layers
@@ -91,10 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
 
     started = time.time()
-    dense = load_model("embedded", dtype="float32")
-    data = LMDataModule(max_seq_len=128, max_eval_windows=args.eval_windows)
-    eval_windows = data.eval_windows()
-    calib = data.calibration_windows(args.num_examples, args.max_seq_len)
+    dense, data, eval_windows, calib = load_embedded(args.eval_windows, args.num_examples, args.max_seq_len)
     refit = calib
     if args.compensation_samples:
         refit = data.calibration_windows(args.compensation_samples, args.compensation_seq_len, seed=2,
@@ -105,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     needs_importance = "gaqprune" in args.methods or args.variant
     cache = Path(args.importance_cache) if args.importance_cache else None
     if needs_importance and cache is not None and cache.is_file():
-        importance = {int(k): v for k, v in json.loads(cache.read_text()).items()}
+        importance = read_importance(cache)
     elif needs_importance:
         from gaqprune.layer_importance import compute_layer_importance
 
@@ -159,12 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_windows": len(eval_windows), "calibration": list(calib.shape), "refit": list(refit.shape),
         "importance_method": args.importance_method,
         "importance_samples": args.importance_samples, "importance": importance, "results": results,
-        "defaults": {k: v for k, v in vars(PruneSettings()).items()}, "seconds": round(time.time() - started, 1),
+        "defaults": {k: v for k, v in vars(PruneSettings()).items()},
     }
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=2))
-    log(f"done in {summary['seconds']:.0f}s")
-    return summary
+    return finish(summary, args.out, started)
 
 
 if __name__ == "__main__":
