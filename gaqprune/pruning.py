@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict
+from functools import partial
 
 import torch
 
@@ -285,6 +286,11 @@ def _check_plan(hf_model, plan: dict) -> None:
             )
 
 
+def _width_changes(entry: dict) -> tuple[bool, bool]:
+    """(GQA groups removed, MLP channels removed) in a plan entry's layer."""
+    return entry["groups_after"] < entry["groups_before"], entry["channels_after"] < entry["channels_before"]
+
+
 def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None) -> None:
     """Prune ``hf_model`` in place as ``plan`` says (any device/dtype).
 
@@ -297,8 +303,7 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None) 
     settings = plan["settings"]
     layers = hf_model.model.layers
     mode = settings.get("compensation", "none")
-    changed = [e["index"] for e in plan["layers"] if not e["removed_whole"]
-               and (e["groups_after"] < e["groups_before"] or e["channels_after"] < e["channels_before"])]
+    changed = [e["index"] for e in plan["layers"] if not e["removed_whole"] and any(_width_changes(e))]
     refit = mode in ("lstsq", "residual") and calib_windows is not None and bool(changed)
     ridge = float(settings.get("compensation_ridge", 1.0))
     stream = dense = None  # calibration micro-batches entering the current layer: pruned model, dense model
@@ -306,8 +311,7 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None) 
         stream = compensation.capture_layer_inputs(hf_model, calib_windows, settings.get("taylor_batch_size", 4))
         dense = stream if mode == "residual" else None  # the same list until the first layer differs
     for entry, layer in zip(plan["layers"], layers):
-        g_changed = entry["groups_after"] < entry["groups_before"]
-        c_changed = entry["channels_after"] < entry["channels_before"]
+        g_changed, c_changed = _width_changes(entry)
         needed = refit and entry["index"] < changed[-1]  # the streams are needed up to the last refit layer
         if entry["removed_whole"]:
             if dense is not None and needed:
@@ -320,16 +324,17 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None) 
             owner = units.owners(layer, units.ATTENTION)[-1]  # o_proj columns
             attention = mlp = None
             if g_changed:
-                attention = (lambda lay=layer, e=entry: surgery.keep_units(lay, units.ATTENTION, e["kept_groups"]),
+                attention = (partial(surgery.keep_units, layer, units.ATTENTION, entry["kept_groups"]),
                              units.kept_positions(owner, torch.as_tensor(entry["kept_groups"])))
             if c_changed:
-                mlp = (lambda lay=layer, e=entry: surgery.keep_units(lay, units.MLP, e["kept_channels"]),
+                mlp = (partial(surgery.keep_units, layer, units.MLP, entry["kept_channels"]),
                        torch.as_tensor(entry["kept_channels"]))
             compensation.prune_layer_with_refit(layer, attention, mlp, stream, ridge,
                                                 None if dense is None else (mid, [h for h, _ in out]))
             if needed:
                 stream = compensation.run_layer(layer, stream)
-                dense = out if dense is not None else None
+                if dense is not None:
+                    dense = out
             continue
         surgery.keep_units(layer, units.ATTENTION, entry["kept_groups"])
         surgery.keep_units(layer, units.MLP, entry["kept_channels"])
