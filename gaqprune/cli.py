@@ -64,10 +64,8 @@ class GaqpruneTrainer(L.Trainer):
         if not job.importance.skip_importance_analysis:
             datamodule.calibration_windows(job.importance.importance_samples, job.importance.importance_seq_len,
                                            what="--importance_samples")
-        datamodule.calibration_windows(job.pruning.num_examples, job.pruning.max_seq_len, what="--num_examples")
-        if job.pruning.compensation != "none" and job.pruning.compensation_samples is not None:
-            datamodule.calibration_windows(job.pruning.compensation_samples, job.pruning.compensation_seq_len,
-                                           what="--compensation_samples")
+        taylor_windows = pipeline.taylor_windows(datamodule, job.pruning, job.run.seed, device)
+        refit_windows = pipeline.compensation_windows(datamodule, job.pruning, job.run.seed, device, taylor_windows)
         eval_windows = datamodule.eval_windows() if job.run.test_after_prune else None
         clock = pipeline.Stopwatch()
         metrics: dict = {"base_model": job.base_model}
@@ -85,11 +83,10 @@ class GaqpruneTrainer(L.Trainer):
                 metrics["ppl_before"] = perplexity(hf_model, eval_windows, datamodule.eval_batch_size,
                                                    progress="dense perplexity" if progress else None)
         with clock("taylor_and_plan"):
-            windows = pipeline.taylor_windows(datamodule, job.pruning, job.run.seed, device)
-            plan = pipeline.plan_stage(hf_model, scores, windows, job.pruning, progress)
+            plan = pipeline.plan_stage(hf_model, scores, taylor_windows, job.pruning, progress)
         write_json(out_dir / pipeline.PLAN_FILE, plan)
         with clock("surgery"):
-            apply_plan(hf_model, plan, pipeline.compensation_windows(datamodule, job.pruning, job.run.seed, device, windows))
+            apply_plan(hf_model, plan, refit_windows)
         pipeline.plot_rates(scores, plan, out_dir / "pruning_rates.png")
         if eval_windows is not None:
             with clock("eval_after"):
