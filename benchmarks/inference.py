@@ -325,13 +325,18 @@ def decode_tokens_per_s(hf_model, batch: int, prompt_len: int, vocab: int, devic
     return result
 
 
+def greedy_generate_kwargs(prompt: torch.Tensor, new: int) -> dict:
+    """``generate`` arguments for exactly ``new`` greedy tokens after ``prompt`` (no padding, HF's default cache)."""
+    return dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
+                do_sample=False, use_cache=True, pad_token_id=0)
+
+
 def profile_hf_generate(hf_model, batch: int, prompt_len: int, vocab: int, device: str, path: Path) -> None:
     """Op tables (by device time and by CPU time) of HF ``generate`` of 8 new tokens after a ``prompt_len`` prompt."""
     from torch.profiler import ProfilerActivity, profile
 
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(5)).to(device)
-    kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8,
-                  do_sample=False, use_cache=True, pad_token_id=0)
+    kwargs = greedy_generate_kwargs(prompt, 8)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda(device) else [])
     try:
         with torch.no_grad():
@@ -357,13 +362,10 @@ def _failure(err: Exception) -> str:
 
 def hf_generate_tokens_per_s(hf_model, prompt: torch.Tensor, steps: int, device: str) -> float | str:
     """HF ``generate`` (greedy, default dynamic cache): batch x steps / (t(steps + 1 new tokens) - t(1 new token))."""
-    mask = torch.ones_like(prompt)
-
     def run(new: int) -> float:
         sync(device)
         t0 = time.perf_counter()
-        hf_model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                          use_cache=True, pad_token_id=0)
+        hf_model.generate(**greedy_generate_kwargs(prompt, new))
         sync(device)
         return time.perf_counter() - t0
 

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         model = copy.deepcopy(dense)
         plan = make_plan(method if method in METHODS else "gaqprune", model, float(fraction), calib, importance, overrides)
-        apply_plan(model, plan, refit if plan["settings"]["compensation"] != "none" else None)
+        apply_plan(model, plan, refit)  # plans without compensation ignore the windows
         t_prune = time.time() - t0
         ppl = perplexity(model, eval_windows, batch_size=args.eval_batch_size)
         totals = plan["totals"]
