@@ -8,9 +8,12 @@
 #   2. stages precise   (128 x 128 importance, 32 x 64 Taylor; save skipped)
 #   3. Taylor one pass vs one backward per layer (27 layers, 10 x 64 tokens)
 #   4. inference dense vs pruned (prefill 1x2048, 16x512; decode batch 1 and 16: CUDA graph, static eager, fused
-#      projections + CUDA graph, HF generate; plus a torch.profiler table of HF generate per model and batch)
+#      projections + CUDA graph, HF generate with its dynamic and its static cache, both eager; plus a torch.profiler
+#      table of HF generate and the CUDA allocator's state per model and batch)
 #   5. inference_compiled: decode batch 16 and 1 with the fused step through torch.compile + CUDA graph (no prefill)
-# GPU_CHECK_STEPS (default: all five) picks steps by name, e.g. GPU_CHECK_STEPS="inference inference_compiled".
+#   6. inference_hf_compiled (not in the default list): decode batch 16 with HF generate's own torch.compile of a
+#      static cache (what a transformers user gets); two compiles of the whole model, so only when time is left
+# GPU_CHECK_STEPS (default: the first five) picks steps by name, e.g. GPU_CHECK_STEPS="inference inference_compiled".
 # A global budget (GPU_CHECK_BUDGET_S, default 600 s) caps the per-step timeouts so the whole script ends in time;
 # each step keeps back what the steps after it need (a slow earlier step shortens or skips the ones before it).
 # GPU_CHECK_SMOKE=1 runs the same steps on a tiny random model on the CPU (tests this script, not the GPU).
@@ -59,28 +62,32 @@ if [[ "${GPU_CHECK_SMOKE:-0}" == 1 ]]; then  # test this script's plumbing on a 
     M=(--model tiny --device cpu --dtype float32)
     INF=(--prefill 1x128 --decode_batch 2 --prompt 32 --eager_steps 4)
     COMPILED=(--decode_batch 2 --prompt 32 --eager_steps 4 --paths compiled-eager)
+    HF_COMPILED=(--decode_batch 2 --prompt 32 --eager_steps 4 --paths hf-static)  # hf-compiled is CUDA-only
 else
     COMPILED=(--decode_batch 16 1 --paths compiled-graph)
+    HF_COMPILED=(--decode_batch 16 --paths hf-compiled)
 fi
 reserve() {  # budget the selected steps after this one need: reserve NAME:SECONDS ...
     local total=0 item
     for item in "$@"; do [[ "$STEPS" == *" ${item%%:*} "* ]] && total=$((total + ${item##*:})); done
     echo $total
 }
-step stages_standard 150 "$(reserve inference:200 inference_compiled:240)" benchmarks/stages.py "${M[@]}" \
+step stages_standard 150 "$(reserve inference:200 inference_compiled:240 inference_hf_compiled:240)" benchmarks/stages.py "${M[@]}" \
     --scheme standard --save_dir /tmp --out "$RES/stages_standard.json"
-step stages_precise 100 "$(reserve inference:200 inference_compiled:240)" benchmarks/stages.py "${M[@]}" \
+step stages_precise 100 "$(reserve inference:200 inference_compiled:240 inference_hf_compiled:240)" benchmarks/stages.py "${M[@]}" \
     --scheme precise --skip_save --out "$RES/stages_precise.json"
-step taylor 80 "$(reserve inference:200 inference_compiled:240)" benchmarks/taylor.py "${M[@]}" \
+step taylor 80 "$(reserve inference:200 inference_compiled:240 inference_hf_compiled:240)" benchmarks/taylor.py "${M[@]}" \
     --num_examples 10 --max_seq_len 64 --out "$RES/taylor.json"
-step inference 220 "$(reserve inference_compiled:240)" benchmarks/inference.py "${M[@]}" --prune plan \
-    --paths graph static-eager fused-graph hf-eager "${INF[@]}" --profile_hf "$RES/profile_hf" --out "$RES/inference.json"
-step inference_compiled 300 0 benchmarks/inference.py "${M[@]}" --prune plan --prefill "${COMPILED[@]}" \
-    --out "$RES/inference_compiled.json"
+step inference 220 "$(reserve inference_compiled:240 inference_hf_compiled:240)" benchmarks/inference.py "${M[@]}" --prune plan \
+    --paths graph static-eager fused-graph hf-eager hf-static "${INF[@]}" --profile_hf "$RES/profile_hf" --out "$RES/inference.json"
+step inference_compiled 300 "$(reserve inference_hf_compiled:240)" benchmarks/inference.py "${M[@]}" --prune plan \
+    --prefill "${COMPILED[@]}" --out "$RES/inference_compiled.json"
+step inference_hf_compiled 300 0 benchmarks/inference.py "${M[@]}" --prune plan --prefill "${HF_COMPILED[@]}" \
+    --out "$RES/inference_hf_compiled.json"
 
 echo
 echo "================ gpu_check summary (wall $(($(date +%s) - T0)) s; results in $RES) ================"
-for name in stages_standard stages_precise taylor inference inference_compiled; do echo "$name: ${STATUS[$name]:-not run}"; done
+for name in stages_standard stages_precise taylor inference inference_compiled inference_hf_compiled; do echo "$name: ${STATUS[$name]:-not run}"; done
 python3 - "$RES" <<'EOF' || echo "summary FAILED"
 import json, sys
 from pathlib import Path
@@ -109,7 +116,7 @@ if t:
     print(f"taylor: one pass {t['seconds_one_pass']:.2f} s, per layer {t['seconds_per_layer']:.2f} s, speed-up "
           f"{t['speedup']:.2f}x, max rel diff {t['max_relative_difference']:.1e} ({'agree' if t['agree'] else 'DISAGREE'})")
     summary["taylor"] = {k: t[k] for k in ("seconds_one_pass", "seconds_per_layer", "speedup", "max_relative_difference")}
-for name in ("inference", "inference_compiled"):
+for name in ("inference", "inference_compiled", "inference_hf_compiled"):
     i = get(name)
     if not i:
         continue
@@ -129,6 +136,10 @@ for name in ("inference", "inference_compiled"):
                 print(f"  decode batch {b} {path}: dense {d:,.1f} pruned {p:,.1f} tok/s -> {p / d:.2f}x")
             else:
                 print(f"  decode batch {b} {path}: dense {d} pruned {p}")
+    for model in ("dense", "pruned"):
+        for when, state in i[model].get("allocator", {}).items():
+            if state:
+                print(f"  CUDA allocator, {model} {when}: " + ", ".join(f"{k} {v}" for k, v in state.items()))
     summary[name] = {"ideal": i["ideal_speedup"], "ratios": ratios, "dense": i["dense"], "pruned": i["pruned"]}
 (res / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(f"wrote {res / 'summary.json'}")

@@ -13,6 +13,13 @@ Decode: tokens/s at each ``--decode_batch`` after a ``--prompt``-token prefill, 
 * ``static-eager``: the same static-cache step run from Python without the graph.
 * ``hf-eager``: ``model.generate`` (greedy, HF's DynamicCache); per-token time = (time for N+1 new tokens -
   time for 1 new token) / N. Bound by Python dispatch on a GPU.
+* ``hf-static``: the same with ``cache_implementation="static"`` and ``disable_compile=True`` (HF's StaticCache,
+  eager): tells whether a slow ``hf-eager`` comes from the DynamicCache.
+* ``hf-compiled``: ``cache_implementation="static"`` with HF's automatic ``torch.compile`` of the decode step
+  (mode reduce-overhead: CUDA graphs), the fast path a transformers user gets. CUDA only; compiles per batch.
+
+The HF paths run first at each batch, before this script allocates static caches or captures graphs, and the
+CUDA allocator's state (allocated, reserved, allocation retries) is printed after each model's measurements.
 
 The static path's logits are checked against the HF forward before timing. The ideal speed-up is the
 parameter ratio dense / pruned over what each token multiplies through (decoder layers + final norm + LM
@@ -286,6 +293,13 @@ def decode_tokens_per_s(hf_model, batch: int, prompt_len: int, vocab: int, devic
     """Decode tokens/s (batch x steps / seconds) after a ``prompt_len`` prefill on each path of ``paths``."""
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(5)).to(device)
     result: dict[str, float | str] = {}
+    for name in (name for name in HF_PATHS if name in paths):  # first: no static cache or graph pool allocated yet
+        if HF_PATHS[name] is None and not is_cuda(device):
+            result[name] = "n/a (CPU)"
+            continue
+        result[name] = hf_generate_tokens_per_s(hf_model, prompt, eager_steps, device, name)
+        if name == "hf-compiled":
+            torch._dynamo.reset()  # the next model / batch compiles afresh; no stale graphs kept alive
     for kind in STEP_KINDS:
         wanted = [name for name in paths if name in STATIC_PATHS and STATIC_PATHS[name][0] == kind]
         if not wanted:
@@ -320,8 +334,6 @@ def decode_tokens_per_s(hf_model, batch: int, prompt_len: int, vocab: int, devic
             except Exception as err:  # report, keep the other paths
                 result[name] = _failure(err)
         del dec
-    if "hf-eager" in paths:
-        result["hf-eager"] = hf_generate_tokens_per_s(hf_model, prompt, eager_steps, device)
     return result
 
 
@@ -360,18 +372,29 @@ def _failure(err: Exception) -> str:
     return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
 
 
-def hf_generate_tokens_per_s(hf_model, prompt: torch.Tensor, steps: int, device: str) -> float | str:
-    """HF ``generate`` (greedy, default dynamic cache): batch x steps / (t(steps + 1 new tokens) - t(1 new token))."""
+# HF generate paths: name -> extra ``generate`` arguments (None: HF's defaults for a static cache, which compile on
+# CUDA, so the path is CUDA-only).
+HF_PATHS: dict[str, dict | None] = {
+    "hf-eager": {}, "hf-static": {"cache_implementation": "static", "disable_compile": True}, "hf-compiled": None,
+}
+
+
+def hf_generate_tokens_per_s(hf_model, prompt: torch.Tensor, steps: int, device: str, path: str = "hf-eager") -> float | str:
+    """HF ``generate`` on ``path`` (greedy): batch x steps / (t(steps + 1 new tokens) - t(1 new token))."""
+    extra = HF_PATHS[path]
+    extra = {"cache_implementation": "static"} if extra is None else extra
+
     def run(new: int) -> float:
         sync(device)
         t0 = time.perf_counter()
-        hf_model.generate(**greedy_generate_kwargs(prompt, new))
+        hf_model.generate(**greedy_generate_kwargs(prompt, new), **extra)
         sync(device)
         return time.perf_counter() - t0
 
     try:
         with torch.no_grad():
-            run(2)  # warm-up
+            # warm-up at the longest length: a static cache keeps the largest size seen, so nothing recompiles later
+            run(steps + 1)
             base = min(run(1) for _ in range(2))
             full = run(steps + 1)
     except Exception as err:
@@ -383,8 +406,27 @@ def _checks(check: dict[str, float]) -> str:
     return ", ".join(f"{kind} {value:.2e}" for kind, value in check.items())
 
 
+def allocator_state(device: str) -> dict[str, float]:
+    """The CUDA caching allocator now: GiB allocated and reserved, peak GiB, and allocation retries so far (a retry
+    frees every cached block and synchronises: many of them make each step slow). Empty on the CPU."""
+    if not is_cuda(device):
+        return {}
+    stats = torch.cuda.memory_stats()
+    gib = 2.0**30
+    return {"allocated_gib": round(stats.get("allocated_bytes.all.current", 0) / gib, 2),
+            "reserved_gib": round(stats.get("reserved_bytes.all.current", 0) / gib, 2),
+            "peak_allocated_gib": round(stats.get("allocated_bytes.all.peak", 0) / gib, 2),
+            "alloc_retries": stats.get("num_alloc_retries", 0), "ooms": stats.get("num_ooms", 0)}
+
+
+def _show_allocator(label: str, state: dict[str, float]) -> None:
+    if state:
+        print(f"  [{label}] CUDA allocator: " + ", ".join(f"{k} {v}" for k, v in state.items()), flush=True)
+
+
 def measure(hf_model, label: str, args, vocab: int) -> dict:
-    out: dict = {"prefill": {}, "decode": {}}
+    out: dict = {"prefill": {}, "decode": {}, "allocator": {"start": allocator_state(args.device)}}
+    _show_allocator(f"{label} start", out["allocator"]["start"])
     for shape in args.prefill:
         b, t = (int(x) for x in shape.lower().split("x"))
         out["prefill"][shape] = prefill_tokens_per_s(hf_model, b, t, vocab, args.device, args.reps)
@@ -396,6 +438,8 @@ def measure(hf_model, label: str, args, vocab: int) -> dict:
         print(f"  [{label}] decode batch {b}: {shown} tokens/s", flush=True)
         if args.profile_hf:
             profile_hf_generate(hf_model, b, args.prompt, vocab, args.device, Path(args.profile_hf) / f"{label}_b{b}.txt")
+        out["allocator"][f"decode {b}"] = state = allocator_state(args.device)
+        _show_allocator(f"{label} after decode batch {b}", state)
         gc.collect()
         if is_cuda(args.device):
             torch.cuda.empty_cache()
@@ -445,9 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=None, help="prompt tokens before decoding (default 512 CUDA, 64 CPU)")
     parser.add_argument("--steps", type=int, default=128, help="decode steps timed on the CUDA-graph path")
     parser.add_argument("--eager_steps", type=int, default=None, help="decode steps timed on the eager paths (32 CUDA, 8 CPU)")
-    parser.add_argument("--paths", nargs="+", default=None, choices=[*STATIC_PATHS, "hf-eager"],
-                        help="decode paths (default: every graph and eager path but compiled-eager on CUDA; "
-                             "static-eager fused-eager hf-eager on the CPU)")
+    parser.add_argument("--paths", nargs="+", default=None, choices=[*STATIC_PATHS, *HF_PATHS],
+                        help="decode paths (default: every graph and eager path but compiled-eager, and hf-eager "
+                             "hf-static, on CUDA; static-eager fused-eager hf-eager hf-static on the CPU)")
     parser.add_argument("--reps", type=int, default=None, help="prefill repetitions (median; default 5 CUDA, 2 CPU)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--profile_hf", default=None, metavar="DIR",
@@ -463,8 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     args.eager_steps = args.eager_steps or (32 if cuda else 8)
     args.reps = args.reps or (5 if cuda else 2)
     if args.paths is None:
-        args.paths = ([name for name in STATIC_PATHS if name != "compiled-eager"] + ["hf-eager"] if cuda
-                      else ["static-eager", "fused-eager", "hf-eager"])
+        args.paths = ([name for name in STATIC_PATHS if name != "compiled-eager"] + ["hf-eager", "hf-static"] if cuda
+                      else ["static-eager", "fused-eager", "hf-eager", "hf-static"])
     if not cuda:
         args.steps = min(args.steps, args.eager_steps)
     # Logit checks against the HF forward: every step kind in use (compiled ones only on the CPU, where the extra

@@ -116,8 +116,11 @@ ids = torch.load(io + "/ids.pt")
 with torch.no_grad():
     logits = model(ids).logits
 generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, use_cache=True)
+# HF's StaticCache (the cache torch.compile'd decoding uses) sizes each layer from its own first keys
+static = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, use_cache=True,
+                        cache_implementation="static", disable_compile=True)
 tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-torch.save({"logits": logits, "generated": generated, "module": type(model).__module__, "dtype": model.dtype,
+torch.save({"logits": logits, "generated": generated, "static": static, "module": type(model).__module__, "dtype": model.dtype,
             "tied": tied, "gaqprune_loaded": "gaqprune" in sys.modules}, f"{io}/{mode}.pt")
 """
 
@@ -150,6 +153,7 @@ def test_pruned_checkpoint_reloads_bit_exactly_in_fresh_processes(tmp_path):
         assert result["logits"].shape == (2, 12, 256)
         assert torch.equal(result["logits"], ref_logits)
         assert torch.equal(result["generated"], ref_generated)
+        assert torch.equal(result["static"], ref_generated)
     assert ref_generated.shape == (2, 20)
 
 
