@@ -129,9 +129,9 @@ class GaqpruneTrainer(L.Trainer):
 
 
 def model_name(base_model: str) -> str:
-    from gaqprune.models import EMBEDDED_NAME
+    from gaqprune.models import EMBEDDED_SOURCE
 
-    return f"HuggingFaceTB/{EMBEDDED_NAME} (embedded Q4_1 GGUF)" if base_model == EMBEDDED else base_model
+    return EMBEDDED_SOURCE if base_model == EMBEDDED else base_model
 
 
 class GaqpruneCLI(LightningCLI):
@@ -146,7 +146,8 @@ class GaqpruneCLI(LightningCLI):
         if subcommand in ("prune", "fit"):
             for settings in SETTINGS.values():
                 parser.add_class_arguments(settings, nested_key=None, fail_untyped=False)
-            parser.link_arguments("finetune_method", "model.finetune_method")
+            for name in ("finetune_method", "distill_weight", "distill_temperature", "teacher_model"):
+                parser.link_arguments(name, f"model.{name}")
         if subcommand == "fit":
             parser.add_argument("--prune", type=bool, default=False,
                                 help="Prune in Callback.setup (layer importance + GQA pruning) before fine-tuning.")
@@ -189,10 +190,14 @@ class GaqpruneCLI(LightningCLI):
                 raise GaqpruneError(f"--compensation_seq_len {prune.compensation_seq_len} exceeds the model's context of "
                                     f"{context} tokens")
             validate_finetune_settings(fin, cfg["model"])
+            if fin.finetune and self.subcommand == "prune":
+                validate_teacher(fin, cfg["base_model"], model_config)
             pipeline.check_run_dir(run)
         if self.subcommand == "fit":
             run = self._settings(RunSettings)
-            validate_finetune_settings(self._settings(FinetuneSettings), cfg["model"])
+            fin = self._settings(FinetuneSettings)
+            validate_finetune_settings(fin, cfg["model"])
+            validate_teacher(fin, cfg["base_model"], model_config)
             finetuned = pipeline.run_dir(run) / "model_finetuned"
             if finetuned.exists() and not run.overwrite:
                 raise GaqpruneError(f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: {str(finetuned)!r} already exists; "
@@ -269,6 +274,12 @@ def validate_finetune_settings(fin: FinetuneSettings, model_cfg) -> None:
         raise GaqpruneError(f"--finetune_samples {fin.finetune_samples} must be at least 1")
     if fin.finetune_epochs < 1:
         raise GaqpruneError(f"--finetune_epochs {fin.finetune_epochs} must be at least 1")
+    if not 0.0 <= fin.distill_weight <= 1.0:
+        raise GaqpruneError(f"--distill_weight {fin.distill_weight} must be in [0, 1] (0 = no distillation)")
+    if not fin.distill_temperature > 0:
+        raise GaqpruneError(f"--distill_temperature {fin.distill_temperature} must be > 0")
+    if fin.teacher_model and fin.distill_weight == 0:
+        raise GaqpruneError(f"--teacher_model {fin.teacher_model!r} is only used with --distill_weight > 0")
     if fin.finetune_method == "full":
         import inspect
 
@@ -278,6 +289,24 @@ def validate_finetune_settings(fin: FinetuneSettings, model_cfg) -> None:
         if changed:
             raise GaqpruneError(f"--finetune_method full trains every weight, so --model.{changed[0]} "
                                 f"{model_cfg[changed[0]]!r} would have no effect; drop it or use --finetune_method lora")
+
+
+def validate_teacher(fin: FinetuneSettings, base_model: str, student_config) -> None:
+    """With --distill_weight > 0: the teacher must be readable and share the student's vocabulary."""
+    if fin.distill_weight == 0:
+        return
+    from gaqprune.lit_module import teacher_source
+    from gaqprune.models import load_config
+
+    source = teacher_source(base_model, fin.teacher_model)
+    try:
+        teacher_config = load_config(source)
+    except GaqpruneError as err:
+        raise GaqpruneError(f"--teacher_model {source!r} cannot be used as the distillation teacher ({err}); "
+                            "pass --teacher_model with the dense model's folder or hub id") from None
+    if teacher_config.vocab_size != student_config.vocab_size:
+        raise GaqpruneError(f"--teacher_model {source!r} has a vocabulary of {teacher_config.vocab_size} tokens, the "
+                            f"model being fine-tuned {student_config.vocab_size}; distillation needs the same tokenizer")
 
 
 def one_line(message: str) -> str:

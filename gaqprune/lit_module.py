@@ -11,8 +11,8 @@ from typing import Literal
 import lightning as L
 import torch
 
-from gaqprune.metrics import Perplexity, causal_nll
-from gaqprune.models import EMBEDDED, load_model
+from gaqprune.metrics import Perplexity, causal_losses, causal_nll
+from gaqprune.models import EMBEDDED, EMBEDDED_SOURCE, load_config, load_model
 from gaqprune.units import layer_shapes
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,6 +34,9 @@ class LitCausalLM(L.LightningModule):
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
         gradient_checkpointing: bool = False,
         chunk_tokens: int = 4096,
+        distill_weight: float = 0.0,
+        distill_temperature: float = 1.0,
+        teacher_model: str | None = None,
     ):
         """
         Args:
@@ -50,6 +53,9 @@ class LitCausalLM(L.LightningModule):
             lr_schedule: decay after warm-up.
             gradient_checkpointing: recompute layer activations in backward to save memory.
             chunk_tokens: tokens per LM-head chunk in the loss (bounds logits memory for big vocabularies).
+            distill_weight: w in loss = (1 - w) * NLL + w * T^2 * KL(teacher || student); 0 = no teacher.
+            distill_temperature: T of the distillation term.
+            teacher_model: the teacher (default: ``teacher_source(base_model)``, the dense model before pruning).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -57,6 +63,7 @@ class LitCausalLM(L.LightningModule):
         self.val_ppl = Perplexity()
         self.test_ppl = Perplexity()
         self.lora_attached = False
+        self._teacher = None  # plain attribute, never a submodule: no strategy wraps it, no checkpoint stores it
 
     # -- model set-up -------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -84,6 +91,18 @@ class LitCausalLM(L.LightningModule):
             self.model.enable_input_require_grads()
         self.lora_attached = True
 
+    def on_fit_start(self) -> None:
+        """Load the frozen distillation teacher (every rank holds a full copy; it is never sharded)."""
+        if self.hparams.distill_weight > 0 and self._teacher is None:
+            teacher = load_model(teacher_source(self.hparams.base_model, self.hparams.teacher_model),
+                                 dtype=self.hparams.dtype).to(self.device).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            object.__setattr__(self, "_teacher", teacher)  # bypass nn.Module registration
+
+    def on_fit_end(self) -> None:
+        object.__setattr__(self, "_teacher", None)  # free its memory before export
+
     def on_train_start(self) -> None:
         self.model.train()  # load_model() returns eval mode; LoRA dropout needs train mode
 
@@ -93,8 +112,16 @@ class LitCausalLM(L.LightningModule):
         return causal_nll(self.model, input_ids, attention_mask, chunk_tokens=self.hparams.chunk_tokens, labels=labels)
 
     def training_step(self, batch, batch_idx):
-        nll, count = self(*batch)  # (windows,) or (input_ids, attention_mask, labels) for instruction data
+        # batch: (windows,) or (input_ids, attention_mask, labels) for instruction data
+        input_ids, attention_mask, labels = (*batch, None, None)[:3]
+        nll, kl, count = causal_losses(self.model, input_ids, attention_mask, self.hparams.chunk_tokens, labels,
+                                       teacher=self._teacher, temperature=self.hparams.distill_temperature)
         loss = nll / count.clamp(min=1)
+        if self._teacher is not None:
+            w = self.hparams.distill_weight
+            distill = kl / count.clamp(min=1)
+            self.log_dict({"train_lm_loss": loss.detach(), "train_distill_loss": distill.detach()}, on_step=True, on_epoch=False)
+            loss = (1.0 - w) * loss + w * distill
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}; lower the learning rate")
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
@@ -139,3 +166,13 @@ class LitCausalLM(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.strict_loading = self.hparams.finetune_method != "lora"
 
+
+
+def teacher_source(base_model: str, teacher_model: str | None = None) -> str:
+    """The distillation teacher: ``teacher_model`` if given, else the dense model ``base_model`` was pruned from
+    (recorded in a gaqprune checkpoint's config as ``gaqprune_base_model``), else ``base_model`` itself (pruning
+    happens in the same run, so the loaded model is still the dense one)."""
+    if teacher_model:
+        return teacher_model
+    source = getattr(load_config(base_model), "gaqprune_base_model", None) or base_model
+    return EMBEDDED if source == EMBEDDED_SOURCE else source

@@ -13,34 +13,71 @@ from torch.utils.checkpoint import checkpoint
 from torchmetrics import Metric
 
 
-def _chunk_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
+def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                  teacher_hidden: torch.Tensor | None, teacher_weight: torch.Tensor | None,
+                  teacher_bias: torch.Tensor | None, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of one chunk and, with a teacher, summed T^2 * KL(teacher || student) at temperature T over the
+    chunk's predicted positions (label != -100)."""
     logits = F.linear(hidden, weight, bias).float()
-    return F.cross_entropy(logits, labels, reduction="sum", ignore_index=-100)
+    nll = F.cross_entropy(logits, labels, reduction="sum", ignore_index=-100)
+    if teacher_hidden is None:
+        return nll, nll.new_zeros(())
+    keep = labels != -100
+    with torch.no_grad():
+        teacher_log = F.log_softmax(F.linear(teacher_hidden[keep], teacher_weight, teacher_bias).float() / temperature, -1)
+    student_log = F.log_softmax(logits[keep] / temperature, -1)
+    kl = F.kl_div(student_log, teacher_log, reduction="sum", log_target=True) * temperature**2
+    return nll, kl
+
+
+def _head(hf_model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = hf_model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def causal_losses(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  chunk_tokens: int = 4096, labels: torch.Tensor | None = None, teacher=None,
+                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums over a batch of next-token NLL and, given a ``teacher`` LM, of the distillation term
+    T^2 * KL(teacher || student) at ``temperature``; plus the number of predicted tokens.
+
+    Token t predicts token t+1 (the shift); positions that are padding, or whose label is -100 (e.g. an
+    instruction prompt), are ignored by both terms. The teacher runs without gradients; its logits, like the
+    student's, exist for at most ``chunk_tokens`` positions at a time.
+    """
+    out = hf_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    width = out.last_hidden_state.shape[-1]
+    hidden = out.last_hidden_state[:, :-1].reshape(-1, width)
+    labels = (input_ids if labels is None else labels)[:, 1:].reshape(-1)
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask[:, 1:].reshape(-1) == 0, -100)
+    teacher_hidden, teacher_weight, teacher_bias = None, None, None
+    if teacher is not None:
+        with torch.no_grad():
+            t_out = teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            teacher_hidden = t_out.last_hidden_state[:, :-1].reshape(-1, t_out.last_hidden_state.shape[-1])
+        teacher_weight, teacher_bias = _head(teacher)
+    weight, bias = _head(hf_model)
+    nll_total = hidden.new_zeros((), dtype=torch.float32)
+    kl_total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        chunk = slice(start, start + chunk_tokens)
+        args = (hidden[chunk], weight, bias, labels[chunk],
+                None if teacher_hidden is None else teacher_hidden[chunk], teacher_weight, teacher_bias, temperature)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            # Recompute this chunk's logits in backward instead of keeping all of them alive.
+            nll, kl = checkpoint(_chunk_losses, *args, use_reentrant=False)
+        else:
+            nll, kl = _chunk_losses(*args)
+        nll_total, kl_total = nll_total + nll, kl_total + kl
+    return nll_total, kl_total, (labels != -100).sum()
 
 
 def causal_nll(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                chunk_tokens: int = 4096, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token NLL over a batch and the number of predicted tokens.
-
-    Token t predicts token t+1 (the shift); positions that are padding, or whose label is -100
-    (e.g. an instruction prompt), are ignored.
-    """
-    out = hf_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])
-    labels = (input_ids if labels is None else labels)[:, 1:].reshape(-1)
-    if attention_mask is not None:
-        labels = labels.masked_fill(attention_mask[:, 1:].reshape(-1) == 0, -100)
-    head = hf_model.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        h, y = hidden[start : start + chunk_tokens], labels[start : start + chunk_tokens]
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            # Recompute this chunk's logits in backward instead of keeping all of them alive.
-            total = total + checkpoint(_chunk_nll, h, weight, bias, y, use_reentrant=False)
-        else:
-            total = total + _chunk_nll(h, weight, bias, y)
-    return total, (labels != -100).sum()
+    """Sum of next-token NLL over a batch and the number of predicted tokens (see ``causal_losses``)."""
+    nll, _, count = causal_losses(hf_model, input_ids, attention_mask, chunk_tokens, labels)
+    return nll, count
 
 
 class Perplexity(Metric):

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# How checkpoints pruned from the embedded model name their source (``gaqprune_base_model``).
+EMBEDDED_SOURCE = f"HuggingFaceTB/{EMBEDDED_NAME} (embedded Q4_1 GGUF)"
 # Model types whose decoder layers have the q/k/v/o + gate/up/down layout that gaqprune prunes.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gaqprune_llama")
 DTYPES = {

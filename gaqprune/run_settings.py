@@ -36,3 +36,11 @@ class FinetuneSettings:
     """Training windows (of --data.max_seq_len tokens) drawn from the calibration/training text."""
     finetune_epochs: int = 3
     """Epochs over the fine-tune windows."""
+    distill_weight: float = 0.0
+    """Knowledge distillation from the dense model during the fine-tune: loss = (1 - w) * next-token NLL
+    + w * T^2 * KL(teacher || student), per predicted token. 0 (default) = plain language-model loss; in [0, 1]."""
+    distill_temperature: float = 1.0
+    """Softmax temperature T of the distillation term (> 0)."""
+    teacher_model: str | None = None
+    """Teacher for --distill_weight > 0 (any --base_model form). Default: the dense model the pruned one came from
+    (--base_model itself when pruning in the same run; the recorded source model of a saved pruned checkpoint)."""
