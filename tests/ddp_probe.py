@@ -22,7 +22,9 @@ class ShapeProbe(L.Callback):
                 digest.update(p.detach().to(torch.float32).cpu().numpy().tobytes())
         os.makedirs(self.out_dir, exist_ok=True)
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
-            json.dump({"world": trainer.world_size, "shapes": layer_shapes(pl_module.model), "sha": digest.hexdigest()}, f)
+            teacher = pl_module._teacher
+            json.dump({"world": trainer.world_size, "shapes": layer_shapes(pl_module.model), "sha": digest.hexdigest(),
+                       "teacher_shapes": None if teacher is None else layer_shapes(teacher)}, f)
 
     def on_train_end(self, trainer, pl_module):
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.steps"), "w") as f:

@@ -105,7 +105,7 @@ def test_ddp_two_ranks_prune_identically_and_train(tiny_model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--prune", "true", "--pruning_ratio", "0.3",
              "--importance_samples", "4", "--importance_seq_len", "32", "--num_examples", "4", "--max_seq_len", "32",
-             "--min_pruning_rate", "0.1",
+             "--min_pruning_rate", "0.1", "--distill_weight", "0.5",  # each rank also loads the dense teacher
              "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
              "--trainer.max_steps", "2", "--save_ckpt_log_name", "ddp", "--trainer.default_root_dir", str(tmp_path),
              "--trainer.callbacks+=tests.ddp_probe.ShapeProbe", f"--trainer.callbacks.out_dir={probe}",
@@ -116,6 +116,7 @@ def test_ddp_two_ranks_prune_identically_and_train(tiny_model_dir, tmp_path):
     assert ranks[0]["shapes"] == ranks[1]["shapes"] and ranks[0]["sha"] == ranks[1]["sha"]
     dense = {"num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 128}
     assert any(s != dense for s in ranks[0]["shapes"]) or len(ranks[0]["shapes"]) < 4  # it really pruned
+    assert ranks[0]["teacher_shapes"] == ranks[1]["teacher_shapes"] == [dense] * 4  # the unpruned model teaches
     assert [(probe / f"rank{i}.steps").read_text() for i in (0, 1)] == ["2", "2"]
     plan = json.loads((tmp_path / "prune_log" / "ddp" / "pruning_plan.json").read_text())
     assert 0.25 < plan["totals"]["achieved_ratio_selected"] < 0.35

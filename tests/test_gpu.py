@@ -35,9 +35,10 @@ class RandomTokens(L.LightningDataModule):
         return DataLoader(TensorDataset(self.data[:16]), batch_size=8)
 
 
-def test_fsdp_lora_after_pruning_in_setup(tmp_path):
+@pytest.mark.parametrize("distill_weight", [0.0, 0.5])
+def test_fsdp_lora_after_pruning_in_setup(tmp_path, distill_weight):
     tiny_llama(layers=4).save_pretrained(tmp_path / "tiny")
-    lit = LitCausalLM(base_model=str(tmp_path / "tiny"), lora_r=4, learning_rate=1e-3)
+    lit = LitCausalLM(base_model=str(tmp_path / "tiny"), lora_r=4, learning_rate=1e-3, distill_weight=distill_weight)
     prune = PruneSettings(pruning_ratio=0.3, min_pruning_rate=0.1, num_examples=4, max_seq_len=32)
     importance = LayerImportance(ImportanceSettings(importance_samples=4, importance_seq_len=32), prune, "tiny")
     trainer = L.Trainer(accelerator="cuda", devices=1, strategy="fsdp", precision="bf16-mixed", max_steps=4,
