@@ -162,9 +162,16 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
            "--max_seq_len", "32", "--pruning_ratio", "0.3", "--min_pruning_rate", "0.1", "--data.max_seq_len", "32",
            "--data.max_eval_windows", "4", "--save_model", "--test_after_prune", "--finetune", "--finetune_method", "lora",
            "--finetune_samples", "16", "--finetune_epochs", "1", "--trainer.enable_progress_bar", "false",
+           "--distill_weight", "0.3", "--trainer.log_every_n_steps", "1",  # the teacher: the model before pruning
            "--trainer.default_root_dir", str(tmp_path)]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [EventAccumulator(str(f.parent)).Reload() for f in tmp_path.rglob("events.out.tfevents.*")]
+    distill = [e.value for ev in events if "train_distill_loss" in ev.Tags()["scalars"]
+               for e in ev.Scalars("train_distill_loss")]
+    assert len(distill) == 2 and all(v > 0 for v in distill)  # 16 windows / batch 8, one epoch
     run_dir = tmp_path / "prune_log" / "one"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {"ppl_before", "ppl_after", "ppl_after_finetune"} <= set(metrics)
