@@ -55,7 +55,8 @@ class LitCausalLM(L.LightningModule):
             chunk_tokens: tokens per LM-head chunk in the loss (bounds logits memory for big vocabularies).
             distill_weight: w in loss = (1 - w) * NLL + w * T^2 * KL(teacher || student); 0 = no teacher.
             distill_temperature: T of the distillation term.
-            teacher_model: the teacher (default: ``teacher_source(base_model)``, the dense model before pruning).
+            teacher_model: the teacher (default: the dense model the pruned one came from, as recorded in its
+                checkpoint, or base_model itself when pruning happens in the same run).
         """
         super().__init__()
         self.save_hyperparameters()
