@@ -52,7 +52,7 @@ from gaqprune.pruning import apply_plan, build_plan
 from gaqprune.settings import PruneSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import finish, load_embedded, ratio_for_decoder_fraction, read_importance  # noqa: E402
+from quality import finish, log, ratio_for_decoder_fraction, start_lever  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -100,10 +100,6 @@ VARIANTS: dict[str, str | tuple[Fit, Fit]] = {
     "mix0.5+b": (Fit(beta=0.5, intercept=True), Fit(beta=0.5, intercept=True)),
 }
 DEFAULT_VARIANTS = ["none", "lstsq", "dense", "dense-r0.1", "mix0.5", "flap", "lstsq+b", "dense+b"]
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 class _Stop(Exception):
@@ -334,11 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dense", action="store_true", help="also evaluate the dense model")
     parser.add_argument("--out", default=None, help="write results JSON here")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    started = time.time()
-
-    dense, _, eval_windows, calib = load_embedded(args.eval_windows, args.num_examples, args.max_seq_len)
-    importance = read_importance(args.importance)
+    started, dense, _, eval_windows, calib, importance = start_lever(args.eval_windows, args.num_examples,
+                                                                    args.max_seq_len, args.importance)
     log(f"{len(eval_windows)} eval windows, calibration {tuple(calib.shape)}, variants {args.variants}")
     dense_ppl = evaluate(dense, eval_windows, args.subset)[0] if args.dense else None
     if dense_ppl is not None:

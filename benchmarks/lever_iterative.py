@@ -32,13 +32,9 @@ from gaqprune.settings import PruneSettings
 from gaqprune.taylor import taylor_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import finish, load_embedded, ratio_for_decoder_fraction, read_importance  # noqa: E402
+from quality import finish, log, ratio_for_decoder_fraction, start_lever  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def decoder_params(model) -> int:
@@ -142,11 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also run build_plan and assert the one-shot plan equals it (costs one Taylor pass)")
     parser.add_argument("--out", default=None, help="write results JSON here")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    started = time.time()
-
-    dense, _, eval_windows, calib = load_embedded(args.eval_windows, args.num_examples, args.max_seq_len)
-    importance = read_importance(args.importance_cache)
+    started, dense, _, eval_windows, calib, importance = start_lever(args.eval_windows, args.num_examples,
+                                                                    args.max_seq_len, args.importance_cache)
     base = replace(PruneSettings(), num_examples=len(calib), max_seq_len=calib.shape[1])
     start, end = layer_range(base, len(dense.model.layers))
     log(f"model loaded; {len(eval_windows)} eval windows, calibration {tuple(calib.shape)}, layers [{start}, {end})")

@@ -25,7 +25,7 @@ import time
 from dataclasses import replace
 
 import torch
-from quality import finish, load_embedded, log, ratio_for_decoder_fraction, read_importance
+from quality import finish, log, ratio_for_decoder_fraction, start_lever
 
 from gaqprune import units
 from gaqprune.metrics import perplexity
@@ -99,14 +99,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--importance_cache", required=True, help="layer -> removal importance JSON")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    started = time.time()
-    torch.manual_seed(0)
-
-    dense, data, eval_windows, calib = load_embedded(args.eval_windows, args.num_examples, args.max_seq_len)
+    started, dense, data, eval_windows, calib, importance = start_lever(args.eval_windows, args.num_examples,
+                                                                       args.max_seq_len, args.importance_cache)
     defaults = PruneSettings()
     refit = data.calibration_windows(defaults.compensation_samples, defaults.compensation_seq_len, seed=2,
                                      what="--compensation_samples")
-    importance = read_importance(args.importance_cache)
     results = []
     grams = None
     for fraction in args.ratios:

@@ -53,6 +53,15 @@ def load_embedded(eval_windows: int | None, num_examples: int, max_seq_len: int)
     return dense, data, data.eval_windows(), data.calibration_windows(num_examples, max_seq_len)
 
 
+def start_lever(eval_windows: int | None, num_examples: int, max_seq_len: int, importance_path: str | Path):
+    """``(start time, dense model, LMDataModule, eval windows, calibration windows, layer importance)``: the opening
+    every quality-lever script shares (seeded, timed from here, importance read from its cache file)."""
+    torch.manual_seed(0)
+    started = time.time()
+    dense, data, eval_windows_, calib = load_embedded(eval_windows, num_examples, max_seq_len)
+    return started, dense, data, eval_windows_, calib, read_importance(importance_path)
+
+
 def read_importance(path: str | Path) -> dict[int, float]:
     """A layer -> score JSON as ``--importance_cache`` stores it."""
     return {int(k): float(v) for k, v in json.loads(Path(path).read_text()).items()}
