@@ -294,11 +294,11 @@ def decode_tokens_per_s(hf_model, batch: int, prompt_len: int, vocab: int, devic
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(5)).to(device)
     result: dict[str, float | str] = {}
     for name in (name for name in HF_PATHS if name in paths):  # first: no static cache or graph pool allocated yet
-        if HF_PATHS[name] is None and not is_cuda(device):
+        if name in HF_COMPILED and not is_cuda(device):
             result[name] = "n/a (CPU)"
             continue
         result[name] = hf_generate_tokens_per_s(hf_model, prompt, eager_steps, device, name)
-        if name == "hf-compiled":
+        if name in HF_COMPILED:
             torch._dynamo.reset()  # the next model / batch compiles afresh; no stale graphs kept alive
     for kind in STEP_KINDS:
         wanted = [name for name in paths if name in STATIC_PATHS and STATIC_PATHS[name][0] == kind]
@@ -372,17 +372,18 @@ def _failure(err: Exception) -> str:
     return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
 
 
-# HF generate paths: name -> extra ``generate`` arguments (None: HF's defaults for a static cache, which compile on
-# CUDA, so the path is CUDA-only).
-HF_PATHS: dict[str, dict | None] = {
-    "hf-eager": {}, "hf-static": {"cache_implementation": "static", "disable_compile": True}, "hf-compiled": None,
+# HF generate paths: name -> extra ``generate`` arguments. HF compiles a static-cache decode on CUDA unless told not
+# to, so the paths in HF_COMPILED are CUDA-only (and compile once per model and batch).
+HF_PATHS: dict[str, dict] = {
+    "hf-eager": {}, "hf-static": {"cache_implementation": "static", "disable_compile": True},
+    "hf-compiled": {"cache_implementation": "static"},
 }
+HF_COMPILED = {"hf-compiled"}
 
 
 def hf_generate_tokens_per_s(hf_model, prompt: torch.Tensor, steps: int, device: str, path: str = "hf-eager") -> float | str:
     """HF ``generate`` on ``path`` (greedy): batch x steps / (t(steps + 1 new tokens) - t(1 new token))."""
     extra = HF_PATHS[path]
-    extra = {"cache_implementation": "static"} if extra is None else extra
 
     def run(new: int) -> float:
         sync(device)
@@ -398,7 +399,7 @@ def hf_generate_tokens_per_s(hf_model, prompt: torch.Tensor, steps: int, device:
             base = min(run(1) for _ in range(2))
             full = run(steps + 1)
     except Exception as err:
-        return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        return _failure(err)
     return prompt.shape[0] * steps / max(full - base, 1e-9)
 
 
