@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from gaqprune.errors import GaqpruneError
+from gaqprune.metrics import lm_head
 
 METHODS = ("removal", "activation", "block_influence")
 RECORD_FORMAT = "gaqprune.layer_importance"
@@ -97,10 +98,10 @@ def _tail_nll(hf_model, hidden: torch.Tensor, ids: torch.Tensor, chunk_tokens: i
     """
     hidden = hf_model.model.norm(hidden)[:, :-1].reshape(-1, hidden.shape[-1])
     labels = ids[:, 1:].reshape(-1)
-    head = hf_model.get_output_embeddings()
+    weight, bias = lm_head(hf_model)
     total = 0.0
     for start in range(0, hidden.shape[0], chunk_tokens):
-        logits = F.linear(hidden[start : start + chunk_tokens], head.weight, getattr(head, "bias", None)).float()
+        logits = F.linear(hidden[start : start + chunk_tokens], weight, bias).float()
         total += F.cross_entropy(logits, labels[start : start + chunk_tokens], reduction="sum").double().item()
     return total
 

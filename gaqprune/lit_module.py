@@ -117,10 +117,11 @@ class LitCausalLM(L.LightningModule):
         input_ids, attention_mask, labels = (*batch, None, None)[:3]
         nll, kl, count = causal_losses(self.model, input_ids, attention_mask, self.hparams.chunk_tokens, labels,
                                        teacher=self._teacher, temperature=self.hparams.distill_temperature)
-        loss = nll / count.clamp(min=1)
+        tokens = count.clamp(min=1)
+        loss = nll / tokens
         if self._teacher is not None:
             w = self.hparams.distill_weight
-            distill = kl / count.clamp(min=1)
+            distill = kl / tokens
             self.log_dict({"train_lm_loss": loss.detach(), "train_distill_loss": distill.detach()}, on_step=True, on_epoch=False)
             loss = (1.0 - w) * loss + w * distill
         if not torch.isfinite(loss):

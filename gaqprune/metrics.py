@@ -30,9 +30,16 @@ def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return nll, kl
 
 
-def _head(hf_model) -> tuple[torch.Tensor, torch.Tensor | None]:
+def lm_head(hf_model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias or None) of the model's LM head."""
     head = hf_model.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
+
+
+def _predicting_hidden(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Final hidden states ``[B * (T - 1), width]`` of the positions that predict a next token."""
+    last = hf_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return last[:, :-1].reshape(-1, last.shape[-1])
 
 
 def causal_losses(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -45,19 +52,16 @@ def causal_losses(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     instruction prompt), are ignored by both terms. The teacher runs without gradients; its logits, like the
     student's, exist for at most ``chunk_tokens`` positions at a time.
     """
-    out = hf_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    width = out.last_hidden_state.shape[-1]
-    hidden = out.last_hidden_state[:, :-1].reshape(-1, width)
+    hidden = _predicting_hidden(hf_model, input_ids, attention_mask)
     labels = (input_ids if labels is None else labels)[:, 1:].reshape(-1)
     if attention_mask is not None:
         labels = labels.masked_fill(attention_mask[:, 1:].reshape(-1) == 0, -100)
     teacher_hidden, teacher_weight, teacher_bias = None, None, None
     if teacher is not None:
         with torch.no_grad():
-            t_out = teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            teacher_hidden = t_out.last_hidden_state[:, :-1].reshape(-1, t_out.last_hidden_state.shape[-1])
-        teacher_weight, teacher_bias = _head(teacher)
-    weight, bias = _head(hf_model)
+            teacher_hidden = _predicting_hidden(teacher, input_ids, attention_mask)
+        teacher_weight, teacher_bias = lm_head(teacher)
+    weight, bias = lm_head(hf_model)
     nll_total = hidden.new_zeros((), dtype=torch.float32)
     kl_total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):

@@ -77,9 +77,8 @@ def pruned_checkpoint(tiny_model_dir, path):
     """A saved pruned copy of the tiny model in ``tiny_model_dir``, recording that folder as its source."""
     from gaqprune.models import load_model, load_tokenizer
 
-    ckpt = export.save_pretrained_model(pruned_copy(load_model(str(tiny_model_dir))), load_tokenizer(str(tiny_model_dir)),
+    return export.save_pretrained_model(pruned_copy(load_model(str(tiny_model_dir))), load_tokenizer(str(tiny_model_dir)),
                                         path, base_model=str(tiny_model_dir))
-    return ckpt
 
 
 def test_teacher_defaults_to_the_model_the_checkpoint_was_pruned_from(tiny_model_dir, tmp_path):
