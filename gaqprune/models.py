@@ -154,8 +154,13 @@ def load_tokenizer(base_model: str = EMBEDDED):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(base_model)
+    from gaqprune import export
+
+    # A pruned checkpoint's config names remote code: hand AutoTokenizer gaqprune's own config, so that
+    # transformers neither asks to run that code (an interactive y/N prompt) nor runs it.
+    config = {"config": export.load_pruned_config(path)} if export.is_pruned_checkpoint(path) else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **config)
     except (OSError, ValueError) as err:
         raise GaqpruneError(f"--base_model {base_model!r}: no tokenizer could be loaded: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:

@@ -337,6 +337,19 @@ def test_tokenizer_reloads_with_auto_tokenizer(tmp_path, embedded_tokenizer):
     assert len(tokenizer) == len(embedded_tokenizer) == 49152
 
 
+def test_load_tokenizer_of_pruned_checkpoint_never_prompts(tmp_path, monkeypatch, embedded_tokenizer):
+    """A user at a terminal must not meet transformers' "run the custom code? [y/N]" prompt."""
+    from gaqprune.models import load_tokenizer
+
+    prompts = []
+    model = prune(tiny_llama(vocab_size=len(embedded_tokenizer)))
+    ckpt = export.save_pretrained_model(model, embedded_tokenizer, tmp_path / "ckpt")
+    monkeypatch.setattr("builtins.input", lambda *args: prompts.append(args) or "n")
+    tokenizer = load_tokenizer(str(ckpt))
+    assert prompts == []
+    assert tokenizer("GQA groups")["input_ids"] == embedded_tokenizer("GQA groups")["input_ids"]
+
+
 def tiny_mistral(sliding_window: int | None):
     from transformers import MistralConfig, MistralForCausalLM
 
