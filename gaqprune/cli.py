@@ -98,6 +98,12 @@ class GaqpruneTrainer(L.Trainer):
             with clock("save"):
                 save_pretrained_model(hf_model, datamodule.tokenizer, out_dir / "model", overwrite=True,
                                       base_model=model_name(job.base_model))
+        if job.run.save_gguf:
+            from gaqprune.gguf_export import save_gguf
+
+            with clock("save_gguf"):
+                save_gguf(hf_model, datamodule.tokenizer, out_dir / "model.gguf", out_type=job.run.save_gguf,
+                          overwrite=True, name=model_name(job.base_model))
         metrics.update(params=plan["totals"], seconds=clock.seconds)
         self._log_prune_metrics(scores, plan, metrics)
         if progress:
@@ -113,7 +119,7 @@ class GaqpruneTrainer(L.Trainer):
                 metrics["ppl_after_finetune"] = perplexity(model.model, eval_windows.to(model.device),
                                                            datamodule.eval_batch_size)
             if self.is_global_zero:
-                metrics["finetune_outputs"] = export_finetuned(model, datamodule.tokenizer, out_dir)
+                metrics["finetune_outputs"] = export_finetuned(model, datamodule.tokenizer, out_dir, job.run.save_gguf)
             metrics["seconds"] = clock.seconds
         write_json(out_dir / pipeline.METRICS_FILE, metrics)  # written last: marks the run as finished
         return metrics
@@ -190,6 +196,7 @@ class GaqpruneCLI(LightningCLI):
                 raise GaqpruneError(f"--compensation_seq_len {prune.compensation_seq_len} exceeds the model's context of "
                                     f"{context} tokens")
             validate_finetune_settings(fin, cfg["model"])
+            check_gguf(run, cfg["base_model"], model_config)
             if fin.finetune and self.subcommand == "prune":
                 validate_teacher(fin, cfg["base_model"], model_config)
             pipeline.check_run_dir(run)
@@ -198,10 +205,12 @@ class GaqpruneCLI(LightningCLI):
             fin = self._settings(FinetuneSettings)
             validate_finetune_settings(fin, cfg["model"])
             validate_teacher(fin, cfg["base_model"], model_config)
-            finetuned = pipeline.run_dir(run) / "model_finetuned"
-            if finetuned.exists() and not run.overwrite:
-                raise GaqpruneError(f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: {str(finetuned)!r} already exists; "
-                                    "pick another name or pass --overwrite true")
+            check_gguf(run, cfg["base_model"], model_config)
+            outputs = ["model_finetuned"] + (["model_finetuned.gguf"] if run.save_gguf else [])
+            for finetuned in (pipeline.run_dir(run) / name for name in outputs):
+                if finetuned.exists() and not run.overwrite:
+                    raise GaqpruneError(f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: {str(finetuned)!r} already "
+                                        "exists; pick another name or pass --overwrite true")
 
     def instantiate_trainer(self, **kwargs):
         """Lightning rejects impossible --trainer.* combinations (e.g. strategy fsdp on the CPU) with a ValueError
@@ -243,7 +252,7 @@ class GaqpruneCLI(LightningCLI):
         from gaqprune.finetune import export_finetuned
 
         run = self._settings(RunSettings)
-        paths = export_finetuned(self.model, self.datamodule.tokenizer, pipeline.run_dir(run))
+        paths = export_finetuned(self.model, self.datamodule.tokenizer, pipeline.run_dir(run), run.save_gguf)
         for name, path in paths.items():
             log.info("saved %s to %s", name, path)
 
@@ -307,6 +316,15 @@ def validate_teacher(fin: FinetuneSettings, base_model: str, student_config) -> 
     if teacher_config.vocab_size != student_config.vocab_size:
         raise GaqpruneError(f"--teacher_model {source!r} has a vocabulary of {teacher_config.vocab_size} tokens, the "
                             f"model being fine-tuned {student_config.vocab_size}; distillation needs the same tokenizer")
+
+
+def check_gguf(run: RunSettings, base_model: str, model_config) -> None:
+    """With --save_gguf, refuse a model or tokenizer the GGUF export cannot write before any work is done."""
+    if run.save_gguf:
+        from gaqprune.gguf_export import check_supported
+        from gaqprune.models import load_tokenizer
+
+        check_supported(model_config, load_tokenizer(base_model))
 
 
 def one_line(message: str) -> str:

@@ -46,8 +46,9 @@ def merge_lora(hf_model) -> int:
     return len(modules)
 
 
-def export_finetuned(lit_model, tokenizer, out_dir: str | Path) -> dict[str, str]:
-    """Save LoRA adapters (if any) and the merged model under ``out_dir``; returns the paths written."""
+def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str | None = None) -> dict[str, str]:
+    """Save LoRA adapters (if any) and the merged model under ``out_dir`` (and as ``model_finetuned.gguf`` with
+    ``gguf_type``); returns the paths written."""
     from gaqprune.export import save_pretrained_model
 
     out_dir = Path(out_dir)
@@ -72,5 +73,10 @@ def export_finetuned(lit_model, tokenizer, out_dir: str | Path) -> dict[str, str
     for p in hf_model.parameters():
         p.requires_grad_(False)
     paths["model"] = str(save_pretrained_model(hf_model, tokenizer, out_dir / "model_finetuned", overwrite=True))
+    if gguf_type:
+        from gaqprune.gguf_export import save_gguf
+
+        paths["gguf"] = str(save_gguf(hf_model, tokenizer, out_dir / "model_finetuned.gguf", out_type=gguf_type,
+                                      overwrite=True))
     hf_model.train(was_training)
     return paths

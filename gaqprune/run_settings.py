@@ -16,6 +16,10 @@ class RunSettings:
     """Parent folder of run folders."""
     save_model: bool = False
     """Save the pruned model to <run folder>/model (safetensors + tokenizer + config)."""
+    save_gguf: Literal["f32", "f16", "bf16", "q8_0"] | None = None
+    """Also write the model for llama.cpp (ollama, LM Studio, llama-cpp-python) as <run folder>/model.gguf (and
+    model_finetuned.gguf after a fine-tune) with these weight types; per-layer shapes use llama.cpp's 'deci'
+    architecture. None: no GGUF."""
     test_after_prune: bool = False
     """Evaluate perplexity before and after pruning on the evaluation split."""
     overwrite: bool = False

@@ -42,6 +42,13 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
     corrupt = tmp / "corrupt.json"
     corrupt.write_text('{"scores": {"0": 1.0,')
     data = ["--data.source", str(text)]
+    gelu = tmp / "gelu"  # config and tokenizer only: --save_gguf must refuse it before any weight is loaded
+    if not gelu.exists():
+        from conftest import tiny_llama_config
+        from transformers import AutoTokenizer
+
+        tiny_llama_config(vocab_size=49152, hidden_act="gelu").save_pretrained(gelu)
+        AutoTokenizer.from_pretrained(model).save_pretrained(gelu)
     return {
         "ratio_zero": ([*data, "--pruning_ratio", "0"], "--pruning_ratio 0"),
         "ratio_above_one": ([*data, "--pruning_ratio", "1.5"], "--pruning_ratio 1.5"),
@@ -84,6 +91,8 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
                                                "--compensation_seq_len 4096 exceeds the model's context"),
         "fsdp_on_cpu": ([*data, "--trainer.strategy", "fsdp", "--trainer.accelerator", "cpu"],
                         "strategy `fsdp` requires a GPU"),
+        "gguf_unknown_type": ([*data, "--save_gguf", "q4"], "save_gguf"),
+        "gguf_unsupported_model": (["--base_model", str(gelu), *data, "--save_gguf", "f16"], "hidden_act is 'gelu'"),
     }
 
 
@@ -94,7 +103,8 @@ CASE_NAMES = [
     "unreadable_model", "importance_other_model", "importance_other_layer_count", "importance_corrupted",
     "importance_missing", "config_without_skip", "empty_text_file", "binary_text_file", "unknown_dataset",
     "finetune_samples_zero", "finetune_full_with_lora_rank", "compensation_samples_zero",
-    "compensation_samples_too_many", "compensation_seq_len_above_context", "fsdp_on_cpu",
+    "compensation_samples_too_many", "compensation_seq_len_above_context", "fsdp_on_cpu", "gguf_unknown_type",
+    "gguf_unsupported_model",
 ]
 
 

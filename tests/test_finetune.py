@@ -92,11 +92,12 @@ def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
     assert state and all("lora_" in k for k in state)
     assert ckpt.stat().st_size < 2_000_000  # the frozen 6.5M-parameter base is not in it
     r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "4", "--save_ckpt_log_name", "b",
-             "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt), cwd=tmp_path)
+             "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt), "--save_gguf", "f16", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = sorted(tmp_path.rglob("*step=4.ckpt"))
     assert resumed, list(tmp_path.rglob("*.ckpt"))
     assert (tmp_path / "prune_log" / "b" / "model_finetuned" / "config.json").is_file()
+    assert (tmp_path / "prune_log" / "b" / "model_finetuned.gguf").stat().st_size > 6_000_000 * 2  # f16 weights
 
 
 @pytest.mark.slow
@@ -160,7 +161,8 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
     cmd = [sys.executable, "-m", "gaqprune.cli", "prune", "--base_model", str(tiny_model_dir), "--data.source", str(text),
            "--save_ckpt_log_name", "one", "--importance_samples", "4", "--importance_seq_len", "32", "--num_examples", "4",
            "--max_seq_len", "32", "--pruning_ratio", "0.3", "--min_pruning_rate", "0.1", "--data.max_seq_len", "32",
-           "--data.max_eval_windows", "4", "--save_model", "--test_after_prune", "--finetune", "--finetune_method", "lora",
+           "--data.max_eval_windows", "4", "--save_model", "--save_gguf", "f32", "--test_after_prune", "--finetune",
+           "--finetune_method", "lora",
            "--finetune_samples", "16", "--finetune_epochs", "1", "--trainer.enable_progress_bar", "false",
            "--distill_weight", "0.3", "--trainer.log_every_n_steps", "1",  # the teacher: the model before pruning
            "--trainer.default_root_dir", str(tmp_path)]
@@ -177,3 +179,22 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
     assert {"ppl_before", "ppl_after", "ppl_after_finetune"} <= set(metrics)
     assert (run_dir / "model" / "config.json").is_file() and (run_dir / "model_finetuned" / "config.json").is_file()
     assert (run_dir / "lora_adapter" / "adapter_model.safetensors").is_file()
+    # The GGUF files carry the pruned per-layer shapes; the fine-tuned one reproduces the merged model's logits.
+    import gguf
+    from test_gguf import gguf_forward
+
+    from gaqprune.export import load_pruned
+    from gaqprune.units import layer_shapes
+
+    merged = load_pruned(run_dir / "model_finetuned")
+    shapes = layer_shapes(merged)
+    assert min(shape["intermediate_size"] for shape in shapes) < 128  # pruned
+    for name in ("model.gguf", "model_finetuned.gguf"):
+        fields = gguf.GGUFReader(run_dir / name).fields
+        for key, field in (("attention.head_count", "num_attention_heads"), ("attention.head_count_kv",
+                           "num_key_value_heads"), ("feed_forward_length", "intermediate_size")):
+            assert list(fields[f"deci.{key}"].contents()) == [shape[field] for shape in shapes], (name, key)
+    ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(gguf_forward(run_dir / "model_finetuned.gguf", ids), merged(ids).logits,
+                                   rtol=1e-4, atol=1e-4)

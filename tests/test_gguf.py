@@ -1,0 +1,250 @@
+"""GGUF export for llama.cpp: metadata, weights, and a forward pass with llama.cpp's semantics that must
+reproduce the HF logits; with llama-cpp-python installed, llama.cpp itself must reproduce them too."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_llama
+from test_export import prune, tied_tiny, tokens
+
+from gaqprune import export, gguf_export
+from gaqprune.errors import GaqpruneError
+from gaqprune.units import layer_shapes
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def read(path):
+    reader = gguf.GGUFReader(path)
+    fields = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    tensors = {t.name: t for t in reader.tensors}
+    return fields, tensors
+
+
+def weight(tensors, name: str) -> torch.Tensor:
+    t = tensors[name]
+    data = gguf.quants.dequantize(t.data, t.tensor_type)
+    return torch.from_numpy(np.array(data, dtype=np.float32)).reshape(*reversed([int(n) for n in t.shape]))
+
+
+def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def rope_pairs(x: torch.Tensor, base: float, factors: torch.Tensor | None) -> torch.Tensor:
+    """llama.cpp's 'normal' rotary: consecutive pairs (x[2i], x[2i+1]) rotate by pos * base^(-2i/d) / factor[i]."""
+    seq, d = x.shape[-2], x.shape[-1]
+    freq = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    if factors is not None:
+        freq = freq / factors.double()
+    angle = torch.arange(seq, dtype=torch.float64)[:, None] * freq[None]
+    cos, sin = angle.cos().float(), angle.sin().float()
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+
+@torch.no_grad()
+def gguf_forward(path, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of llama.cpp's 'deci' graph, computed from the file alone (metadata + tensors)."""
+    fields, tensors = read(path)
+    arch = fields["general.architecture"]
+    heads, kv_heads = fields[f"{arch}.attention.head_count"], fields[f"{arch}.attention.head_count_kv"]
+    head_dim, eps = fields[f"{arch}.attention.key_length"], fields[f"{arch}.attention.layer_norm_rms_epsilon"]
+    base = fields[f"{arch}.rope.freq_base"]
+    factors = weight(tensors, "rope_freqs.weight") if "rope_freqs.weight" in tensors else None
+    x = weight(tensors, "token_embd.weight")[ids]
+    batch, seq, _ = x.shape
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    for i in range(fields[f"{arch}.block_count"]):
+        h = rms(x, weight(tensors, f"blk.{i}.attn_norm.weight"), eps)
+        q = (h @ weight(tensors, f"blk.{i}.attn_q.weight").T).view(batch, seq, heads[i], head_dim).transpose(1, 2)
+        k = (h @ weight(tensors, f"blk.{i}.attn_k.weight").T).view(batch, seq, kv_heads[i], head_dim).transpose(1, 2)
+        v = (h @ weight(tensors, f"blk.{i}.attn_v.weight").T).view(batch, seq, kv_heads[i], head_dim).transpose(1, 2)
+        q, k = rope_pairs(q, base, factors), rope_pairs(k, base, factors)
+        group = heads[i] // kv_heads[i]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / head_dim**0.5
+        attn = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        x = x + attn.transpose(1, 2).reshape(batch, seq, -1) @ weight(tensors, f"blk.{i}.attn_output.weight").T
+        h = rms(x, weight(tensors, f"blk.{i}.ffn_norm.weight"), eps)
+        gate = torch.nn.functional.silu(h @ weight(tensors, f"blk.{i}.ffn_gate.weight").T)
+        x = x + (gate * (h @ weight(tensors, f"blk.{i}.ffn_up.weight").T)) @ weight(tensors, f"blk.{i}.ffn_down.weight").T
+    head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    return rms(x, weight(tensors, "output_norm.weight"), eps) @ weight(tensors, head).T
+
+
+@torch.no_grad()
+def hf_logits(model, ids):
+    return model(ids).logits
+
+
+def test_pruned_model_metadata_and_llama_cpp_semantics(tmp_path, embedded_tokenizer):
+    model = prune(tiny_llama())
+    path = gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "m.gguf", out_type="f32")
+    fields, tensors = read(path)
+    shapes = layer_shapes(model)
+    assert fields["general.architecture"] == "deci" and fields["deci.block_count"] == 3
+    assert fields["deci.attention.head_count"] == [s["num_attention_heads"] for s in shapes] == [8, 4, 8]
+    assert fields["deci.attention.head_count_kv"] == [s["num_key_value_heads"] for s in shapes] == [2, 1, 2]
+    assert fields["deci.feed_forward_length"] == [s["intermediate_size"] for s in shapes] == [128, 128, 96]
+    assert fields["deci.attention.key_length"] == fields["deci.rope.dimension_count"] == 8
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert len(fields["tokenizer.ggml.tokens"]) == 256  # the embedding's rows
+    assert fields["tokenizer.ggml.eos_token_id"] == embedded_tokenizer.eos_token_id
+    assert "tokenizer.ggml.merges" in fields and "tokenizer.chat_template" in fields
+    assert [int(n) for n in tensors["blk.1.attn_q.weight"].shape] == [64, 32]  # GGUF order: (in, out)
+    assert [int(n) for n in tensors["blk.2.ffn_down.weight"].shape] == [96, 64]
+    assert {t.tensor_type for t in tensors.values()} == {gguf.GGMLQuantizationType.F32}
+    # Query/key rows were reordered for llama.cpp's rotary: the file's weights differ from HF's ...
+    assert not torch.equal(weight(tensors, "blk.0.attn_q.weight"), model.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(weight(tensors, "blk.0.attn_v.weight"), model.model.layers[0].self_attn.v_proj.weight)
+    # ... and with llama.cpp's pairwise rotary they give HF's logits.
+    ids = tokens()
+    torch.testing.assert_close(gguf_forward(path, ids), hf_logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_llama3_rope_factors_and_tied_head(tmp_path, embedded_tokenizer):
+    model = tied_tiny()
+    model.config.rope_parameters = dict(LLAMA3_ROPE)
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config)
+    path = gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "m.gguf", out_type="f32")
+    fields, tensors = read(path)
+    assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
+    factors = weight(tensors, "rope_freqs.weight")
+    assert factors.shape == (4,) and factors[0] == 1.0 and factors[-1] == 8.0  # high frequencies kept, low ones /8
+    assert fields["deci.rope.freq_base"] == 500000.0
+    ids = tokens(length=40)
+    torch.testing.assert_close(gguf_forward(path, ids), hf_logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("out_type, atol", [("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 4e-2)])
+def test_reduced_precision_types(tmp_path, embedded_tokenizer, out_type, atol):
+    model = prune(tiny_llama(hidden=96, heads=12, kv_heads=3))  # rows of 96: three q8_0 blocks
+    path = gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "m.gguf", out_type=out_type)
+    _, tensors = read(path)
+    Q = gguf.GGMLQuantizationType
+    expected = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[out_type]
+    assert tensors["blk.0.attn_q.weight"].tensor_type == expected
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == Q.F32
+    if out_type == "q8_0":  # ffn_down rows are the 96 kept channels of layer 2 (3 blocks) vs 128 elsewhere
+        assert tensors["blk.2.ffn_down.weight"].tensor_type == Q.Q8_0
+    ids = tokens()
+    torch.testing.assert_close(gguf_forward(path, ids), hf_logits(model, ids), rtol=0, atol=atol)
+
+
+def hundred_channel_model():
+    """Layer 1 keeps 100 MLP channels: ffn_down rows of 100 values are not whole 32-value q8_0 blocks."""
+    model = tiny_llama()
+    mlp = model.model.layers[1].mlp
+    keep = torch.arange(100)
+    for name in ("gate_proj", "up_proj"):
+        new = torch.nn.Linear(64, 100, bias=False)
+        new.weight.data = getattr(mlp, name).weight.data[keep].clone()
+        setattr(mlp, name, new)
+    down = torch.nn.Linear(100, 64, bias=False)
+    down.weight.data = mlp.down_proj.weight.data[:, keep].clone()
+    mlp.down_proj = down
+    return model
+
+
+def test_mlp_widths_are_zero_padded_to_whole_blocks(tmp_path, embedded_tokenizer):
+    model = hundred_channel_model()
+    ids = tokens()
+    # Padding is exact: in f32, 100 channels padded to 128 give the same logits.
+    path = gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "pad.gguf", out_type="f32", ffn_multiple=32)
+    fields, tensors = read(path)
+    assert fields["deci.feed_forward_length"] == [128, 128, 128, 128]
+    assert torch.count_nonzero(weight(tensors, "blk.1.ffn_down.weight")[:, 100:]) == 0
+    torch.testing.assert_close(gguf_forward(path, ids), hf_logits(model, ids), rtol=1e-5, atol=1e-5)
+    # q8_0 pads by default, so every ffn_down is q8_0.
+    path = gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "q8.gguf", out_type="q8_0")
+    fields, tensors = read(path)
+    Q = gguf.GGMLQuantizationType
+    assert fields["deci.feed_forward_length"][1] == 128
+    assert all(tensors[f"blk.{i}.ffn_down.weight"].tensor_type == Q.Q8_0 for i in range(4))
+    # Without padding the partial-block matrix falls back to f16 and keeps its 100 channels.
+    path = gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "q8_nopad.gguf", out_type="q8_0",
+                                 ffn_multiple=1)
+    fields, tensors = read(path)
+    assert fields["deci.feed_forward_length"][1] == 100
+    assert tensors["blk.1.ffn_down.weight"].tensor_type == Q.F16
+    assert tensors["blk.1.ffn_gate.weight"].tensor_type == Q.Q8_0  # rows of 64 values
+    torch.testing.assert_close(gguf_forward(path, ids), hf_logits(model, ids), rtol=0, atol=4e-2)
+
+
+def test_pre_tokenizer_names():
+    bpe = {"model": {"type": "BPE"}, "decoder": {"type": "ByteLevel"}}
+    llama3 = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": gguf_export._LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    smollm = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                    {"type": "ByteLevel", "use_regex": True}]}
+    assert gguf_export.tokenizer_pre({**bpe, "pre_tokenizer": llama3}) == "llama-bpe"
+    assert gguf_export.tokenizer_pre({**bpe, "pre_tokenizer": smollm}) == "smollm"
+    assert gguf_export.tokenizer_pre({**bpe, "pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
+    with pytest.raises(GaqpruneError, match="unknown pre-tokenizer .*Whitespace"):
+        gguf_export.tokenizer_pre({**bpe, "pre_tokenizer": {"type": "Whitespace"}})
+    with pytest.raises(GaqpruneError, match="byte-level BPE"):
+        gguf_export.tokenizer_pre({"model": {"type": "Unigram"}, "decoder": {"type": "Metaspace"}})
+
+
+def test_bad_inputs_and_existing_files(tmp_path, monkeypatch, embedded_tokenizer):
+    model = tiny_llama()
+    with pytest.raises(GaqpruneError, match="'q4_k'.*f32, f16, bf16, q8_0"):
+        gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "m.gguf", out_type="q4_k")
+    with pytest.raises(GaqpruneError, match="ffn_multiple -3 must be a positive"):
+        gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "m.gguf", ffn_multiple=-3)
+    with pytest.raises(GaqpruneError, match="must end in .gguf"):
+        gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "m.bin")
+    path = gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "m.gguf")
+    before = path.read_bytes()
+    with pytest.raises(GaqpruneError, match="already exists"):
+        gguf_export.save_gguf(tiny_llama(seed=1), embedded_tokenizer, path)
+    assert path.read_bytes() == before
+
+    def explode(self, *args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C halfway through the weights
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", explode)
+    with pytest.raises(KeyboardInterrupt):
+        gguf_export.save_gguf(tiny_llama(seed=1), embedded_tokenizer, path, overwrite=True)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+    with pytest.raises(KeyboardInterrupt):
+        gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "new.gguf")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+def test_console_script(tmp_path, embedded_tokenizer):
+    ckpt = export.save_pretrained_model(prune(tiny_llama(vocab_size=len(embedded_tokenizer))), embedded_tokenizer,
+                                        tmp_path / "ckpt")
+    run = [sys.executable, "-c", "from gaqprune.gguf_export import cli; cli()", str(ckpt)]
+    ok = subprocess.run([*run, str(tmp_path / "m.gguf"), "--out_type", "q8_0"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    fields, _ = read(tmp_path / "m.gguf")
+    assert fields["deci.attention.head_count_kv"] == [2, 1, 2] and len(fields["tokenizer.ggml.tokens"]) == 49152
+    bad = subprocess.run([*run, str(tmp_path / "x.gguf"), "--out_type", "int3"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "int3" in bad.stderr and not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_llama_cpp_reproduces_hf_logits(tmp_path, embedded_tokenizer):
+    """llama.cpp itself (llama-cpp-python) loads the pruned file and gives HF's logits and tokens."""
+    import llama_cpp
+
+    model = prune(tiny_llama(vocab_size=len(embedded_tokenizer)))
+    path = gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "m.gguf", out_type="f32")
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    text = "Structured pruning removes whole GQA groups and MLP channels."
+    ids = embedded_tokenizer(text)["input_ids"]
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    llm.eval(ids)
+    ours = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    torch.testing.assert_close(ours, hf_logits(model, torch.tensor([ids]))[0], rtol=1e-3, atol=1e-3)
