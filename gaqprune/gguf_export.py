@@ -1,4 +1,4 @@
-"""GGUF export: a pruned model that runs in llama.cpp (and ollama, LM Studio, llama-cpp-python).
+"""GGUF export: a pruned model that runs in llama.cpp (checked through llama-cpp-python).
 
 llama.cpp's ``deci`` architecture, written for NVIDIA's Llama-3.1-Nemotron NAS models, reads the
 query-head, KV-head and FFN counts as one value per layer and builds every layer with its own

@@ -17,7 +17,7 @@ class RunSettings:
     save_model: bool = False
     """Save the pruned model to <run folder>/model (safetensors + tokenizer + config)."""
     save_gguf: Literal["f32", "f16", "bf16", "q8_0"] | None = None
-    """Also write the model for llama.cpp (ollama, LM Studio, llama-cpp-python) as <run folder>/model.gguf (and
+    """Also write the model for llama.cpp (and the runtimes built on it) as <run folder>/model.gguf (and
     model_finetuned.gguf after a fine-tune) with these weight types; per-layer shapes use llama.cpp's 'deci'
     architecture. None: no GGUF."""
     test_after_prune: bool = False
