@@ -112,9 +112,7 @@ def test_pruned_model_metadata_and_llama_cpp_semantics(tmp_path, embedded_tokeni
 
 
 def test_llama3_rope_factors_and_tied_head(tmp_path, embedded_tokenizer):
-    model = tied_tiny()
-    model.config.rope_parameters = dict(LLAMA3_ROPE)
-    model.model.rotary_emb = type(model.model.rotary_emb)(model.config)
+    model = llama3_rope_tiny(256)
     path = gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "m.gguf", out_type="f32")
     fields, tensors = read(path)
     assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
@@ -234,15 +232,27 @@ def test_console_script(tmp_path, embedded_tokenizer):
     assert bad.returncode != 0 and "int3" in bad.stderr and not (tmp_path / "x.gguf").exists()
 
 
+def llama3_rope_tiny(vocab_size: int):
+    """Tied embeddings and Llama-3's rotary scaling: llama.cpp must reuse token_embd and apply rope_freqs."""
+    model = tied_tiny()
+    if vocab_size != model.config.vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    model.config.rope_parameters = dict(LLAMA3_ROPE)
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config)
+    return model
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
-def test_llama_cpp_reproduces_hf_logits(tmp_path, embedded_tokenizer):
-    """llama.cpp itself (llama-cpp-python) loads the pruned file and gives HF's logits and tokens."""
+@pytest.mark.parametrize("variant", ["pruned", "llama3_rope_tied"])
+def test_llama_cpp_reproduces_hf_logits(tmp_path, embedded_tokenizer, variant):
+    """llama.cpp itself (llama-cpp-python) loads the file and gives HF's tokens and logits."""
     import llama_cpp
 
-    model = prune(tiny_llama(vocab_size=len(embedded_tokenizer)))
+    vocab = len(embedded_tokenizer)
+    model = prune(tiny_llama(vocab_size=vocab)) if variant == "pruned" else llama3_rope_tiny(vocab)
     path = gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "m.gguf", out_type="f32")
-    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
-    text = "Structured pruning removes whole GQA groups and MLP channels."
+    llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
+    text = "Structured pruning removes whole GQA groups and MLP channels, 25 % of them, in 15 s. " * 3
     ids = embedded_tokenizer(text)["input_ids"]
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
     llm.eval(ids)
