@@ -4,6 +4,7 @@ reproduce the HF logits; with llama-cpp-python installed, llama.cpp itself must 
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -178,7 +179,7 @@ def test_mlp_widths_are_zero_padded_to_whole_blocks(tmp_path, embedded_tokenizer
     torch.testing.assert_close(gguf_forward(path, ids), hf_logits(model, ids), rtol=0, atol=4e-2)
 
 
-def test_pre_tokenizer_names():
+def test_pre_tokenizer_names(llama3_style_tokenizer):
     bpe = {"model": {"type": "BPE"}, "decoder": {"type": "ByteLevel"}}
     llama3 = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": gguf_export._LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
@@ -186,6 +187,7 @@ def test_pre_tokenizer_names():
     smollm = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                     {"type": "ByteLevel", "use_regex": True}]}
     assert gguf_export.tokenizer_pre({**bpe, "pre_tokenizer": llama3}) == "llama-bpe"
+    assert gguf_export.tokenizer_pre(json.loads(llama3_style_tokenizer.backend_tokenizer.to_str())) == "llama-bpe"
     assert gguf_export.tokenizer_pre({**bpe, "pre_tokenizer": smollm}) == "smollm"
     assert gguf_export.tokenizer_pre({**bpe, "pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
     with pytest.raises(GaqpruneError, match="unknown pre-tokenizer .*Whitespace"):
@@ -232,6 +234,28 @@ def test_console_script(tmp_path, embedded_tokenizer):
     assert bad.returncode != 0 and "int3" in bad.stderr and not (tmp_path / "x.gguf").exists()
 
 
+@pytest.fixture(scope="module")
+def llama3_style_tokenizer():
+    """A 1,000-token BPE trained here with Llama 3's pre-tokenizer (its split regex + byte level, merges ignored
+    for whole words): the tokenizer family of the 8B models, without the hub."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from gaqprune.corpus import embedded_articles
+    from gaqprune.models import cache_root
+
+    texts = [text for split in embedded_articles(cache_root()).values() for text in split][:40]
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(gguf_export._LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        special_tokens=["<|begin_of_text|>", "<|end_of_text|>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+
+
 def llama3_rope_tiny(vocab_size: int):
     """Tied embeddings and Llama-3's rotary scaling: llama.cpp must reuse token_embd and apply rope_freqs."""
     model = tied_tiny()
@@ -243,18 +267,21 @@ def llama3_rope_tiny(vocab_size: int):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
-@pytest.mark.parametrize("variant", ["pruned", "llama3_rope_tied"])
-def test_llama_cpp_reproduces_hf_logits(tmp_path, embedded_tokenizer, variant):
+@pytest.mark.parametrize("variant", ["pruned", "llama3_rope_tied", "llama3_tokenizer"])
+def test_llama_cpp_reproduces_hf_logits(tmp_path, embedded_tokenizer, llama3_style_tokenizer, variant):
     """llama.cpp itself (llama-cpp-python) loads the file and gives HF's tokens and logits."""
     import llama_cpp
 
-    vocab = len(embedded_tokenizer)
-    model = prune(tiny_llama(vocab_size=vocab)) if variant == "pruned" else llama3_rope_tiny(vocab)
-    path = gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "m.gguf", out_type="f32")
-    llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
-    text = "Structured pruning removes whole GQA groups and MLP channels, 25 % of them, in 15 s. " * 3
-    ids = embedded_tokenizer(text)["input_ids"]
-    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    tokenizer = llama3_style_tokenizer if variant == "llama3_tokenizer" else embedded_tokenizer
+    vocab = len(tokenizer)
+    model = llama3_rope_tiny(vocab) if variant == "llama3_rope_tied" else prune(tiny_llama(vocab_size=vocab))
+    path = gguf_export.save_gguf(model, tokenizer, tmp_path / "m.gguf", out_type="f32")
+    llm = llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=1)
+    text = ("Structured pruning removes whole GQA groups and MLP channels, 25 % of them, in 15 s.\n\n"
+            "It's 2026; THEY'LL prune 8,030,261,248 parameters   twice\r\n\tand éléphant 1234567. ") * 2
+    ids = tokenizer(text)["input_ids"]
+    add_bos = bool(ids) and ids[0] == tokenizer.bos_token_id
+    assert llm.tokenize(text.encode(), add_bos=add_bos, special=True) == ids
     llm.eval(ids)
     ours = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
     torch.testing.assert_close(ours, hf_logits(model, torch.tensor([ids]))[0], rtol=1e-3, atol=1e-3)
