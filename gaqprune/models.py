@@ -67,6 +67,23 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
 
 
+def _check_gguf_architecture(path: Path) -> None:
+    """transformers reads llama / mistral GGUF files; refuse others (gaqprune's own 'deci' export included) in a line."""
+    from gguf import GGUFReader
+
+    try:
+        arch = GGUFReader(path).fields["general.architecture"].contents()
+    except (KeyError, OSError, ValueError) as err:
+        raise GaqpruneError(f"--base_model {str(path)!r} is not a readable GGUF file: {err}") from None
+    if arch == "deci":
+        raise GaqpruneError(
+            f"--base_model {str(path)!r} is a GGUF file for llama.cpp ('deci' architecture, as gaqprune's --save_gguf "
+            "writes pruned models); transformers cannot read it: give the run's model/ folder instead"
+        )
+    if arch not in SUPPORTED_MODEL_TYPES:
+        raise GaqpruneError(f"--base_model {str(path)!r} is a {arch!r} GGUF file; gaqprune reads llama and mistral ones")
+
+
 def _converted_gguf_dir(gguf: Path) -> Path:
     """Convert a GGUF file once into a safetensors HF folder in the cache and return that folder."""
     name = EMBEDDED_NAME if gguf.name == EMBEDDED_GGUF else gguf.stem
@@ -77,6 +94,7 @@ def _converted_gguf_dir(gguf: Path) -> Path:
 
     from gaqprune.atomic import atomic_dir
 
+    _check_gguf_architecture(gguf)
     log.info("converting %s to safetensors (once) in %s", gguf, target)
     config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     check_architecture(config, str(gguf))

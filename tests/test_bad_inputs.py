@@ -49,6 +49,15 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
 
         tiny_llama_config(vocab_size=49152, hidden_act="gelu").save_pretrained(gelu)
         AutoTokenizer.from_pretrained(model).save_pretrained(gelu)
+    deci = tmp / "pruned.gguf"  # what --save_gguf writes: llama.cpp's 'deci' architecture, not readable back
+    if not deci.exists():
+        import gguf
+
+        writer = gguf.GGUFWriter(deci, "deci")
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
     return {
         "ratio_zero": ([*data, "--pruning_ratio", "0"], "--pruning_ratio 0"),
         "ratio_above_one": ([*data, "--pruning_ratio", "1.5"], "--pruning_ratio 1.5"),
@@ -93,6 +102,7 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
                         "strategy `fsdp` requires a GPU"),
         "gguf_unknown_type": ([*data, "--save_gguf", "q4"], "save_gguf"),
         "gguf_unsupported_model": (["--base_model", str(gelu), *data, "--save_gguf", "f16"], "hidden_act is 'gelu'"),
+        "gguf_deci_as_base_model": (["--base_model", str(deci), *data], "give the run's model/ folder instead"),
     }
 
 
@@ -104,7 +114,7 @@ CASE_NAMES = [
     "importance_missing", "config_without_skip", "empty_text_file", "binary_text_file", "unknown_dataset",
     "finetune_samples_zero", "finetune_full_with_lora_rank", "compensation_samples_zero",
     "compensation_samples_too_many", "compensation_seq_len_above_context", "fsdp_on_cpu", "gguf_unknown_type",
-    "gguf_unsupported_model",
+    "gguf_unsupported_model", "gguf_deci_as_base_model",
 ]
 
 
