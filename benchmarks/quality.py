@@ -45,11 +45,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def load_embedded(eval_windows: int | None, num_examples: int, max_seq_len: int):
-    """``(dense model fp32, LMDataModule, eval windows [N, 128], calibration windows [num_examples, max_seq_len])``:
-    the setup every quality script shares (evaluation at window 128, the first ``eval_windows`` or all 298)."""
+def load_embedded(eval_windows: int | None, num_examples: int, max_seq_len: int, eval_seq_len: int = 128):
+    """``(dense model fp32, LMDataModule, eval windows [N, eval_seq_len], calibration windows [num_examples,
+    max_seq_len])``: the setup every quality script shares (evaluation at window 128 by default, the first
+    ``eval_windows`` or all of them: 298 at 128 tokens, 18 at 2048)."""
     dense = load_model("embedded", dtype="float32")
-    data = LMDataModule(max_seq_len=128, max_eval_windows=eval_windows)
+    data = LMDataModule(max_seq_len=eval_seq_len, max_eval_windows=eval_windows)
     return dense, data, data.eval_windows(), data.calibration_windows(num_examples, max_seq_len)
 
 
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=JSON: an extra row with gaqprune defaults plus these PruneSettings overrides")
     parser.add_argument("--eval_windows", type=int, default=None, help="evaluate the first N of the 298 windows")
+    parser.add_argument("--eval_seq_len", type=int, default=128, help="evaluation window (LLM-Pruner: 128 and 2048)")
     parser.add_argument("--eval_batch_size", type=int, default=16)
     parser.add_argument("--num_examples", type=int, default=64,
                         help="calibration windows for Taylor and compensation, shared by all methods (guide: 32-64)")
@@ -122,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
 
     started = time.time()
-    dense, data, eval_windows, calib = load_embedded(args.eval_windows, args.num_examples, args.max_seq_len)
+    dense, data, eval_windows, calib = load_embedded(args.eval_windows, args.num_examples, args.max_seq_len,
+                                                     args.eval_seq_len)
     refit = calib
     if args.compensation_samples:
         refit = data.calibration_windows(args.compensation_samples, args.compensation_seq_len, seed=2,
@@ -178,13 +181,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"({t_prune:.0f}s pruning) layers removed {plan['removed_layers']}")
         del model
 
-    table = ["| target | method | PPL (w128) | removed: decoder | removed: whole model |", "|---|---|---|---|---|"]
+    table = [f"| target | method | PPL (w{args.eval_seq_len}) | removed: decoder | removed: whole model |",
+             "|---|---|---|---|---|"]
     for r in results:
         table.append(f"| {r['ratio']:.0%} | {r['label']} | {r['ppl']:.2f} | {r['removed_decoder']:.2%} | "
                      f"{r['removed_model']:.2%} |")
     print("\n".join(table))
     summary = {
-        "eval_windows": len(eval_windows), "calibration": list(calib.shape), "refit": list(refit.shape),
+        "eval_windows": len(eval_windows), "eval_seq_len": args.eval_seq_len, "calibration": list(calib.shape),
+        "refit": list(refit.shape),
         "importance_method": args.importance_method,
         "importance_samples": args.importance_samples, "importance": importance, "results": results,
         "defaults": {k: v for k, v in vars(PruneSettings()).items()},
