@@ -103,7 +103,7 @@ class GaqpruneTrainer(L.Trainer):
 
             with clock("save_gguf"):
                 save_gguf(hf_model, datamodule.tokenizer, out_dir / "model.gguf", out_type=job.run.save_gguf,
-                          overwrite=True, name=model_name(job.base_model))
+                          overwrite=True, name=model_name(job.base_model), progress=progress)
         metrics.update(params=plan["totals"], seconds=clock.seconds)
         self._log_prune_metrics(scores, plan, metrics)
         if progress:

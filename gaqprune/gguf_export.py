@@ -224,15 +224,18 @@ def _tokenizer_metadata(writer, gguf, tokenizer, vocab_size: int, pre: str) -> N
 
 
 def save_gguf(hf_model, tokenizer, path: str | os.PathLike, out_type: str = "f16", overwrite: bool = False,
-              tokenizer_pre: str | None = None, name: str | None = None, ffn_multiple: int | None = None) -> Path:
+              tokenizer_pre: str | None = None, name: str | None = None, ffn_multiple: int | None = None,
+              progress: bool = False) -> Path:
     """Write ``hf_model`` (dense or pruned) and ``tokenizer`` as one GGUF file for llama.cpp.
 
     ``out_type``: f32, f16, bf16 or q8_0. ``tokenizer_pre`` overrides the detected pre-tokenizer name.
     ``ffn_multiple``: pad each layer's MLP width with zero channels (exact: they add nothing) to a multiple of
     this, so quantized types keep whole blocks along ``ffn_down``'s rows; None = 32 for q8_0 (its block),
     1 otherwise; 256 suits an f16 file meant for llama.cpp's K-quants. An existing ``path`` is refused unless
-    ``overwrite``.
+    ``overwrite``. ``progress`` shows a bar (bytes written, ETA).
     """
+    from tqdm.auto import tqdm
+
     from gaqprune.export import _checked_layer_shapes
 
     gguf = _gguf()
@@ -278,16 +281,23 @@ def save_gguf(hf_model, tokenizer, path: str | os.PathLike, out_type: str = "f16
         writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
         _tokenizer_metadata(writer, gguf, tokenizer, vocab_size, pre)
         # Two passes over the weights: tensor infos first (the header needs them), then the data one at a time.
-        for tensor_name, tensor in _tensors(hf_model, head_dim, rope_factors, ffn_multiple):
-            qtype = _encoding(gguf, tensor, out_type)
-            shape = tuple(tensor.shape)
-            writer.add_tensor_info(tensor_name, shape, np.dtype(np.float32), _nbytes(gguf, shape, qtype), raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+        total = 0
         with torch.no_grad():
-            for _, tensor in _tensors(hf_model, head_dim, rope_factors, ffn_multiple):
-                writer.write_tensor_data(_encode(gguf, tensor, _encoding(gguf, tensor, out_type)))
+            for tensor_name, tensor in _tensors(hf_model, head_dim, rope_factors, ffn_multiple):
+                qtype = _encoding(gguf, tensor, out_type)
+                shape = tuple(tensor.shape)
+                total += _nbytes(gguf, shape, qtype)
+                writer.add_tensor_info(tensor_name, shape, np.dtype(np.float32), _nbytes(gguf, shape, qtype),
+                                       raw_dtype=qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            with tqdm(total=total, desc=f"GGUF {out_type}", unit="B", unit_scale=True, disable=not progress,
+                      leave=False, dynamic_ncols=True) as bar:
+                for _, tensor in _tensors(hf_model, head_dim, rope_factors, ffn_multiple):
+                    data = _encode(gguf, tensor, _encoding(gguf, tensor, out_type))
+                    writer.write_tensor_data(data)
+                    bar.update(data.nbytes)
         writer.close()
         os.replace(tmp, path)
     finally:
@@ -314,7 +324,7 @@ def main(model: str, out: str, out_type: str = "f16", overwrite: bool = False, t
 
     hf_model = load_model(model, dtype=dtype)
     path = save_gguf(hf_model, load_tokenizer(model), out, out_type=out_type, overwrite=overwrite,
-                     tokenizer_pre=tokenizer_pre, ffn_multiple=ffn_multiple)
+                     tokenizer_pre=tokenizer_pre, ffn_multiple=ffn_multiple, progress=True)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {out_type})")
 
 
