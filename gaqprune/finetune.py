@@ -77,6 +77,6 @@ def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str |
         from gaqprune.gguf_export import save_gguf
 
         paths["gguf"] = str(save_gguf(hf_model, tokenizer, out_dir / "model_finetuned.gguf", out_type=gguf_type,
-                                      overwrite=True))
+                                      overwrite=True, progress=True))
     hf_model.train(was_training)
     return paths
