@@ -54,7 +54,9 @@ def _gguf():
     import gguf
 
     if not hasattr(gguf.MODEL_ARCH, "DECI"):
-        raise GaqpruneError(f"GGUF export needs gguf>=0.17 (llama.cpp's 'deci' architecture); found {gguf.__file__}")
+        from importlib.metadata import version
+
+        raise GaqpruneError(f"GGUF export needs gguf>=0.17 (llama.cpp's 'deci' architecture); found gguf {version('gguf')}")
     return gguf
 
 

@@ -267,7 +267,7 @@ def llama3_rope_tiny(vocab_size: int):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
-@pytest.mark.parametrize("variant", ["pruned", "llama3_rope_tied", "llama3_tokenizer"])
+@pytest.mark.parametrize("variant", ["pruned", "llama3_rope_tied", "llama3_tokenizer", "linear_rope"])
 def test_llama_cpp_reproduces_hf_logits(tmp_path, embedded_tokenizer, llama3_style_tokenizer, variant):
     """llama.cpp itself (llama-cpp-python) loads the file and gives HF's tokens and logits."""
     import llama_cpp
@@ -275,6 +275,9 @@ def test_llama_cpp_reproduces_hf_logits(tmp_path, embedded_tokenizer, llama3_sty
     tokenizer = llama3_style_tokenizer if variant == "llama3_tokenizer" else embedded_tokenizer
     vocab = len(tokenizer)
     model = llama3_rope_tiny(vocab) if variant == "llama3_rope_tied" else prune(tiny_llama(vocab_size=vocab))
+    if variant == "linear_rope":  # positions divided by 4 (HF) = rotary frequencies scaled by 1/4 (llama.cpp)
+        model.config.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+        model.model.rotary_emb = type(model.model.rotary_emb)(model.config)
     path = gguf_export.save_gguf(model, tokenizer, tmp_path / "m.gguf", out_type="f32")
     llm = llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=1)
     text = ("Structured pruning removes whole GQA groups and MLP channels, 25 % of them, in 15 s.\n\n"
