@@ -7,6 +7,7 @@ evaluation split (LLM-Pruner protocol). Prints one Markdown table and writes JSO
     python benchmarks/quality.py --ratios 0.2 0.3 --importance_cache imp.json --out quality.json  # acceptance table
     python benchmarks/quality.py --eval_windows 80 --methods dense gaqprune     # quick research loop
     python benchmarks/quality.py --variant 'nocomp={"compensation": "none"}'    # extra rows: default + overrides
+    python benchmarks/quality.py --eval_seq_len 2048 --eval_batch_size 2 ...    # the 2048-token protocol (18 windows)
 """
 
 from __future__ import annotations
