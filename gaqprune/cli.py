@@ -196,7 +196,6 @@ class GaqpruneCLI(LightningCLI):
                 raise GaqpruneError(f"--compensation_seq_len {prune.compensation_seq_len} exceeds the model's context of "
                                     f"{context} tokens")
             validate_finetune_settings(fin, cfg["model"])
-            check_gguf(run, cfg["base_model"], model_config)
             if fin.finetune and self.subcommand == "prune":
                 validate_teacher(fin, cfg["base_model"], model_config)
             pipeline.check_run_dir(run)
@@ -205,12 +204,13 @@ class GaqpruneCLI(LightningCLI):
             fin = self._settings(FinetuneSettings)
             validate_finetune_settings(fin, cfg["model"])
             validate_teacher(fin, cfg["base_model"], model_config)
-            check_gguf(run, cfg["base_model"], model_config)
             outputs = ["model_finetuned"] + (["model_finetuned.gguf"] if run.save_gguf else [])
             for finetuned in (pipeline.run_dir(run) / name for name in outputs):
                 if finetuned.exists() and not run.overwrite:
                     raise GaqpruneError(f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: {str(finetuned)!r} already "
                                         "exists; pick another name or pass --overwrite true")
+        if self.subcommand in ("prune", "fit"):
+            check_gguf(self._settings(RunSettings), cfg["base_model"], model_config)
 
     def instantiate_trainer(self, **kwargs):
         """Lightning rejects impossible --trainer.* combinations (e.g. strategy fsdp on the CPU) with a ValueError
