@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
     models = {key: load_model(path) for key, path in names.items()}
     tokenizer = load_tokenizer(args.dense)
     data = LMDataModule(max_seq_len=128, max_eval_windows=max(args.ppl_windows, 1))
-    windows = data.eval_windows()[: args.ppl_windows]
-    stream = data.eval_windows().flatten().tolist()
+    all_windows = data.eval_windows()
+    windows = all_windows[: args.ppl_windows]
+    stream = all_windows.flatten().tolist()
     prompt, decode = stream[: args.prompt], stream[args.prompt : args.prompt + args.decode]
     params = {key: matmul_params(model) for key, model in models.items()}
     result: dict = {"machine": machine(), "args": vars(args), "matmul_params": params,

@@ -27,7 +27,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -121,43 +122,47 @@ def _padded(width: int, multiple: int) -> int:
 
 
 def _tensors(hf_model, head_dim: int, rope_factors: torch.Tensor | None,
-             ffn_multiple: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(GGUF name, tensor) in file order: q/k rows interleaved for llama.cpp's rotary, MLP widths zero-padded."""
+             ffn_multiple: int) -> Iterator[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
+    """(GGUF name, shape, tensor maker) in file order: the maker builds the tensor as written (q/k rows interleaved
+    for llama.cpp's rotary, MLP widths zero-padded) only when called, so the header pass copies nothing."""
     gguf = _gguf()
     layers = hf_model.model.layers
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, len(layers))
-    yield "token_embd.weight", hf_model.model.embed_tokens.weight
+
+    def plain(tensor: torch.Tensor):
+        return tuple(tensor.shape), lambda: tensor
+
+    yield "token_embd.weight", *plain(hf_model.model.embed_tokens.weight)
     if rope_factors is not None:
-        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_factors
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", *plain(rope_factors)
     for index, layer in enumerate(layers):
-        attn = layer.self_attn
         width = layer.mlp.down_proj.in_features
         pad = _padded(width, ffn_multiple) - width
         for hf_name, param in layer.named_parameters():
-            tensor = param
-            if hf_name == "self_attn.q_proj.weight":
-                tensor = _interleave_rotary(param, attn.q_proj.out_features // head_dim)
-            elif hf_name == "self_attn.k_proj.weight":
-                tensor = _interleave_rotary(param, attn.k_proj.out_features // head_dim)
+            shape, make = plain(param)
+            if hf_name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+                make = partial(_interleave_rotary, param, param.shape[0] // head_dim)
             elif pad and hf_name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-                tensor = torch.nn.functional.pad(param, (0, 0, 0, pad))  # zero channels: silu(0) * 0 adds nothing
+                shape = (width + pad, param.shape[1])  # zero channels: silu(0) * 0 adds nothing
+                make = partial(torch.nn.functional.pad, param, (0, 0, 0, pad))
             elif pad and hf_name == "mlp.down_proj.weight":
-                tensor = torch.nn.functional.pad(param, (0, pad))
+                shape = (param.shape[0], width + pad)
+                make = partial(torch.nn.functional.pad, param, (0, pad))
             base, _, suffix = hf_name.rpartition(".")
-            yield f"{names.get_name(f'model.layers.{index}.{base}')}.{suffix}", tensor
-    yield "output_norm.weight", hf_model.model.norm.weight
+            yield f"{names.get_name(f'model.layers.{index}.{base}')}.{suffix}", shape, make
+    yield "output_norm.weight", *plain(hf_model.model.norm.weight)
     head = hf_model.get_output_embeddings().weight
     if head.data_ptr() != hf_model.model.embed_tokens.weight.data_ptr():  # tied: llama.cpp reuses token_embd
-        yield "output.weight", head
+        yield "output.weight", *plain(head)
 
 
-def _encoding(gguf, tensor: torch.Tensor, out_type: str):
+def _encoding(gguf, shape: tuple[int, ...], out_type: str):
     """The GGML type a tensor is stored in: norms and rotary factors f32; q8_0 only for rows of whole blocks."""
     Q = gguf.GGMLQuantizationType
-    if tensor.dim() == 1 or out_type == "f32":
+    if len(shape) == 1 or out_type == "f32":
         return Q.F32
     if out_type == "q8_0":
-        return Q.Q8_0 if tensor.shape[-1] % Q8_BLOCK == 0 else Q.F16
+        return Q.Q8_0 if shape[-1] % Q8_BLOCK == 0 else Q.F16
     return {"f16": Q.F16, "bf16": Q.BF16}[out_type]
 
 
@@ -181,7 +186,17 @@ def _tokenizer_json(tokenizer, folder: str) -> dict:
 
 def check_supported(config, tokenizer, tokenizer_pre_name: str | None = None) -> str:
     """Refuse, before any work, what GGUF export cannot write; returns the pre-tokenizer name it will use."""
-    if getattr(config, "model_type", None) not in ("llama", "mistral", "gaqprune_llama"):
+    _check_config(config)
+    if tokenizer_pre_name:
+        return tokenizer_pre_name
+    with tempfile.TemporaryDirectory() as tmp:
+        return tokenizer_pre(_tokenizer_json(tokenizer, tmp))
+
+
+def _check_config(config) -> None:
+    from gaqprune.export import PRUNABLE_MODEL_TYPES
+
+    if getattr(config, "model_type", None) not in PRUNABLE_MODEL_TYPES:
         raise GaqpruneError(f"cannot write a {config.model_type!r} model as GGUF; llama and mistral layouts only")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise GaqpruneError(f"GGUF 'deci' layers use SiLU; this model's hidden_act is {config.hidden_act!r}")
@@ -191,15 +206,13 @@ def check_supported(config, tokenizer, tokenizer_pre_name: str | None = None) ->
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise GaqpruneError("GGUF export writes bias-free Llama layers; this model has attention or MLP biases")
     _rope(config)
-    if tokenizer_pre_name:
-        return tokenizer_pre_name
-    with tempfile.TemporaryDirectory() as tmp:
-        return tokenizer_pre(_tokenizer_json(tokenizer, tmp))
 
 
-def _tokenizer_metadata(writer, gguf, tokenizer, vocab_size: int, pre: str) -> None:
+def _tokenizer_metadata(writer, gguf, tokenizer, vocab_size: int, pre: str | None) -> None:
+    """Tokens, their types, llama.cpp's pre-tokenizer name (``pre``, else detected), merges and special tokens."""
     with tempfile.TemporaryDirectory() as tmp:
-        _tokenizer_json(tokenizer, tmp)
+        spec = _tokenizer_json(tokenizer, tmp)  # the saved files also feed SpecialVocab below
+        pre = pre or tokenizer_pre(spec)
         reverse = {index: token for token, index in tokenizer.get_vocab().items()}
         added = tokenizer.added_tokens_decoder
         tokens, types = [], []
@@ -252,7 +265,7 @@ def save_gguf(hf_model, tokenizer, path: str | os.PathLike, out_type: str = "f16
     if path.exists() and not overwrite:
         raise GaqpruneError(f"output file {str(path)!r} already exists; pass overwrite (--overwrite true) to replace it")
     config = hf_model.config
-    pre = check_supported(config, tokenizer, tokenizer_pre)
+    _check_config(config)
     shapes = _checked_layer_shapes(hf_model)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     theta, rope_kind, rope = _rope(config)
@@ -281,25 +294,23 @@ def save_gguf(hf_model, tokenizer, path: str | os.PathLike, out_type: str = "f16
         writer.add_vocab_size(vocab_size)
         file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}[out_type]
         writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
-        _tokenizer_metadata(writer, gguf, tokenizer, vocab_size, pre)
+        _tokenizer_metadata(writer, gguf, tokenizer, vocab_size, tokenizer_pre)
         # Two passes over the weights: tensor infos first (the header needs them), then the data one at a time.
         total = 0
-        with torch.no_grad():
-            for tensor_name, tensor in _tensors(hf_model, head_dim, rope_factors, ffn_multiple):
-                qtype = _encoding(gguf, tensor, out_type)
-                shape = tuple(tensor.shape)
-                total += _nbytes(gguf, shape, qtype)
-                writer.add_tensor_info(tensor_name, shape, np.dtype(np.float32), _nbytes(gguf, shape, qtype),
-                                       raw_dtype=qtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            with tqdm(total=total, desc=f"GGUF {out_type}", unit="B", unit_scale=True, disable=not progress,
-                      leave=False, dynamic_ncols=True) as bar:
-                for _, tensor in _tensors(hf_model, head_dim, rope_factors, ffn_multiple):
-                    data = _encode(gguf, tensor, _encoding(gguf, tensor, out_type))
-                    writer.write_tensor_data(data)
-                    bar.update(data.nbytes)
+        for tensor_name, shape, _ in _tensors(hf_model, head_dim, rope_factors, ffn_multiple):
+            qtype = _encoding(gguf, shape, out_type)
+            nbytes = _nbytes(gguf, shape, qtype)
+            total += nbytes
+            writer.add_tensor_info(tensor_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with torch.no_grad(), tqdm(total=total, desc=f"GGUF {out_type}", unit="B", unit_scale=True,
+                                   disable=not progress, leave=False, dynamic_ncols=True) as bar:
+            for _, shape, make in _tensors(hf_model, head_dim, rope_factors, ffn_multiple):
+                data = _encode(gguf, make(), _encoding(gguf, shape, out_type))
+                writer.write_tensor_data(data)
+                bar.update(data.nbytes)
         writer.close()
         os.replace(tmp, path)
     finally:
