@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_llama
-from test_export import prune, tied_tiny, tokens
+from test_export import _keep_cols, _keep_rows, prune, tied_tiny, tokens
 
 from gaqprune import export, gguf_export
 from gaqprune.errors import GaqpruneError
@@ -144,13 +144,8 @@ def hundred_channel_model():
     model = tiny_llama()
     mlp = model.model.layers[1].mlp
     keep = torch.arange(100)
-    for name in ("gate_proj", "up_proj"):
-        new = torch.nn.Linear(64, 100, bias=False)
-        new.weight.data = getattr(mlp, name).weight.data[keep].clone()
-        setattr(mlp, name, new)
-    down = torch.nn.Linear(100, 64, bias=False)
-    down.weight.data = mlp.down_proj.weight.data[:, keep].clone()
-    mlp.down_proj = down
+    mlp.gate_proj, mlp.up_proj = _keep_rows(mlp.gate_proj, keep), _keep_rows(mlp.up_proj, keep)
+    mlp.down_proj = _keep_cols(mlp.down_proj, keep)
     return model
 
 
