@@ -133,14 +133,19 @@ def allocate_rates(importance: Sequence[float], ratio: float, strategy: str = "i
     rest = [i for i in range(n) if i not in removed]
     budget = target - sum(params[i] for i in removed)
     rest_params = sum(params[i] for i in rest)
-    # What the whole-removed layers leave may fall outside [min, max] of the others; clamp and report.
-    sub_ratio = min(max_rate, max(min_rate, budget / rest_params))
-    if not min_rate * rest_params <= budget <= max_rate * rest_params:
-        rates_rest = [sub_ratio] * len(rest)
-    else:
-        sub_w = [weights[i] for i in rest]
-        rates_rest = _clipped(_solve_scale(sub_w, [params[i] for i in rest], budget, min_rate, max_rate),
-                              sub_w, min_rate, max_rate)
+    # Removing whole layers is all-or-nothing: what they leave may not fit the other layers' [min, max].
+    slack = 1e-9 * sum(params)
+    if not min_rate * rest_params - slack <= budget <= max_rate * rest_params + slack:
+        reach = (sum(params[i] for i in removed) + max_rate * rest_params) / sum(params)
+        raise ValueError(
+            f"--pruning_ratio {ratio} is not reachable with --whole_layer_rate {whole_layer_rate}: "
+            f"{len(removed)} whole layer(s) plus every other layer at --max_pruning_rate {max_rate} remove only "
+            f"{reach:.4f}; lower --whole_layer_rate or --pruning_ratio, or raise --max_pruning_rate"
+        )
+    budget = min(max(budget, min_rate * rest_params), max_rate * rest_params)
+    sub_w = [weights[i] for i in rest]
+    rates_rest = _clipped(_solve_scale(sub_w, [params[i] for i in rest], budget, min_rate, max_rate),
+                          sub_w, min_rate, max_rate)
     rates = [1.0] * n
     for i, r in zip(rest, rates_rest):
         rates[i] = r

@@ -72,6 +72,14 @@ def test_whole_layer_removal_in_budget():
     assert all(0.1 <= r <= 0.5 for r in rates if r < 1.0)
 
 
+def test_whole_layer_removal_never_misses_the_ratio_silently():
+    # above --max_pruning_rate, only whole layers can make up the rest; when none can, say so
+    with pytest.raises(ValueError, match=r"--pruning_ratio 0.35 is not reachable with --whole_layer_rate 0.9: .* 0.3000"):
+        allocate_rates([1.0, 2.0], 0.35, "inverse", 1.0, 0.15, 0.30, None, whole_layer_rate=0.9)
+    rates = allocate_rates([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 0.35, "inverse", 1.0, 0.15, 0.30, None, whole_layer_rate=0.5)
+    assert rates[0] == 1.0 and removed_fraction(rates, [1] * 6) == pytest.approx(0.35)
+
+
 @pytest.mark.parametrize("kwargs", [
     {"ratio": 0.1, "min_rate": 0.15, "max_rate": 0.5},  # below min everywhere
     {"ratio": 0.6, "min_rate": 0.15, "max_rate": 0.5},  # above max everywhere
