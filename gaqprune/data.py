@@ -21,7 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from gaqprune.errors import GaqpruneError
 from gaqprune.models import EMBEDDED, cache_root
@@ -29,7 +29,7 @@ from gaqprune.models import EMBEDDED, cache_root
 HF_PRESETS = {
     # name: (dataset path, config, train split, eval split, text column)
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test", "text"),
-    "ptb": ("ptb_text_only", "penn_treebank", "train", "test", "sentence"),
+    "ptb": ("ptb_text_only", "penn_treebank", "train", "validation", "sentence"),  # as LLM-Pruner evaluates it
     "c4": ("allenai/c4", "en", "train", "validation", "text"),
 }
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json")
@@ -95,6 +95,11 @@ def tokenize_instructions(records: list[dict], tokenizer, seq_len: int, template
 
 def _is_local(source: str) -> bool:
     return Path(source).suffix.lower() in TEXT_SUFFIXES or Path(source).expanduser().exists()
+
+
+def _resolved_source(source: str) -> str:
+    """One name per text source: a local file's resolved path (so one file reached by two paths is one source)."""
+    return str(Path(source).expanduser().resolve()) if _is_local(source) else source
 
 
 def _read_local(path: Path) -> str:
@@ -234,6 +239,35 @@ def sample_windows(ids: torch.Tensor, seq_len: int, n: int, seed: int, what: str
     return windows[order.sort().values]
 
 
+class EvalWindows(Dataset):
+    """Evaluation windows as ``(window, real)`` pairs. Index ``n + i`` (``n`` windows) is window ``i`` again with
+    ``real`` False: the padding a distributed sampler needs, which the loss must not count."""
+
+    def __init__(self, windows: torch.Tensor):
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.windows)
+        return self.windows[index % n], torch.tensor(index < n)
+
+
+class PaddedEvalSampler(DistributedSampler):
+    """Shards ``EvalWindows`` over ranks in order. Like ``DistributedSampler``, it pads every rank to the same number
+    of windows, so ranks run the same number of steps (FSDP gathers weights in every forward); unlike it, the padding
+    is marked (``EvalWindows``), so every window counts exactly once in the perplexity."""
+
+    def __init__(self, dataset: EvalWindows, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self):
+        n = len(self.dataset)
+        indices = list(range(n)) + [n + i % n for i in range(self.total_size - n)]
+        return iter(indices[self.rank : self.total_size : self.num_replicas])
+
+
 class LMDataModule(L.LightningDataModule):
     """Token windows for calibration, LoRA training and perplexity evaluation."""
 
@@ -296,13 +330,15 @@ class LMDataModule(L.LightningDataModule):
         return self._tokenizer
 
     def streams(self, source: str) -> dict[str, torch.Tensor]:
-        if source not in self._streams:
-            # A file used only for evaluation is evaluated whole, unless it also calibrates.
+        key = _resolved_source(source)
+        if key not in self._streams:
+            # A file used only for evaluation is evaluated whole, unless it also calibrates (under any spelling of
+            # its path): then only its tail is evaluated, so calibration and evaluation text never overlap.
             fraction = self.eval_fraction
-            if source != self.source and _is_local(source):
+            if _is_local(source) and key != _resolved_source(self.source):
                 fraction = 1.0
-            self._streams[source] = token_streams(source, self.tokenizer, fraction)
-        return self._streams[source]
+            self._streams[key] = token_streams(source, self.tokenizer, fraction)
+        return self._streams[key]
 
     def calibration_windows(self, n: int, seq_len: int, seed: int | None = None, what: str = "--num_examples"):
         """``n`` windows of ``seq_len`` tokens from the calibration (train) part of ``source``."""
@@ -339,14 +375,16 @@ class LMDataModule(L.LightningDataModule):
         elif stage == "fit":
             self._train = TensorDataset(self.train_windows())
         if stage in ("fit", "validate", "test"):
-            self._eval = TensorDataset(self.eval_windows())
+            self._eval = EvalWindows(self.eval_windows())
 
     def train_dataloader(self):
         return DataLoader(self._train, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
                           generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self):
-        return DataLoader(self._eval, batch_size=self.eval_batch_size, num_workers=self.num_workers)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        sampler = None if world == 1 else PaddedEvalSampler(self._eval, world, self.trainer.global_rank)
+        return DataLoader(self._eval, batch_size=self.eval_batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def test_dataloader(self):
         return self.val_dataloader()

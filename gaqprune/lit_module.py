@@ -129,12 +129,18 @@ class LitCausalLM(L.LightningModule):
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
+    def _eval_update(self, metric, batch) -> None:
+        # batch: (windows, real) from data.EvalWindows (a padding window, real False, predicts no counted token), or
+        # (windows,) from another datamodule
+        windows, real = (*batch, None)[:2]
+        metric.update(*self(windows, labels=None if real is None else windows.masked_fill(~real[:, None], -100)))
+
     def validation_step(self, batch, batch_idx):
-        self.val_ppl.update(*self(batch[0]))
+        self._eval_update(self.val_ppl, batch)
         self.log("val_ppl", self.val_ppl, prog_bar=True, on_epoch=True, on_step=False)
 
     def test_step(self, batch, batch_idx):
-        self.test_ppl.update(*self(batch[0]))
+        self._eval_update(self.test_ppl, batch)
         self.log("test_ppl", self.test_ppl, prog_bar=True, on_epoch=True, on_step=False)
 
     # -- optimisation -------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -45,6 +46,52 @@ def test_local_text_file_split_never_overlaps(tmp_path, embedded_tokenizer):
     assert abs(len(s["eval"]) / total - 0.25) < 0.01
     whole = token_streams(str(f), embedded_tokenizer, eval_fraction=1.0)
     assert torch.equal(torch.cat([s["train"], s["eval"]]), whole["eval"])
+
+
+def test_one_file_named_two_ways_is_one_source(tmp_path, monkeypatch):
+    # calibration from an absolute path, evaluation from a relative one: still only the file's tail is evaluated
+    f = tmp_path / "doc.txt"
+    f.write_text(" ".join(f"word{i}" for i in range(3000)))
+    monkeypatch.chdir(tmp_path)
+    dm = LMDataModule(source=str(f), eval_source="./doc.txt", max_seq_len=32, eval_fraction=0.25)
+    calib = {tuple(w.tolist()) for w in dm.calibration_windows(20, 32)}
+    evaluation = {tuple(w.tolist()) for w in dm.eval_windows()}
+    assert calib and evaluation and not calib & evaluation
+    assert len(dm.streams("./doc.txt")["eval"]) == len(dm.streams(str(f))["eval"])
+    # a different file given as eval_source is evaluated whole
+    g = tmp_path / "other.txt"
+    g.write_text(" ".join(f"token{i}" for i in range(3000)))
+    dm = LMDataModule(source=str(f), eval_source="other.txt", max_seq_len=32, eval_fraction=0.25)
+    assert len(dm.streams("other.txt")["train"]) == 0 and len(dm.streams("other.txt")["eval"]) > 0
+
+
+def test_ptb_is_evaluated_on_its_validation_split(monkeypatch):
+    # LLM-Pruner's PTB perplexity is on the validation split (wikitext2: test), so published numbers compare
+    import datasets
+
+    from gaqprune.data import source_texts
+
+    class Split(dict):
+        column_names = ["sentence"]
+
+    splits = {name: Split(sentence=[f"{name} a", f"{name} b"]) for name in ("train", "validation", "test")}
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: splits)
+    assert source_texts("ptb") == ("train a\n\ntrain b", "validation a\n\nvalidation b")
+
+
+def test_padded_eval_sampler_counts_every_window_once():
+    from torch.utils.data import DataLoader
+
+    from gaqprune.data import EvalWindows, PaddedEvalSampler
+
+    windows = torch.arange(5 * 4).reshape(5, 4)
+    data = EvalWindows(windows)
+    seen, sizes = [], []
+    for rank in range(3):  # 5 windows on 3 ranks: 2 each, one of them padding
+        batches = list(DataLoader(data, batch_size=2, sampler=PaddedEvalSampler(data, 3, rank)))
+        sizes.append(sum(len(w) for w, _ in batches))
+        seen += [int(w[0]) // 4 for ws, real in batches for w, r in zip(ws, real) if r]
+    assert sizes == [2, 2, 2] and sorted(seen) == [0, 1, 2, 3, 4]
 
 
 def test_embedded_corpus_split_is_disjoint():
@@ -143,6 +190,24 @@ def test_validate_cli_on_local_text_file(tmp_path, tiny_model_dir):
                 "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "val_ppl" in r.stdout
+
+
+@pytest.mark.slow
+def test_validate_under_ddp_counts_each_window_once(tmp_path, tiny_model_dir):
+    # 3 windows on 2 ranks: the sampler pads rank 1 with a copy of window 0, which must not count
+    from gaqprune.data import LMDataModule as DM
+
+    args = ["validate", "--base_model", str(tiny_model_dir), "--data.max_eval_windows", "3", "--data.max_seq_len", "32",
+            "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ppl_ddp = float(re.search(r"val_ppl\W+([0-9.]+)", r.stdout).group(1))
+    windows = DM(tokenizer=str(tiny_model_dir), max_seq_len=32, max_eval_windows=3).eval_windows()
+    assert windows.shape == (3, 32)
+    expected = perplexity(load_model(str(tiny_model_dir)), windows)
+    assert ppl_ddp == pytest.approx(expected, rel=1e-5)
+    assert ppl_ddp != pytest.approx(perplexity(load_model(str(tiny_model_dir)), windows[[0, 1, 2, 0]]), rel=1e-5)
 
 
 @pytest.mark.parametrize("case", ["missing_model", "empty_file", "non_llama"])
