@@ -24,7 +24,7 @@ from gaqprune.atomic import write_json, write_text
 from gaqprune.data import LMDataModule
 from gaqprune.errors import GaqpruneError
 from gaqprune.lit_module import LitCausalLM
-from gaqprune.models import EMBEDDED
+from gaqprune.models import EMBEDDED, model_name
 from gaqprune.run_settings import FinetuneSettings, RunSettings
 from gaqprune.settings import ImportanceSettings, PruneSettings
 
@@ -119,7 +119,9 @@ class GaqpruneTrainer(L.Trainer):
                 metrics["ppl_after_finetune"] = perplexity(model.model, eval_windows.to(model.device),
                                                            datamodule.eval_batch_size)
             if self.is_global_zero:
-                metrics["finetune_outputs"] = export_finetuned(model, datamodule.tokenizer, out_dir, job.run.save_gguf)
+                metrics["finetune_outputs"] = export_finetuned(
+                    model, datamodule.tokenizer, out_dir, job.run.save_gguf, pruned_here=True,
+                    adapter_base=out_dir / "model" if job.run.save_model else None)
             metrics["seconds"] = clock.seconds
         write_json(out_dir / pipeline.METRICS_FILE, metrics)  # written last: marks the run as finished
         return metrics
@@ -132,12 +134,6 @@ class GaqpruneTrainer(L.Trainer):
         for key in ("ppl_before", "ppl_after"):
             if key in metrics:
                 pipeline.log_per_layer(self.logger, f"prune/{key}", {0: metrics[key]})
-
-
-def model_name(base_model: str) -> str:
-    from gaqprune.models import EMBEDDED_SOURCE
-
-    return EMBEDDED_SOURCE if base_model == EMBEDDED else base_model
 
 
 class GaqpruneCLI(LightningCLI):
@@ -252,7 +248,8 @@ class GaqpruneCLI(LightningCLI):
         from gaqprune.finetune import export_finetuned
 
         run = self._settings(RunSettings)
-        paths = export_finetuned(self.model, self.datamodule.tokenizer, pipeline.run_dir(run), run.save_gguf)
+        paths = export_finetuned(self.model, self.datamodule.tokenizer, pipeline.run_dir(run), run.save_gguf,
+                                 pruned_here=bool(self.config.fit.get("prune")))
         for name, path in paths.items():
             log.info("saved %s to %s", name, path)
 

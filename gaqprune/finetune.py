@@ -18,6 +18,9 @@ def lora_modules(hf_model) -> list[tuple[str, torch.nn.Module]]:
     return [(name, m) for name, m in hf_model.named_modules() if isinstance(m, LoraLayer) and hasattr(m, "base_layer")]
 
 
+PEFT_PREFIX = "base_model.model."
+
+
 def save_lora_adapter(hf_model, out_dir: str | Path, lora_config: dict) -> Path:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (peft's file names) atomically."""
     from peft import get_peft_model_state_dict
@@ -25,7 +28,9 @@ def save_lora_adapter(hf_model, out_dir: str | Path, lora_config: dict) -> Path:
 
     from gaqprune.atomic import atomic_dir, write_json
 
-    state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(hf_model).items()}
+    # LoRA was injected into the model itself (no PeftModel around it); peft's files name each weight as a
+    # PeftModel does, under ``base_model.model.``, and PeftModel.from_pretrained finds nothing without that prefix.
+    state = {f"{PEFT_PREFIX}{k}": v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(hf_model).items()}
     with atomic_dir(out_dir, overwrite=True) as tmp:
         save_file(state, str(Path(tmp) / "adapter_model.safetensors"), metadata={"format": "pt"})
         write_json(Path(tmp) / "adapter_config.json", lora_config)
@@ -46,20 +51,28 @@ def merge_lora(hf_model) -> int:
     return len(modules)
 
 
-def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str | None = None) -> dict[str, str]:
+def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str | None = None,
+                     adapter_base: str | Path | None = None, pruned_here: bool = False) -> dict[str, str]:
     """Save LoRA adapters (if any) and the merged model under ``out_dir`` (and as ``model_finetuned.gguf`` with
-    ``gguf_type``); returns the paths written."""
+    ``gguf_type``); returns the paths written.
+
+    ``adapter_config.json`` names the model the adapters fit, for peft's ``AutoPeftModelForCausalLM``:
+    ``adapter_base`` (the pruned model this run saved), else ``--base_model``, unless the model was pruned in this
+    run (``pruned_here``) and not saved: then none exists, and it names none (``null``).
+    """
     from gaqprune.export import save_pretrained_model
+    from gaqprune.models import model_name
 
     out_dir = Path(out_dir)
     paths = {}
     hf_model = lit_model.model
+    hp = lit_model.hparams
     if lora_modules(hf_model):
-        hp = lit_model.hparams
         config = {
             "peft_type": "LORA", "r": hp.lora_r, "lora_alpha": hp.lora_alpha, "lora_dropout": hp.lora_dropout,
             "target_modules": sorted(set(hp.lora_target_modules or [])) or None, "bias": "none", "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": hp.base_model,
+            "base_model_name_or_path": (str(Path(adapter_base).resolve()) if adapter_base
+                                        else None if pruned_here else hp.base_model),
         }
         if config["target_modules"] is None:
             from gaqprune.lit_module import DEFAULT_LORA_TARGETS
@@ -72,7 +85,10 @@ def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str |
     hf_model.eval()
     for p in hf_model.parameters():
         p.requires_grad_(False)
-    paths["model"] = str(save_pretrained_model(hf_model, tokenizer, out_dir / "model_finetuned", overwrite=True))
+    # origin: the dense model a loaded pruned checkpoint came from, else --base_model (never a cache path)
+    origin = None if getattr(hf_model.config, "gaqprune_base_model", None) else model_name(hp.base_model)
+    paths["model"] = str(save_pretrained_model(hf_model, tokenizer, out_dir / "model_finetuned", overwrite=True,
+                                               base_model=origin))
     if gguf_type:
         from gaqprune.gguf_export import save_gguf
 

@@ -23,6 +23,11 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # How checkpoints pruned from the embedded model name their source (``gaqprune_base_model``).
 EMBEDDED_SOURCE = f"HuggingFaceTB/{EMBEDDED_NAME} (embedded Q4_1 GGUF)"
+
+
+def model_name(base_model: str) -> str:
+    """The name a saved model records as its origin: ``base_model``, with ``embedded`` spelled out."""
+    return EMBEDDED_SOURCE if base_model == EMBEDDED else base_model
 # Model types whose decoder layers have the q/k/v/o + gate/up/down layout that gaqprune prunes.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gaqprune_llama")
 DTYPES = {

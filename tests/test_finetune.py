@@ -72,6 +72,14 @@ def test_merged_export_reloads_bit_identically(tiny_model_dir, tmp_path, embedde
     assert torch.allclose(before, merged, atol=1e-4)  # merging changes rounding only
     assert torch.equal(merged, reloaded)  # export is bit-exact
     assert not any("lora_" in n for n, _ in reloaded_model.named_parameters())
+    # the adapters alone load with plain peft onto the model they fit, and give the adapted logits
+    from peft import PeftModel
+
+    adapter_config = json.loads((Path(paths["adapter"]) / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir)
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), paths["adapter"])(ids).logits
+    assert (peft_logits - before).abs().max() < 1e-5 < (peft_logits - load_model(str(tiny_model_dir))(ids).logits).abs().max()
 
 
 def _fit(*args, cwd, env=None):
@@ -188,13 +196,24 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
 
     merged = load_pruned(run_dir / "model_finetuned")
     shapes = layer_shapes(merged)
+    # the adapters name and fit the pruned model this run saved; plain peft applies them as the merge did
+    from peft import PeftModel
+
+    assert json.loads((run_dir / "lora_adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] \
+        == str((run_dir / "model").resolve())
+    ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(load_pruned(run_dir / "model"), run_dir / "lora_adapter")(ids).logits
+        torch.testing.assert_close(adapted, merged(ids).logits, rtol=1e-4, atol=1e-4)
+    # both saved models name the dense model they were pruned from (the teacher a later fit distils from)
+    origin = {json.loads((run_dir / d / "config.json").read_text())["gaqprune_base_model"] for d in ("model", "model_finetuned")}
+    assert origin == {str(tiny_model_dir)}
     assert min(shape["intermediate_size"] for shape in shapes) < 128  # pruned
     for name in ("model.gguf", "model_finetuned.gguf"):
         fields = gguf.GGUFReader(run_dir / name).fields
         for key, field in (("attention.head_count", "num_attention_heads"), ("attention.head_count_kv",
                            "num_key_value_heads"), ("feed_forward_length", "intermediate_size")):
             assert list(fields[f"deci.{key}"].contents()) == [shape[field] for shape in shapes], (name, key)
-    ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(gguf_forward(run_dir / "model_finetuned.gguf", ids), merged(ids).logits,
                                    rtol=1e-4, atol=1e-4)
