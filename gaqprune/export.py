@@ -174,7 +174,17 @@ def save_pretrained_model(hf_model, tokenizer, out_dir: str | os.PathLike, overw
 
 
 def _read_config_json(path: str | os.PathLike) -> dict[str, Any] | None:
+    """``config.json`` of a model folder or hub id (the hub's copy through HF's cache), or None."""
     file = Path(path) / "config.json"
+    if not file.is_file() and not Path(path).exists():
+        from transformers.utils import cached_file
+
+        try:
+            found = cached_file(str(path), "config.json", _raise_exceptions_for_missing_entries=False,
+                                _raise_exceptions_for_connection_errors=False)
+        except Exception:  # not a hub id, gated, offline and not cached: the caller's own loading reports it
+            found = None
+        file = Path(found) if found else file
     if not file.is_file():
         return None
     try:
@@ -184,7 +194,8 @@ def _read_config_json(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def is_pruned_checkpoint(path: str | os.PathLike) -> bool:
-    """True if ``path`` is a folder saved by gaqprune with per-layer shapes (reads config.json only)."""
+    """True if ``path`` (a folder or hub id) holds a model saved by gaqprune with per-layer shapes (reads config.json
+    only)."""
     data = _read_config_json(path)
     return data is not None and data.get("model_type") == PRUNED_MODEL_TYPE
 
@@ -222,6 +233,10 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
     problems = {key: value for key, value in info.items() if value}
     if problems:
         raise GaqpruneError(f"{str(path)!r}: weights do not match config.json: {problems}")
+    # HF's own save_pretrained (or a Trainer's, or push_to_hub) of this model then ships the modeling code with it,
+    # as it does for a model loaded through trust_remote_code
+    type(config).register_for_auto_class("AutoConfig")
+    type(model).register_for_auto_class("AutoModelForCausalLM")
     if device is not None:
         model.to(device)
     return model.eval()

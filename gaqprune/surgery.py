@@ -2,7 +2,8 @@
 
 Query heads per KV head stay constant, so stock HF attention (eager, sdpa, flash) and the KV cache
 work unchanged. ``config.num_attention_heads`` etc. are left alone: per-layer shapes are read from
-the modules (``gaqprune.export`` records them).
+the modules (``gaqprune.export`` records them). A config that lists per-layer shapes (a loaded pruned
+checkpoint's) is kept in step with the modules (``sync_layer_config``).
 """
 
 from __future__ import annotations
@@ -75,3 +76,13 @@ def remove_layers(hf_model, remove: Sequence[int]) -> None:
         layer.self_attn.layer_idx = new_idx
         if hasattr(layer, "layer_idx"):
             layer.layer_idx = new_idx
+    sync_layer_config(hf_model)
+
+
+def sync_layer_config(hf_model) -> None:
+    """Make a per-layer config (a loaded pruned checkpoint's) describe the layers the modules now have, so code that
+    sizes per-layer state from the config (a static KV cache, HF's ``save_pretrained``) sees the pruned shapes.
+    A plain config is left alone (see the module docstring)."""
+    config = hf_model.config
+    if hasattr(config, "layer_shapes"):
+        config.per_layer_config = dict(enumerate(units.layer_shapes(hf_model)))

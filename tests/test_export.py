@@ -396,3 +396,53 @@ def test_inconsistent_or_unmerged_models_are_refused(tmp_path):
     with pytest.raises(GaqpruneError, match="LoRA"):
         export.save_pretrained_model(lora, None, tmp_path / "lora")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_repruned_checkpoint_config_follows_its_layers(tmp_path):
+    # A loaded pruned checkpoint pruned again: its per-layer config must describe the new layers (a static cache
+    # sized from the config, HF's save_pretrained), not the ones it was loaded with.
+    from test_surgery import settings
+
+    from gaqprune.pruning import apply_plan, build_plan
+
+    ckpt = export.save_pretrained_model(prune(tiny_llama()), None, tmp_path / "ckpt")
+    model = export.load_pruned(ckpt)
+    windows = tokens(4, 16)
+    plan = build_plan(model, {0: 3.0, 1: 1.0, 2: 2.0}, windows, settings(layer_end=3, unit_split="same_rate",
+                      pruning_ratio=0.4), progress=False)
+    plan["removed_layers"], plan["layers"][0]["removed_whole"] = [0], True
+    apply_plan(model, plan, windows)
+    shapes = layer_shapes(model)
+    assert len(shapes) == 2 and shapes != PRUNED_SHAPES[1:]
+    assert model.config.layer_shapes() == shapes and model.config.num_hidden_layers == 2
+    ids = tokens(2, 10)
+    static = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                            cache_implementation="static", prefill_chunk_size=4, disable_compile=True, pad_token_id=2)
+    assert static.shape == (2, 18) and torch.equal(static, greedy(model, ids))
+    # HF's own save_pretrained ships the modeling code, and stock transformers reloads the re-pruned model exactly
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(tmp_path / "hf_saved")
+    saved = {p.name for p in (tmp_path / "hf_saved").iterdir()}
+    assert {"configuration_gaqprune_llama.py", "modeling_gaqprune_llama.py"} <= saved
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_saved", trust_remote_code=True)
+    assert layer_shapes(stock) == shapes and torch.equal(logits_of(stock, ids), logits_of(model, ids))
+
+
+def test_pruned_checkpoint_loads_by_hub_id(tmp_path):
+    # A pruned model pushed to the hub: gaqprune's loaders take its id (here from an offline HF cache) as stock
+    # transformers does, without remote code or a prompt.
+    ckpt = export.save_pretrained_model(prune(tiny_llama()), None, tmp_path / "ckpt")
+    snapshot = tmp_path / "hub" / "models--someone--pruned-tiny" / "snapshots" / ("a" * 40)
+    import shutil
+
+    shutil.copytree(ckpt, snapshot)
+    (tmp_path / "hub" / "models--someone--pruned-tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--pruned-tiny" / "refs" / "main").write_text("a" * 40)
+    code = ("import torch\nfrom gaqprune.models import load_model\nfrom gaqprune.units import layer_shapes\n"
+            "m = load_model('someone/pruned-tiny')\nprint(type(m.config).__name__, layer_shapes(m))")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == f"GaqpruneLlamaConfig {PRUNED_SHAPES}"
