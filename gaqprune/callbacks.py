@@ -53,11 +53,14 @@ class GQAPrune(L.Callback):
     """Taylor-scored removal of GQA groups / MLP channels (and whole layers) at per-layer rates."""
 
     def __init__(self, settings: PruneSettings, importance: LayerImportance | None = None, seed: int = 42,
-                 out_dir: str | None = None):
+                 out_dir: str | None = None, save_model_of: str | None = None):
+        """``save_model_of``: save the pruned model to ``<out_dir>/model`` (before any training), recording this name
+        as the dense model it came from; None: do not save it."""
         self.settings = settings
         self.importance = importance
         self.seed = seed
         self.out_dir = Path(out_dir) if out_dir else None
+        self.save_model_of = save_model_of
         self.plan: dict | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -77,6 +80,11 @@ class GQAPrune(L.Callback):
         if trainer.is_global_zero and self.out_dir is not None:
             write_json(self.out_dir / pipeline.PLAN_FILE, self.plan)
             pipeline.plot_rates(scores or {}, self.plan, self.out_dir / "pruning_rates.png")
+            if self.save_model_of is not None:
+                from gaqprune.export import save_pretrained_model
+
+                save_pretrained_model(hf_model, trainer.datamodule.tokenizer, self.out_dir / "model", overwrite=True,
+                                      base_model=self.save_model_of)
         if trainer.is_global_zero:
             pipeline.log_per_layer(trainer.logger, "pruning_rate",
                                    {e["index"]: e["achieved_rate"] for e in self.plan["layers"]})

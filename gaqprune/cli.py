@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import warnings
 from argparse import ArgumentError
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,11 @@ class GaqpruneTrainer(L.Trainer):
         taylor_windows = pipeline.taylor_windows(datamodule, job.pruning, job.run.seed, device)
         refit_windows = pipeline.compensation_windows(datamodule, job.pruning, job.run.seed, device, taylor_windows)
         eval_windows = datamodule.eval_windows() if job.run.test_after_prune else None
+        if job.finetune.finetune and datamodule.instruction_data:
+            from gaqprune.data import instruction_records
+
+            instruction_records(datamodule.instruction_data)
+        pipeline.clear_results(job.run)  # --overwrite: the previous run's results go before anything new is written
         clock = pipeline.Stopwatch()
         metrics: dict = {"base_model": job.base_model}
         hf_model.to(device)
@@ -174,18 +180,23 @@ class GaqpruneCLI(LightningCLI):
 
         cfg = self.config[self.subcommand]
         resolve_dtype(cfg["dtype"])
+        validate_data_settings(cfg["data"], self.subcommand == "fit" or (self.subcommand == "prune" and cfg["finetune"]))
         model_config = load_config(cfg["base_model"])
         context = getattr(model_config, "max_position_embeddings", None)
         seq_len = cfg["data"]["max_seq_len"]
         if context and seq_len > context:
             raise GaqpruneError(f"--data.max_seq_len {seq_len} exceeds the model's "
                                 f"context of {context} tokens")
+        seed = cfg.get("seed", 0)
+        if not 0 <= seed < 2**63:
+            raise GaqpruneError(f"--seed {seed} is invalid; give an integer in [0, 2**63)")
         if self.subcommand == "prune" or (self.subcommand == "fit" and cfg.get("prune")):
             from gaqprune.pruning import validate_prune_settings
 
             imp, prune, run, fin = (self._settings(c) for c in SETTINGS.values())
             validate_importance_settings(imp, context)
-            validate_prune_settings(prune, getattr(model_config, "num_hidden_layers", 0))
+            validate_prune_settings(prune, getattr(model_config, "num_hidden_layers", 0),
+                                    getattr(model_config, "intermediate_size", None))
             if prune.max_seq_len > (context or prune.max_seq_len):
                 raise GaqpruneError(f"--max_seq_len {prune.max_seq_len} exceeds the model's context of {context} tokens")
             if prune.compensation_seq_len > (context or prune.compensation_seq_len):
@@ -200,11 +211,11 @@ class GaqpruneCLI(LightningCLI):
             fin = self._settings(FinetuneSettings)
             validate_finetune_settings(fin, cfg["model"])
             validate_teacher(fin, cfg["base_model"], model_config)
-            outputs = ["model_finetuned"] + (["model_finetuned.gguf"] if run.save_gguf else [])
-            for finetuned in (pipeline.run_dir(run) / name for name in outputs):
-                if finetuned.exists() and not run.overwrite:
-                    raise GaqpruneError(f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: {str(finetuned)!r} already "
-                                        "exists; pick another name or pass --overwrite true")
+            if cfg.get("prune") and run.test_after_prune:
+                raise GaqpruneError("--test_after_prune is for `gaqprune prune`; under `fit` the validation set is "
+                                    "evaluated during training (--trainer.val_check_interval)")
+            # a fit may add its results to a prune run's folder, never replace a fit's (or a pruning run's, with --prune)
+            pipeline.check_run_dir(run, pipeline.RESULTS if cfg.get("prune") else pipeline.FIT_RESULTS)
         if self.subcommand in ("prune", "fit"):
             check_gguf(self._settings(RunSettings), cfg["base_model"], model_config)
 
@@ -237,9 +248,13 @@ class GaqpruneCLI(LightningCLI):
         if cfg.get("prune"):
             from gaqprune.callbacks import GQAPrune, LayerImportance
 
+            pipeline.check_calibration_budget(self.datamodule, imp, prune, run.seed)  # before any work, like `prune`
             out_dir = str(pipeline.run_dir(run))
             importance = LayerImportance(imp, prune, cfg.base_model, seed=run.seed, out_dir=out_dir)
-            self.trainer.callbacks.extend([importance, GQAPrune(prune, importance, seed=run.seed, out_dir=out_dir)])
+            save_model = model_name(cfg.base_model) if run.save_model else None
+            self.trainer.callbacks.extend([importance, GQAPrune(prune, importance, seed=run.seed, out_dir=out_dir,
+                                                                save_model_of=save_model)])
+        pipeline.clear_results(run, pipeline.RESULTS if cfg.get("prune") else pipeline.FIT_RESULTS)
 
     def after_fit(self) -> None:
         """Save the LoRA adapters and a merged model in the run folder (rank 0)."""
@@ -248,8 +263,10 @@ class GaqpruneCLI(LightningCLI):
         from gaqprune.finetune import export_finetuned
 
         run = self._settings(RunSettings)
+        pruned_here = bool(self.config.fit.get("prune"))
         paths = export_finetuned(self.model, self.datamodule.tokenizer, pipeline.run_dir(run), run.save_gguf,
-                                 pruned_here=bool(self.config.fit.get("prune")))
+                                 pruned_here=pruned_here,
+                                 adapter_base=pipeline.run_dir(run) / "model" if pruned_here and run.save_model else None)
         for name, path in paths.items():
             log.info("saved %s to %s", name, path)
 
@@ -275,7 +292,39 @@ def validate_importance_settings(imp: ImportanceSettings, context: int | None) -
         raise GaqpruneError(f"--importance_config {imp.importance_config!r} is only read with --skip_importance_analysis true")
 
 
+def validate_data_settings(data: dict, trains: bool) -> None:
+    """``--data.*``: window and batch sizes, and (when a fine-tune will read it) the instruction data file."""
+    for flag, low in (("max_seq_len", 2), ("batch_size", 1), ("eval_batch_size", 1), ("num_workers", 0)):
+        if data[flag] < low:
+            raise GaqpruneError(f"--data.{flag} {data[flag]} is invalid; give an integer >= {low}")
+    if data["max_eval_windows"] is not None and data["max_eval_windows"] < 1:
+        raise GaqpruneError(f"--data.max_eval_windows {data['max_eval_windows']} is invalid; give a count >= 1, or "
+                            "null for every window")
+    if trains and data["instruction_data"] and not Path(data["instruction_data"]).expanduser().is_file():
+        raise GaqpruneError(f"--data.instruction_data {data['instruction_data']!r}: file not found")
+    from gaqprune.data import check_local_source
+
+    check_local_source(data["source"])
+    check_local_source(data["eval_source"])
+
+
 def validate_finetune_settings(fin: FinetuneSettings, model_cfg) -> None:
+    from gaqprune.lit_module import DEFAULT_LORA_TARGETS
+
+    for flag, value, ok, accepted in (
+        ("lora_r", model_cfg["lora_r"], model_cfg["lora_r"] >= 1, "an integer >= 1"),
+        ("lora_alpha", model_cfg["lora_alpha"], model_cfg["lora_alpha"] > 0, "a number > 0"),
+        ("lora_dropout", model_cfg["lora_dropout"], 0 <= model_cfg["lora_dropout"] < 1, "a probability in [0, 1)"),
+        ("learning_rate", model_cfg["learning_rate"], model_cfg["learning_rate"] > 0, "a number > 0"),
+        ("weight_decay", model_cfg["weight_decay"], model_cfg["weight_decay"] >= 0, "a number >= 0"),
+        ("warmup_steps", model_cfg["warmup_steps"], model_cfg["warmup_steps"] >= 0, "an integer >= 0"),
+    ):
+        if not ok:
+            raise GaqpruneError(f"--model.{flag} {value} is invalid; give {accepted}")
+    unknown = sorted(set(model_cfg["lora_target_modules"] or []) - set(DEFAULT_LORA_TARGETS))
+    if unknown:
+        raise GaqpruneError(f"--model.lora_target_modules {unknown} names no projection of a Llama layer; use any of "
+                            f"{', '.join(DEFAULT_LORA_TARGETS)}")
     if fin.finetune_samples < 1:
         raise GaqpruneError(f"--finetune_samples {fin.finetune_samples} must be at least 1")
     if fin.finetune_epochs < 1:
@@ -363,8 +412,11 @@ def run(args: list[str] | None = None) -> GaqpruneCLI:
     """Run the CLI and return it; user mistakes become one-line errors with exit status 2."""
     args = expand_bare_flags(sys.argv[1:] if args is None else list(args))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # args are sys.argv with bare switches expanded; Lightning warns whenever both are set
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 42" on every call
     try:
         return GaqpruneCLI(
             LitCausalLM,

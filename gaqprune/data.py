@@ -102,6 +102,14 @@ def _resolved_source(source: str) -> str:
     return str(Path(source).expanduser().resolve()) if _is_local(source) else source
 
 
+def check_local_source(source: str | None) -> None:
+    """Read a local text source once to refuse a missing, binary, empty or malformed file before a model is loaded
+    (hub datasets are checked when loaded)."""
+    if source and source != EMBEDDED and _is_local(source):
+        _source_key(source)
+        _read_local(Path(source).expanduser())
+
+
 def _read_local(path: Path) -> str:
     if not path.is_file():
         raise GaqpruneError(f"--data.source {str(path)!r}: file not found")
@@ -189,6 +197,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def _source_key(source: str) -> str:
     if _is_local(source):
         p = Path(source).expanduser().resolve()
+        if not p.is_file():
+            raise GaqpruneError(f"--data.source {source!r}: file not found" if p.suffix.lower() in TEXT_SUFFIXES
+                                else f"--data.source {source!r} is not a file; give a .txt/.jsonl file or a dataset name")
         st = p.stat()
         return f"file:{p}:{st.st_size}:{int(st.st_mtime)}"
     return f"source:{source}"

@@ -238,6 +238,21 @@ def _tokenizer_metadata(writer, gguf, tokenizer, vocab_size: int, pre: str | Non
         special.add_to_gguf(writer, quiet=True)
 
 
+def check_output(path: Path, out_type: str, overwrite: bool, ffn_multiple: int | None) -> int:
+    """Refuse a bad output path, type or padding multiple before any work; returns the padding multiple to use."""
+    if out_type not in OUT_TYPES:
+        raise GaqpruneError(f"GGUF type {out_type!r} is not supported; use one of {', '.join(OUT_TYPES)}")
+    if ffn_multiple is not None and ffn_multiple < 1:
+        raise GaqpruneError(f"ffn_multiple {ffn_multiple} must be a positive integer (or None for the type's default)")
+    if path.suffix != ".gguf":
+        raise GaqpruneError(f"GGUF output {str(path)!r} must end in .gguf")
+    if path.is_dir():
+        raise GaqpruneError(f"GGUF output {str(path)!r} is a folder; give a file name ending in .gguf")
+    if path.exists() and not overwrite:
+        raise GaqpruneError(f"output file {str(path)!r} already exists; pass overwrite (--overwrite true) to replace it")
+    return ffn_multiple or (Q8_BLOCK if out_type == "q8_0" else 1)
+
+
 def save_gguf(hf_model, tokenizer, path: str | os.PathLike, out_type: str = "f16", overwrite: bool = False,
               tokenizer_pre: str | None = None, name: str | None = None, ffn_multiple: int | None = None,
               progress: bool = False) -> Path:
@@ -255,15 +270,7 @@ def save_gguf(hf_model, tokenizer, path: str | os.PathLike, out_type: str = "f16
 
     gguf = _gguf()
     path = Path(path)
-    if out_type not in OUT_TYPES:
-        raise GaqpruneError(f"GGUF type {out_type!r} is not supported; use one of {', '.join(OUT_TYPES)}")
-    ffn_multiple = ffn_multiple or (Q8_BLOCK if out_type == "q8_0" else 1)
-    if ffn_multiple < 1:
-        raise GaqpruneError(f"ffn_multiple {ffn_multiple} must be a positive integer")
-    if path.suffix != ".gguf":
-        raise GaqpruneError(f"GGUF output {str(path)!r} must end in .gguf")
-    if path.exists() and not overwrite:
-        raise GaqpruneError(f"output file {str(path)!r} already exists; pass overwrite (--overwrite true) to replace it")
+    ffn_multiple = check_output(path, out_type, overwrite, ffn_multiple)
     config = hf_model.config
     _check_config(config)
     shapes = _checked_layer_shapes(hf_model)
@@ -335,7 +342,11 @@ def main(model: str, out: str, out_type: str = "f16", overwrite: bool = False, t
     """
     from gaqprune.models import load_model, load_tokenizer
 
-    hf_model = load_model(model, dtype=dtype)
+    check_output(Path(out), out_type, overwrite, ffn_multiple)  # before the (possibly 16 GB) model is loaded
+    try:
+        hf_model = load_model(model, dtype=dtype)
+    except GaqpruneError as err:  # the loaders name the prune/fit flag; this command takes the model positionally
+        raise GaqpruneError(str(err).replace("--base_model", "model", 1)) from None
     path = save_gguf(hf_model, load_tokenizer(model), out, out_type=out_type, overwrite=overwrite,
                      tokenizer_pre=tokenizer_pre, ffn_multiple=ffn_multiple, progress=True)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {out_type})")

@@ -172,6 +172,16 @@ class LitCausalLM(L.LightningModule):
         checkpoint["gaqprune_layer_shapes"] = layer_shapes(self.model)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # LoRA checkpoints hold adapters only, so loading cannot be strict; the recorded layer shapes make sure the
+        # adapters land on the model they were trained on (not, say, the dense model when --prune was left out).
+        saved = checkpoint.get("gaqprune_layer_shapes")
+        if saved is not None and saved != layer_shapes(self.model):
+            from gaqprune.errors import GaqpruneError
+
+            raise GaqpruneError(
+                f"--ckpt_path: the checkpoint was trained on a model with {len(saved)} layers of other shapes than "
+                f"this one's {len(layer_shapes(self.model))}; resume with the --base_model and pruning settings "
+                "(--prune, --config) of the run that wrote it")
         self.strict_loading = self.hparams.finetune_method != "lora"
 
 

@@ -23,24 +23,57 @@ log = logging.getLogger(__name__)
 IMPORTANCE_FILE = "layer_importance_config.json"
 PLAN_FILE = "pruning_plan.json"
 METRICS_FILE = "metrics.json"
+# What a finished run leaves (metrics.json is written last, so it marks a finished `prune`); a fit adds the last three.
+FIT_RESULTS = ("model_finetuned", "model_finetuned.gguf", "lora_adapter")
+RESULTS = (METRICS_FILE, "model", "model.gguf", *FIT_RESULTS)
 
 
 def run_dir(run: RunSettings) -> Path:
     return Path(run.output_dir) / run.save_ckpt_log_name
 
 
-def check_run_dir(run: RunSettings) -> Path:
-    """Refuse to overwrite a finished run unless asked; an unfinished one is resumed (its caches reused)."""
+def check_run_dir(run: RunSettings, results: tuple[str, ...] = RESULTS) -> Path:
+    """The run folder, checked: a plain name, not a file, and holding none of ``results`` unless --overwrite.
+    An unfinished run (caches only) is resumed: its caches are reused where they match."""
+    name = run.save_ckpt_log_name
+    if not name or name in (".", "..") or Path(name).name != name:
+        raise GaqpruneError(f"--save_ckpt_log_name {name!r} is invalid; give a plain folder name (no '/', not '.' or '..')")
     path = run_dir(run)
-    if (path / METRICS_FILE).exists() and not run.overwrite:
+    for where, what in ((Path(run.output_dir), "--output_dir"), (path, "--save_ckpt_log_name")):
+        if where.exists() and not where.is_dir():
+            raise GaqpruneError(f"{what}: {str(where)!r} is a file, not a folder; pick another name")
+    found = [name for name in results if (path / name).exists()]
+    if found and not run.overwrite:
         raise GaqpruneError(
-            f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: run folder {str(path)!r} already holds a finished run; "
-            "pick another name or pass --overwrite true"
+            f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: run folder {str(path)!r} already holds results "
+            f"({', '.join(found)}); pick another name or pass --overwrite true"
         )
     if path.is_dir():  # leftovers of a killed write: never complete, never reused
         for stale in path.glob(".*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     return path
+
+
+def check_calibration_budget(datamodule, imp: ImportanceSettings, prune: PruneSettings, seed: int) -> None:
+    """Draw (and so check) every calibration window set the pruning will need, before any work is done: a text too
+    short for --importance_samples, --num_examples or --compensation_samples fails now, in one line."""
+    if not imp.skip_importance_analysis:
+        datamodule.calibration_windows(imp.importance_samples, imp.importance_seq_len, what="--importance_samples")
+    compensation_windows(datamodule, prune, seed, "cpu", taylor_windows(datamodule, prune, seed, "cpu"))
+
+
+def clear_results(run: RunSettings, results: tuple[str, ...] = RESULTS) -> None:
+    """With --overwrite, remove the previous run's ``results`` before the new run writes anything, so the folder
+    never mixes two runs (caches stay: they are reused only where their recorded settings match)."""
+    path = run_dir(run)
+    if not run.overwrite or not path.is_dir():
+        return
+    for name in results:
+        old = path / name
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
 
 
 def importance_meta(hf_model, imp: ImportanceSettings, start: int, end: int, base_model: str, source: str,

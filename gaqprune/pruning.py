@@ -48,8 +48,9 @@ def layer_range(settings: PruneSettings, num_layers: int) -> tuple[int, int]:
     return start, end
 
 
-def validate_prune_settings(settings: PruneSettings, num_layers: int) -> tuple[int, int]:
-    """Check every pruning setting without touching the model; returns the resolved layer range."""
+def validate_prune_settings(settings: PruneSettings, num_layers: int, mlp_channels: int | None = None) -> tuple[int, int]:
+    """Check every pruning setting without touching the model (``mlp_channels``: its MLP width, if known); returns
+    the resolved layer range."""
     s = settings
     if not isinstance(s.pruning_ratio, (int, float)) or not 0.0 < s.pruning_ratio < 1.0:
         raise GaqpruneError(f"--pruning_ratio {s.pruning_ratio} is invalid; give a fraction in (0, 1), e.g. 0.25")
@@ -95,6 +96,9 @@ def validate_prune_settings(settings: PruneSettings, num_layers: int) -> tuple[i
         raise GaqpruneError(f"--compensation_ridge {s.compensation_ridge} is invalid; give a number >= 0, e.g. 1.0")
     if s.channel_multiple is not None and s.channel_multiple < 1:
         raise GaqpruneError(f"--channel_multiple {s.channel_multiple} is invalid; give a count >= 1 (1 = no alignment) or None")
+    if s.channel_multiple is not None and mlp_channels and s.channel_multiple >= mlp_channels:
+        raise GaqpruneError(f"--channel_multiple {s.channel_multiple} leaves no MLP channel prunable (the MLP has "
+                            f"{mlp_channels}); give a multiple below {mlp_channels}, e.g. 64, or 1 for no alignment")
     if s.taylor_batch_size < 1:
         raise GaqpruneError(f"--taylor_batch_size {s.taylor_batch_size} is invalid; give at least 1")
     return layer_range(s, num_layers)
@@ -175,7 +179,7 @@ def build_plan(hf_model, layer_importance: dict[int, float] | None, calib_window
     """
     layers = hf_model.model.layers
     num_layers = len(layers)
-    start, end = validate_prune_settings(settings, num_layers)
+    start, end = validate_prune_settings(settings, num_layers, max(units.num_channels(layer) for layer in layers))
     selected = list(range(start, end))
     if calib_windows is None or calib_windows.ndim != 2 or len(calib_windows) < 1:
         raise GaqpruneError("--num_examples: build_plan needs calibration windows [num_examples, max_seq_len]")

@@ -103,6 +103,25 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
         "gguf_unknown_type": ([*data, "--save_gguf", "q4"], "save_gguf"),
         "gguf_unsupported_model": (["--base_model", str(gelu), *data, "--save_gguf", "f16"], "hidden_act is 'gelu'"),
         "gguf_deci_as_base_model": (["--base_model", str(deci), *data], "give the run's model/ folder instead"),
+        "eval_batch_size_zero": ([*data, "--data.eval_batch_size", "0"], "--data.eval_batch_size 0"),
+        "eval_batch_size_negative": ([*data, "--data.eval_batch_size", "-2", "--test_after_prune", "true"],
+                                     "--data.eval_batch_size -2"),
+        "max_eval_windows_negative": ([*data, "--data.max_eval_windows", "-1", "--test_after_prune", "true"],
+                                      "--data.max_eval_windows -1"),
+        "missing_text_file": (["--data.source", str(tmp / "nope.txt")], "'" + str(tmp / "nope.txt") + "': file not found"),
+        "missing_eval_file": ([*data, "--data.eval_source", str(tmp / "nope.txt"), "--test_after_prune", "true"],
+                              "file not found"),
+        "channel_multiple_above_width": ([*data, "--channel_multiple", "1000"], "--channel_multiple 1000"),
+        "lora_unknown_target": ([*data, "--finetune", "true", "--model.lora_target_modules", "[foo_proj]"],
+                                "--model.lora_target_modules ['foo_proj']"),
+        "lora_rank_zero": ([*data, "--finetune", "true", "--model.lora_r", "0"], "--model.lora_r 0"),
+        "learning_rate_negative": ([*data, "--finetune", "true", "--model.learning_rate", "-1"], "--model.learning_rate -1"),
+        "batch_size_zero": ([*data, "--finetune", "true", "--data.batch_size", "0"], "--data.batch_size 0"),
+        "instruction_data_missing": ([*data, "--finetune", "true", "--data.instruction_data", str(tmp / "nope.json")],
+                                     "--data.instruction_data"),
+        "run_name_dot": ([*data, "--save_ckpt_log_name", "."], "--save_ckpt_log_name '.'"),
+        "run_name_with_path": ([*data, "--save_ckpt_log_name", "../elsewhere"], "--save_ckpt_log_name '../elsewhere'"),
+        "seed_overflow": ([*data, "--seed", "100000000000000000000000"], "--seed 100000000000000000000000"),
     }
 
 
@@ -114,7 +133,10 @@ CASE_NAMES = [
     "importance_missing", "config_without_skip", "empty_text_file", "binary_text_file", "unknown_dataset",
     "finetune_samples_zero", "finetune_full_with_lora_rank", "compensation_samples_zero",
     "compensation_samples_too_many", "compensation_seq_len_above_context", "fsdp_on_cpu", "gguf_unknown_type",
-    "gguf_unsupported_model", "gguf_deci_as_base_model",
+    "gguf_unsupported_model", "gguf_deci_as_base_model", "eval_batch_size_zero", "eval_batch_size_negative",
+    "max_eval_windows_negative", "missing_text_file", "missing_eval_file", "channel_multiple_above_width",
+    "lora_unknown_target", "lora_rank_zero", "learning_rate_negative", "batch_size_zero", "instruction_data_missing",
+    "run_name_dot", "run_name_with_path", "seed_overflow",
 ]
 
 
@@ -138,6 +160,8 @@ def test_bad_input_is_refused_cleanly(name, tmp_path, monkeypatch, capsys, tiny_
     assert expected in errors[0], errors[0]
     assert "Traceback" not in err
     assert not (tmp_path / "prune_log" / RUN).exists()
+    assert not (tmp_path / "prune_log").exists() or not any((tmp_path / "prune_log").iterdir())
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_case_list_is_complete(tmp_path, tiny_model_dir, text_file):
@@ -150,8 +174,35 @@ def test_existing_run_folder_needs_overwrite(tmp_path, monkeypatch, capsys, tiny
     done.mkdir(parents=True)
     (done / "metrics.json").write_text(json.dumps({"finished": True}))
     code, err = run_prune(["--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file)], capsys)
-    assert code == 2 and "already holds a finished run" in err and "--overwrite true" in err
+    assert code == 2 and "already holds results (metrics.json)" in err and "--overwrite true" in err
     assert json.loads((done / "metrics.json").read_text()) == {"finished": True}  # untouched
+    # a fit's results count too (a fit writes no metrics.json)
+    (done / "metrics.json").unlink()
+    (done / "lora_adapter").mkdir()
+    code, err = run_prune(["--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file)], capsys)
+    assert code == 2 and "already holds results (lora_adapter)" in err
+    # a file where the run folder would be
+    (tmp_path / "prune_log" / "file").write_text("x")
+    code, err = run_prune(["--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file),
+                           "--save_ckpt_log_name", "file"], capsys)
+    assert code == 2 and "is a file, not a folder" in err
+
+
+def test_overwrite_replaces_the_whole_previous_run(tmp_path, monkeypatch, capsys, tiny_model_dir, text_file):
+    # --overwrite must not leave the previous run's results next to the new ones (a 0.25 model/ beside a 0.4 plan)
+    monkeypatch.chdir(tmp_path)
+    done = tmp_path / "prune_log" / RUN
+    for name in ("model", "lora_adapter", "model_finetuned"):
+        (done / name).mkdir(parents=True)
+    (done / "metrics.json").write_text(json.dumps({"finished": True}))
+    (done / "model.gguf").write_text("old")
+    cli = run(["prune", "--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file),
+               "--pruning_ratio", "0.4", "--overwrite", "true"])
+    assert cli is not None
+    assert sorted(p.name for p in done.iterdir() if p.suffix != ".png") == [
+        "config.yaml", "layer_importance_config.json", "metrics.json", "pruning_plan.json"]
+    assert json.loads((done / "pruning_plan.json").read_text())["settings"]["pruning_ratio"] == 0.4
+    assert "finished" not in json.loads((done / "metrics.json").read_text())
 
 
 def test_guide_switches_work_without_a_value():
@@ -162,3 +213,21 @@ def test_guide_switches_work_without_a_value():
     assert expand_bare_flags(args) == [
         "prune", "--save_model", "true", "--test_after_prune", "true", "--pruning_ratio", "0.25", "--finetune", "true",
         "--skip_importance_analysis", "true", "--importance_config", "x.json", "--overwrite", "false", "--finetune", "true"]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--num_examples", "5000"], "--num_examples 5000 asks for more windows"),
+    (["--compensation_samples", "5000"], "--compensation_samples 5000 asks for more windows"),
+    (["--test_after_prune", "true"], "--test_after_prune is for `gaqprune prune`"),
+])
+def test_fit_with_prune_checks_before_any_work(extra, expected, tmp_path, monkeypatch, capsys, tiny_model_dir,
+                                               text_file):
+    # `fit --prune` checks what `prune` checks, before the layer analysis runs or the run folder is written
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--prune", "true", "--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file),
+             "--trainer.max_steps", "1", *extra])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("gaqprune: error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and expected in errors[0], err[-2000:]
+    assert not (tmp_path / "prune_log").exists()

@@ -106,6 +106,16 @@ def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
     assert resumed, list(tmp_path.rglob("*.ckpt"))
     assert (tmp_path / "prune_log" / "b" / "model_finetuned" / "config.json").is_file()
     assert (tmp_path / "prune_log" / "b" / "model_finetuned.gguf").stat().st_size > 6_000_000 * 2  # f16 weights
+    # adapters trained on other layer shapes (e.g. a pruned model, resumed without --prune) are refused, not loaded
+    # into the wrong layers
+    wrong = torch.load(ckpt, weights_only=False)
+    wrong["gaqprune_layer_shapes"][1]["intermediate_size"] = 64
+    torch.save(wrong, tmp_path / "wrong.ckpt")
+    r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "4", "--save_ckpt_log_name", "c",
+             "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(tmp_path / "wrong.ckpt"), cwd=tmp_path)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("gaqprune: error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "other shapes" in errors[0], r.stderr[-3000:]
+    assert not (tmp_path / "prune_log" / "c" / "model_finetuned").exists()
 
 
 @pytest.mark.slow
@@ -115,6 +125,7 @@ def test_ddp_two_ranks_prune_identically_and_train(tiny_model_dir, tmp_path):
     r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--prune", "true", "--pruning_ratio", "0.3",
              "--importance_samples", "4", "--importance_seq_len", "32", "--num_examples", "4", "--max_seq_len", "32",
              "--min_pruning_rate", "0.1", "--distill_weight", "0.5",  # each rank also loads the dense teacher
+             "--save_model", "true",  # rank 0 saves the pruned model the adapters fit
              "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
              "--trainer.max_steps", "2", "--save_ckpt_log_name", "ddp", "--trainer.default_root_dir", str(tmp_path),
              "--trainer.callbacks+=tests.ddp_probe.ShapeProbe", f"--trainer.callbacks.out_dir={probe}",
@@ -129,6 +140,13 @@ def test_ddp_two_ranks_prune_identically_and_train(tiny_model_dir, tmp_path):
     assert [(probe / f"rank{i}.steps").read_text() for i in (0, 1)] == ["2", "2"]
     plan = json.loads((tmp_path / "prune_log" / "ddp" / "pruning_plan.json").read_text())
     assert 0.25 < plan["totals"]["achieved_ratio_selected"] < 0.35
+    from gaqprune.export import load_pruned
+    from gaqprune.units import layer_shapes
+
+    run_dir = tmp_path / "prune_log" / "ddp"
+    assert layer_shapes(load_pruned(run_dir / "model")) == ranks[0]["shapes"]
+    adapter = json.loads((run_dir / "lora_adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((run_dir / "model").resolve())
 
 
 def alpaca_file(tmp_path: Path) -> Path:

@@ -197,8 +197,14 @@ def test_bad_inputs_and_existing_files(tmp_path, monkeypatch, embedded_tokenizer
         gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "m.gguf", out_type="q4_k")
     with pytest.raises(GaqpruneError, match="ffn_multiple -3 must be a positive"):
         gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "m.gguf", ffn_multiple=-3)
+    with pytest.raises(GaqpruneError, match="ffn_multiple 0 must be a positive"):
+        gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "m.gguf", ffn_multiple=0)
     with pytest.raises(GaqpruneError, match="must end in .gguf"):
         gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "m.bin")
+    (tmp_path / "d.gguf").mkdir()
+    with pytest.raises(GaqpruneError, match="is a folder"):
+        gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "d.gguf", overwrite=True)
+    (tmp_path / "d.gguf").rmdir()
     path = gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "m.gguf")
     before = path.read_bytes()
     with pytest.raises(GaqpruneError, match="already exists"):
@@ -227,6 +233,13 @@ def test_console_script(tmp_path, embedded_tokenizer):
     assert fields["deci.attention.head_count_kv"] == [2, 1, 2] and len(fields["tokenizer.ggml.tokens"]) == 49152
     bad = subprocess.run([*run, str(tmp_path / "x.gguf"), "--out_type", "int3"], capture_output=True, text=True)
     assert bad.returncode != 0 and "int3" in bad.stderr and not (tmp_path / "x.gguf").exists()
+    # output checks come before the model is loaded (a missing model is not even looked at), in one line
+    bad = subprocess.run([*run[:-1], str(tmp_path / "absent"), str(tmp_path / "x.gguf"), "--out_type", "int3"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "gaqprune-gguf: error: GGUF type 'int3' is not supported; use one of f32, f16, bf16, q8_0"]
+    bad = subprocess.run([*run[:-1], str(tmp_path / "absent"), str(tmp_path / "x.gguf")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith(f"gaqprune-gguf: error: model {str(tmp_path / 'absent')!r}")
 
 
 @pytest.fixture(scope="module")
