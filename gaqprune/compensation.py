@@ -135,6 +135,12 @@ def _refit(linear_getter: Callable[[], nn.Linear], prune: Callable[[], None], st
         linear_getter().weight.copy_(refit_weight(weight, stats.gram, kept, ridge, stats.cross))
 
 
+def _weight_target(target: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """What the refit weight must produce for ``linear`` to output ``target``: the target less the bias the Linear
+    keeps adding (Llama's attention_bias / mlp_bias)."""
+    return target if linear.bias is None else target - linear.bias.detach().float()
+
+
 def prune_layer_with_refit(layer: nn.Module, attention: tuple[Callable[[], None], torch.Tensor] | None,
                            mlp: tuple[Callable[[], None], torch.Tensor] | None, stream: list[tuple[torch.Tensor, dict]],
                            ridge: float, dense: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> None:
@@ -149,7 +155,7 @@ def prune_layer_with_refit(layer: nn.Module, attention: tuple[Callable[[], None]
         stats = LinearStats(o_proj, with_cross=dense is not None)
 
         def at_o(b: int, x: torch.Tensor) -> None:
-            stats.add(x, None if dense is None else dense[0][b].float() - stream[b][0].float())
+            stats.add(x, None if dense is None else _weight_target(dense[0][b].float() - stream[b][0].float(), o_proj))
 
         _run_to(layer, o_proj, stream, at_o)
         _refit(lambda: layer.self_attn.o_proj, attention[0], stats, attention[1], ridge)
@@ -159,7 +165,7 @@ def prune_layer_with_refit(layer: nn.Module, attention: tuple[Callable[[], None]
         mid: dict[int, torch.Tensor] = {}
 
         def at_down(b: int, x: torch.Tensor) -> None:
-            stats.add(x, None if dense is None else dense[1][b].float() - mid.pop(b).float())
+            stats.add(x, None if dense is None else _weight_target(dense[1][b].float() - mid.pop(b).float(), down))
 
         _run_to(layer, down, stream, at_down, before=mid.__setitem__, before_module=layer.post_attention_layernorm)
         _refit(lambda: layer.mlp.down_proj, mlp[0], stats, mlp[1], ridge)

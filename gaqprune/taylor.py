@@ -15,7 +15,10 @@ from gaqprune import units
 from gaqprune.errors import GaqpruneError
 from gaqprune.metrics import causal_nll
 
-CHUNK_ROWS = 4096  # rows of |w * g| materialised at once when reducing a large weight
+CHUNK_ELEMENTS = 1 << 22  # elements of |w * g| (float32) materialised at once when reducing a weight: 16 MB
+# The backward runs on the summed NLL scaled to this many tokens (not on the mean): with the mean, weight gradients
+# of a float16 model fall below its smallest normal number (6e-5) and lose precision; scores are rescaled after.
+LOSS_TOKENS = 1024
 
 
 def unit_scores_from_grads(layer: nn.Module, kind: str) -> torch.Tensor:
@@ -26,15 +29,17 @@ def unit_scores_from_grads(layer: nn.Module, kind: str) -> torch.Tensor:
     for owner in owners:
         lin = units.linear(layer, owner.path)
         unit_of = owner.unit_of.to(device)
-        # Reduce over the dimension the unit does not own, chunk by chunk, so no full-size temporary exists.
-        for start in range(0, lin.weight.shape[0], CHUNK_ROWS):
-            w = lin.weight[start : start + CHUNK_ROWS].detach()
-            g = lin.weight.grad[start : start + CHUNK_ROWS]
-            contrib = (w.double() * g.double()).abs()
+        # Reduce over the dimension the unit does not own, chunk by chunk, so no full-size temporary exists: one
+        # float32 chunk (a bf16/fp16 product is exact in float32), summed in float64.
+        rows = max(1, CHUNK_ELEMENTS // lin.weight.shape[1])
+        for start in range(0, lin.weight.shape[0], rows):
+            contrib = lin.weight[start : start + rows].detach().to(torch.float32, copy=True)
+            contrib.mul_(lin.weight.grad[start : start + rows]).abs_()
             if owner.dim == 0:
-                scores.index_add_(0, unit_of[start : start + CHUNK_ROWS], contrib.sum(1))
+                scores.index_add_(0, unit_of[start : start + rows], contrib.sum(1, dtype=torch.float64))
             else:
-                scores.index_add_(0, unit_of, contrib.sum(0))
+                scores.index_add_(0, unit_of, contrib.sum(0, dtype=torch.float64))
+            del contrib
         if owner.dim == 0 and lin.bias is not None and lin.bias.grad is not None:
             scores.index_add_(0, unit_of, (lin.bias.detach().double() * lin.bias.grad.double()).abs())
     return scores
@@ -68,6 +73,7 @@ def taylor_scores(hf_model, windows: torch.Tensor, layers: list[int], batch_size
                     p.requires_grad_(True)
         hf_model.eval()  # no dropout: scores must be deterministic
         total_tokens = int(windows.shape[0] * (windows.shape[1] - 1))
+        loss_scale = min(1.0, LOSS_TOKENS / total_tokens)  # backward of loss_scale * summed NLL (see LOSS_TOKENS)
         batches = range(0, len(windows), batch_size)
         with torch.enable_grad():
             for start in tqdm(batches, desc="Taylor scores", disable=not progress, leave=False):
@@ -76,11 +82,13 @@ def taylor_scores(hf_model, windows: torch.Tensor, layers: list[int], batch_size
                 if not torch.isfinite(nll):
                     raise GaqpruneError(f"the Taylor pass produced a {nll.item()} loss on calibration windows "
                                         f"{start}..{start + len(ids) - 1}; the model is numerically broken (try --dtype float32)")
-                (nll / total_tokens).backward()
+                (nll * loss_scale).backward()
         scores: dict[int, dict[str, torch.Tensor]] = {}
         for idx in layers:
             layer = decoder[idx]
-            scores[idx] = {kind: unit_scores_from_grads(layer, kind).cpu() for kind in (units.ATTENTION, units.MLP)}
+            # rescaled to the gradients of the mean NLL over all windows
+            scores[idx] = {kind: unit_scores_from_grads(layer, kind).cpu() / (loss_scale * total_tokens)
+                           for kind in (units.ATTENTION, units.MLP)}
             if not all(torch.isfinite(v).all() for v in scores[idx].values()):
                 raise GaqpruneError(f"Taylor scores of layer {idx} are not finite (NaN/inf gradients); try --dtype float32")
             for lin in _prunable_linears(layer):

@@ -229,3 +229,24 @@ def test_residual_compensation_with_a_removed_layer_matches_the_plan(random_wind
     assert n_params(model) == plan["totals"]["model_params_after"]
     with torch.no_grad():
         assert torch.isfinite(model(random_windows).logits).all()
+
+
+def test_residual_refit_of_a_biased_layer_equals_lstsq_when_the_streams_agree(random_windows):
+    # Pruning only layer 0's MLP, the dense and pruned streams entering it are the same, so the residual target (the
+    # dense sub-block output, bias included) and the lstsq target (X W^T) must give the same refit: the Linear's
+    # bias is added again after the refit weight, so it has to come off the residual target. (The attention's own
+    # bias handling is the same code path, `_weight_target`.)
+    logits = {}
+    for comp in ("lstsq", "residual"):
+        model = tiny_llama(attention_bias=True, mlp_bias=True)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.bias.normal_(0, 0.5)
+                layer.mlp.down_proj.bias.normal_(0, 0.5)
+        s = settings(compensation=comp, unit_split="mlp_only", pruning_ratio=0.4, layer_end=1, min_pruning_rate=0.0)
+        plan = build_plan(model, {0: 1.0}, random_windows, s, progress=False)
+        assert plan["layers"][0]["channels_after"] < 128
+        apply_plan(model, plan, random_windows)
+        with torch.no_grad():
+            logits[comp] = model(random_windows).logits
+    torch.testing.assert_close(logits["residual"], logits["lstsq"], rtol=1e-4, atol=1e-4)
