@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check (one H200, Llama-3-8B shape, random weights, bf16), in well under 8 minutes of device time.
+# One-shot GPU check (one H200, Llama-3-8B shape, random weights, bf16) within a global budget (GPU_CHECK_BUDGET_S, 600 s).
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root; JSON + logs go to $OUT if set, else a temp dir
 #

@@ -9,6 +9,7 @@ prunes in ``Callback.setup`` and then fine-tunes with LoRA in the same run.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 import warnings
@@ -72,6 +73,9 @@ class GaqpruneTrainer(L.Trainer):
             from gaqprune.data import instruction_records
 
             instruction_records(datamodule.instruction_data)
+        if job.finetune.finetune:
+            datamodule.train_windows_limit = job.finetune.finetune_samples
+            check_val_interval(self, datamodule)
         pipeline.clear_results(job.run)  # --overwrite: the previous run's results go before anything new is written
         clock = pipeline.Stopwatch()
         metrics: dict = {"base_model": job.base_model}
@@ -215,7 +219,7 @@ class GaqpruneCLI(LightningCLI):
                 raise GaqpruneError("--test_after_prune is for `gaqprune prune`; under `fit` the validation set is "
                                     "evaluated during training (--trainer.val_check_interval)")
             # a fit may add its results to a prune run's folder, never replace a fit's (or a pruning run's, with --prune)
-            pipeline.check_run_dir(run, pipeline.RESULTS if cfg.get("prune") else pipeline.FIT_RESULTS)
+            pipeline.check_run_dir(run, pipeline.FINISHED if cfg.get("prune") else pipeline.FIT_RESULTS)
         if self.subcommand in ("prune", "fit"):
             check_gguf(self._settings(RunSettings), cfg["base_model"], model_config)
 
@@ -231,7 +235,7 @@ class GaqpruneCLI(LightningCLI):
 
     def before_prune(self) -> None:
         self._job = PruneJob(*(self._settings(c) for c in SETTINGS.values()), base_model=self.config.prune.base_model,
-                             config_yaml=self.parser.dump(self.config, skip_none=False))
+                             config_yaml=self._subcommand_parsers["prune"].dump(self.config.prune, skip_none=False))
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -254,7 +258,8 @@ class GaqpruneCLI(LightningCLI):
             save_model = model_name(cfg.base_model) if run.save_model else None
             self.trainer.callbacks.extend([importance, GQAPrune(prune, importance, seed=run.seed, out_dir=out_dir,
                                                                 save_model_of=save_model)])
-        pipeline.clear_results(run, pipeline.RESULTS if cfg.get("prune") else pipeline.FIT_RESULTS)
+        check_val_interval(self.trainer, self.datamodule)
+        pipeline.clear_results(run, pipeline.RUN_FILES if cfg.get("prune") else pipeline.FIT_RESULTS)
 
     def after_fit(self) -> None:
         """Save the LoRA adapters and a merged model in the run folder (rank 0)."""
@@ -290,6 +295,23 @@ def validate_importance_settings(imp: ImportanceSettings, context: int | None) -
             raise GaqpruneError(f"--importance_config {imp.importance_config!r} is not valid JSON ({err})") from None
     elif imp.importance_config:
         raise GaqpruneError(f"--importance_config {imp.importance_config!r} is only read with --skip_importance_analysis true")
+
+
+def check_val_interval(trainer: L.Trainer, datamodule: LMDataModule) -> None:
+    """Lightning refuses an integer --trainer.val_check_interval above an epoch's training batches, with a traceback
+    and (in `prune --finetune`) only after pruning: check it before any work."""
+    interval = trainer.val_check_interval
+    if not isinstance(interval, int) or trainer.check_val_every_n_epoch is None or trainer.limit_val_batches == 0:
+        return
+    examples = datamodule.num_train_examples()
+    batches = math.ceil(math.ceil(examples / trainer.world_size) / datamodule.batch_size)
+    limit = trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    if interval > batches:
+        raise GaqpruneError(
+            f"--trainer.val_check_interval {interval} is more than the {batches} training batches of an epoch "
+            f"({examples} examples, --data.batch_size {datamodule.batch_size}); give at most {batches}, a fraction "
+            "of an epoch such as 1.0, or more --finetune_samples")
 
 
 def validate_data_settings(data: dict, trains: bool) -> None:

@@ -309,7 +309,8 @@ class LMDataModule(L.LightningDataModule):
             max_eval_windows: evaluate only the first N windows (None: all).
             eval_fraction: share of a local file's tokens (its tail) used for evaluation; 1.0 = all.
             num_workers: DataLoader workers.
-            seed: seed for sampling calibration windows.
+            seed: seed for drawing and shuffling the fine-tune's training windows (the pruning's calibration
+                windows follow ``--seed``).
             instruction_data: fine-tune on Alpaca-style records (a .json list, a .jsonl file or a hub id with
                 instruction/input/output) instead of plain text windows; the loss covers response tokens only.
             prompt_template: Python format string of the prompt ({instruction}, {input_clause}, {input_block}).
@@ -374,6 +375,14 @@ class LMDataModule(L.LightningDataModule):
                 self.seed, "--finetune_samples",
             )
         return windows
+
+    def num_train_examples(self) -> int:
+        """How many training examples ``setup("fit")`` will make (windows or instruction records)."""
+        if self.instruction_data:
+            n = len(instruction_records(self.instruction_data))
+        else:
+            n = len(make_windows(self.streams(self.source)["train"], self.max_seq_len))
+        return n if self.train_windows_limit is None else min(n, self.train_windows_limit)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.instruction_data:

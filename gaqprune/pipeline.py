@@ -23,18 +23,21 @@ log = logging.getLogger(__name__)
 IMPORTANCE_FILE = "layer_importance_config.json"
 PLAN_FILE = "pruning_plan.json"
 METRICS_FILE = "metrics.json"
-# What a finished run leaves (metrics.json is written last, so it marks a finished `prune`); a fit adds the last three.
+# A finished run: `prune` writes metrics.json last; a fit (which writes none) leaves these.
 FIT_RESULTS = ("model_finetuned", "model_finetuned.gguf", "lora_adapter")
-RESULTS = (METRICS_FILE, "model", "model.gguf", *FIT_RESULTS)
+FINISHED = (METRICS_FILE, *FIT_RESULTS)
+# What --overwrite removes before a new run writes anything (the layer-importance cache stays: it is reused only
+# where its recorded settings match).
+RUN_FILES = (*FINISHED, "model", "model.gguf", "config.yaml", PLAN_FILE, "pruning_rates.png")
 
 
 def run_dir(run: RunSettings) -> Path:
     return Path(run.output_dir) / run.save_ckpt_log_name
 
 
-def check_run_dir(run: RunSettings, results: tuple[str, ...] = RESULTS) -> Path:
-    """The run folder, checked: a plain name, not a file, and holding none of ``results`` unless --overwrite.
-    An unfinished run (caches only) is resumed: its caches are reused where they match."""
+def check_run_dir(run: RunSettings, results: tuple[str, ...] = FINISHED) -> Path:
+    """The run folder, checked: a plain name, not a file, and holding none of ``results`` (a finished run's) unless
+    --overwrite. An unfinished run is resumed: its caches are reused where they match, its other files rewritten."""
     name = run.save_ckpt_log_name
     if not name or name in (".", "..") or Path(name).name != name:
         raise GaqpruneError(f"--save_ckpt_log_name {name!r} is invalid; give a plain folder name (no '/', not '.' or '..')")
@@ -62,9 +65,9 @@ def check_calibration_budget(datamodule, imp: ImportanceSettings, prune: PruneSe
     compensation_windows(datamodule, prune, seed, "cpu", taylor_windows(datamodule, prune, seed, "cpu"))
 
 
-def clear_results(run: RunSettings, results: tuple[str, ...] = RESULTS) -> None:
+def clear_results(run: RunSettings, results: tuple[str, ...] = RUN_FILES) -> None:
     """With --overwrite, remove the previous run's ``results`` before the new run writes anything, so the folder
-    never mixes two runs (caches stay: they are reused only where their recorded settings match)."""
+    never mixes two runs (the importance cache stays: it is reused only where its recorded settings match)."""
     path = run_dir(run)
     if not run.overwrite or not path.is_dir():
         return

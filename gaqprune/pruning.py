@@ -116,7 +116,8 @@ def select_units(attn_scores: torch.Tensor, mlp_scores: torch.Tensor, group_para
     """Kept (group indices, channel indices) of one layer removing about ``rate`` of its prunable parameters.
 
     Always keeps >= 1 group and >= 1 channel (removing everything is whole-layer removal).
-    The removed parameter count lands within one MLP channel of the target whenever channels allow it.
+    The removed parameter count lands within one MLP channel of the target whenever channels allow it (before the
+    kept channel count is rounded to ``channel_multiple``, which moves it by up to half a multiple).
     """
     n_groups, n_channels = len(attn_scores), len(mlp_scores)
     total = n_groups * group_params + n_channels * channel_params

@@ -122,6 +122,9 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
         "run_name_dot": ([*data, "--save_ckpt_log_name", "."], "--save_ckpt_log_name '.'"),
         "run_name_with_path": ([*data, "--save_ckpt_log_name", "../elsewhere"], "--save_ckpt_log_name '../elsewhere'"),
         "seed_overflow": ([*data, "--seed", "100000000000000000000000"], "--seed 100000000000000000000000"),
+        "val_check_interval_above_epoch": ([*data, "--finetune", "true", "--finetune_samples", "16",
+                                            "--trainer.val_check_interval", "100"],
+                                           "--trainer.val_check_interval 100 is more than the 2 training batches"),
     }
 
 
@@ -136,7 +139,7 @@ CASE_NAMES = [
     "gguf_unsupported_model", "gguf_deci_as_base_model", "eval_batch_size_zero", "eval_batch_size_negative",
     "max_eval_windows_negative", "missing_text_file", "missing_eval_file", "channel_multiple_above_width",
     "lora_unknown_target", "lora_rank_zero", "learning_rate_negative", "batch_size_zero", "instruction_data_missing",
-    "run_name_dot", "run_name_with_path", "seed_overflow",
+    "run_name_dot", "run_name_with_path", "seed_overflow", "val_check_interval_above_epoch",
 ]
 
 
@@ -219,6 +222,7 @@ def test_guide_switches_work_without_a_value():
     (["--num_examples", "5000"], "--num_examples 5000 asks for more windows"),
     (["--compensation_samples", "5000"], "--compensation_samples 5000 asks for more windows"),
     (["--test_after_prune", "true"], "--test_after_prune is for `gaqprune prune`"),
+    (["--trainer.val_check_interval", "100"], "--trainer.val_check_interval 100 is more than the"),
 ])
 def test_fit_with_prune_checks_before_any_work(extra, expected, tmp_path, monkeypatch, capsys, tiny_model_dir,
                                                text_file):
