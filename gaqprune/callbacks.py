@@ -76,7 +76,7 @@ class GQAPrune(L.Callback):
         plan = pipeline.plan_stage(hf_model, scores, windows, self.settings, progress=True) if trainer.is_global_zero else None
         self.plan = trainer.strategy.broadcast(plan, src=0)
         apply_plan(hf_model, self.plan, pipeline.compensation_windows(trainer.datamodule, self.settings, self.seed, device,
-                                                                      windows))
+                                                                      windows), progress=trainer.is_global_zero)
         if trainer.is_global_zero and self.out_dir is not None:
             write_json(self.out_dir / pipeline.PLAN_FILE, self.plan)
             pipeline.plot_rates(scores or {}, self.plan, self.out_dir / "pruning_rates.png")

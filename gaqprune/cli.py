@@ -69,13 +69,9 @@ class GaqpruneTrainer(L.Trainer):
         taylor_windows = pipeline.taylor_windows(datamodule, job.pruning, job.run.seed, device)
         refit_windows = pipeline.compensation_windows(datamodule, job.pruning, job.run.seed, device, taylor_windows)
         eval_windows = datamodule.eval_windows() if job.run.test_after_prune else None
-        if job.finetune.finetune and datamodule.instruction_data:
-            from gaqprune.data import instruction_records
-
-            instruction_records(datamodule.instruction_data)
-        if job.finetune.finetune:
+        if job.finetune.finetune:  # the fine-tune's data (instruction records, training windows) checked now
             datamodule.train_windows_limit = job.finetune.finetune_samples
-            check_val_interval(self, datamodule)
+            check_val_interval(self, datamodule, datamodule.num_train_examples())
         pipeline.clear_results(job.run)  # --overwrite: the previous run's results go before anything new is written
         clock = pipeline.Stopwatch()
         metrics: dict = {"base_model": job.base_model}
@@ -96,7 +92,7 @@ class GaqpruneTrainer(L.Trainer):
             plan = pipeline.plan_stage(hf_model, scores, taylor_windows, job.pruning, progress)
         write_json(out_dir / pipeline.PLAN_FILE, plan)
         with clock("surgery"):
-            apply_plan(hf_model, plan, refit_windows)
+            apply_plan(hf_model, plan, refit_windows, progress=progress)
         pipeline.plot_rates(scores, plan, out_dir / "pruning_rates.png")
         if eval_windows is not None:
             with clock("eval_after"):
@@ -121,7 +117,6 @@ class GaqpruneTrainer(L.Trainer):
         if job.finetune.finetune:
             from gaqprune.finetune import export_finetuned
 
-            datamodule.train_windows_limit = job.finetune.finetune_samples
             self.fit_loop.max_epochs = job.finetune.finetune_epochs
             with clock("finetune"):
                 self.fit(model, datamodule=datamodule)
@@ -134,6 +129,9 @@ class GaqpruneTrainer(L.Trainer):
                     adapter_base=out_dir / "model" if job.run.save_model else None)
             metrics["seconds"] = clock.seconds
         write_json(out_dir / pipeline.METRICS_FILE, metrics)  # written last: marks the run as finished
+        if progress:
+            written = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir() if not p.name.startswith("."))
+            print(f"results in {out_dir}/: {', '.join(written)}")
         return metrics
 
     def _log_prune_metrics(self, scores: dict[int, float], plan: dict, metrics: dict) -> None:
@@ -170,6 +168,7 @@ class GaqpruneCLI(LightningCLI):
                             help="'embedded' (SmolLM2-135M-Instruct, offline), a HF model folder, a .gguf file, "
                                  "a hub id such as meta-llama/Meta-Llama-3-8B-Instruct, or a gaqprune checkpoint.")
         parser.add_argument("--dtype", type=str, default="float32", help="Weight dtype: float32, bfloat16 or float16.")
+        parser.set_defaults({"trainer.log_every_n_steps": 10})  # Lightning's 50 logs no loss at all in short fits
         parser.link_arguments("base_model", "model.base_model")
         parser.link_arguments("base_model", "data.tokenizer")
         parser.link_arguments("dtype", "model.dtype")
@@ -258,7 +257,12 @@ class GaqpruneCLI(LightningCLI):
             save_model = model_name(cfg.base_model) if run.save_model else None
             self.trainer.callbacks.extend([importance, GQAPrune(prune, importance, seed=run.seed, out_dir=out_dir,
                                                                 save_model_of=save_model)])
-        check_val_interval(self.trainer, self.datamodule)
+        examples = self.datamodule.num_train_examples()
+        check_val_interval(self.trainer, self.datamodule, examples)
+        if cfg.trainer.max_epochs is None and cfg.trainer.max_steps != -1 and not cfg.get("ckpt_path"):
+            # the epochs the steps take, for the progress bar (a resumed fit counts from where it stopped: left alone)
+            batches = max(1, train_batches(self.trainer, self.datamodule, examples) // self.trainer.accumulate_grad_batches)
+            self.trainer.fit_loop.max_epochs = math.ceil(cfg.trainer.max_steps / batches)
         pipeline.clear_results(run, pipeline.RUN_FILES if cfg.get("prune") else pipeline.FIT_RESULTS)
 
     def after_fit(self) -> None:
@@ -272,6 +276,12 @@ class GaqpruneCLI(LightningCLI):
         paths = export_finetuned(self.model, self.datamodule.tokenizer, pipeline.run_dir(run), run.save_gguf,
                                  pruned_here=pruned_here,
                                  adapter_base=pipeline.run_dir(run) / "model" if pruned_here and run.save_model else None)
+        val_ppl = self.trainer.callback_metrics.get("val_ppl")
+        logger = self.trainer.logger  # its log_dir, not Trainer.log_dir: that one is a collective, and only rank 0 is here
+        write_json(pipeline.run_dir(run) / pipeline.FIT_METRICS_FILE, {
+            "base_model": self.config.fit.base_model, "steps": self.trainer.global_step,
+            "val_ppl": None if val_ppl is None else float(val_ppl),
+            "log_dir": getattr(logger, "log_dir", None), "outputs": paths})
         for name, path in paths.items():
             log.info("saved %s to %s", name, path)
 
@@ -297,16 +307,20 @@ def validate_importance_settings(imp: ImportanceSettings, context: int | None) -
         raise GaqpruneError(f"--importance_config {imp.importance_config!r} is only read with --skip_importance_analysis true")
 
 
-def check_val_interval(trainer: L.Trainer, datamodule: LMDataModule) -> None:
+def train_batches(trainer: L.Trainer, datamodule: LMDataModule, examples: int) -> int:
+    """Training batches per epoch on each rank of a fit over ``examples`` training examples."""
+    batches = math.ceil(math.ceil(examples / trainer.world_size) / datamodule.batch_size)
+    limit = trainer.limit_train_batches
+    return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+
+
+def check_val_interval(trainer: L.Trainer, datamodule: LMDataModule, examples: int) -> None:
     """Lightning refuses an integer --trainer.val_check_interval above an epoch's training batches, with a traceback
     and (in `prune --finetune`) only after pruning: check it before any work."""
     interval = trainer.val_check_interval
     if not isinstance(interval, int) or trainer.check_val_every_n_epoch is None or trainer.limit_val_batches == 0:
         return
-    examples = datamodule.num_train_examples()
-    batches = math.ceil(math.ceil(examples / trainer.world_size) / datamodule.batch_size)
-    limit = trainer.limit_train_batches
-    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    batches = train_batches(trainer, datamodule, examples)
     if interval > batches:
         raise GaqpruneError(
             f"--trainer.val_check_interval {interval} is more than the {batches} training batches of an epoch "
@@ -430,6 +444,10 @@ def expand_bare_flags(args: list[str]) -> list[str]:
     return out
 
 
+def _no_tips(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
+
+
 def run(args: list[str] | None = None) -> GaqpruneCLI:
     """Run the CLI and return it; user mistakes become one-line errors with exit status 2."""
     args = expand_bare_flags(sys.argv[1:] if args is None else list(args))
@@ -439,6 +457,7 @@ def run(args: list[str] | None = None) -> GaqpruneCLI:
     for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 42" on every call
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)  # Lightning's product adverts
     try:
         return GaqpruneCLI(
             LitCausalLM,

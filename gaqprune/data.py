@@ -196,7 +196,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _source_key(source: str) -> str:
     if _is_local(source):
-        p = Path(source).expanduser().resolve()
+        p = Path(_resolved_source(source))
         if not p.is_file():
             raise GaqpruneError(f"--data.source {source!r}: file not found" if p.suffix.lower() in TEXT_SUFFIXES
                                 else f"--data.source {source!r} is not a file; give a .txt/.jsonl file or a dataset name")

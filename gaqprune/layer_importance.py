@@ -402,8 +402,8 @@ def load_importance(path: str | os.PathLike, expected: dict) -> dict[int, float]
         if missing:
             raise _refuse(
                 path,
-                f"holds scores for layers {min(scores, default=0)}..{max(scores, default=-1) + 1}, "
-                f"expected layers {start}..{end} (missing {missing})",
+                f"holds scores for layers {min(scores, default=0)}..{max(scores, default=-1)}, "
+                f"expected layers {start}..{end - 1} (missing {missing})",
             )
     return ImportanceScores({layer: scores[layer] for layer in wanted}, str(record.get("method")), record.get("dense_perplexity"))
 

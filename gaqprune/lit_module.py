@@ -71,6 +71,7 @@ class LitCausalLM(L.LightningModule):
         """Attach LoRA (idempotent: Lightning may call this more than once)."""
         if self.trainer is None or self.trainer.state.fn != "fit" or self.lora_attached:
             return
+        self.model.train()  # load_model() returns eval mode; LoRA dropout (and Lightning's check) want train mode
         if self.hparams.finetune_method == "lora":
             from peft import LoraConfig, inject_adapter_in_model
 

@@ -24,7 +24,8 @@ IMPORTANCE_FILE = "layer_importance_config.json"
 PLAN_FILE = "pruning_plan.json"
 METRICS_FILE = "metrics.json"
 # A finished run: `prune` writes metrics.json last; a fit (which writes none) leaves these.
-FIT_RESULTS = ("model_finetuned", "model_finetuned.gguf", "lora_adapter")
+FIT_METRICS_FILE = "fit_metrics.json"
+FIT_RESULTS = ("model_finetuned", "model_finetuned.gguf", "lora_adapter", FIT_METRICS_FILE)
 FINISHED = (METRICS_FILE, *FIT_RESULTS)
 # What --overwrite removes before a new run writes anything (the layer-importance cache stays: it is reused only
 # where its recorded settings match).
@@ -107,6 +108,8 @@ def layer_importance_stage(hf_model, datamodule, imp: ImportanceSettings, start:
     if imp.skip_importance_analysis:
         scores = li.load_importance(imp.importance_config, expected)
         record = json.loads(Path(imp.importance_config).read_text())
+        log.info("layer importance: reused %s (%s, %s samples; no analysis run)", imp.importance_config,
+                 record.get("method"), record.get("samples"))
     else:
         cached = out_dir / IMPORTANCE_FILE if out_dir is not None else None
         reusable = None

@@ -296,14 +296,16 @@ def _width_changes(entry: dict) -> tuple[bool, bool]:
     return entry["groups_after"] < entry["groups_before"], entry["channels_after"] < entry["channels_before"]
 
 
-def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None) -> None:
+def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None, progress: bool = False) -> None:
     """Prune ``hf_model`` in place as ``plan`` says (any device/dtype).
 
     With ``plan["settings"]["compensation"]`` ``lstsq`` or ``residual`` and ``calib_windows`` given, o_proj /
     down_proj of every width-pruned layer are refit by least squares on those windows, layer by layer
     (deterministic for fixed windows; see ``gaqprune.compensation``); without windows the plan is applied as
-    plain removal.
+    plain removal. ``progress`` shows a bar over the layers (with an ETA: the refit is the slow part).
     """
+    from tqdm.auto import tqdm
+
     _check_plan(hf_model, plan)
     settings = plan["settings"]
     layers = hf_model.model.layers
@@ -315,7 +317,9 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None) 
     if refit:
         stream = compensation.capture_layer_inputs(hf_model, calib_windows, settings.get("taylor_batch_size", 4))
         dense = stream if mode == "residual" else None  # the same list until the first layer differs
-    for entry, layer in zip(plan["layers"], layers):
+    bar = tqdm(list(zip(plan["layers"], layers)), desc="surgery" + (f" + {mode} refit" if refit else ""),
+               unit="layer", disable=not progress, leave=False)
+    for entry, layer in bar:
         g_changed, c_changed = _width_changes(entry)
         needed = refit and entry["index"] < changed[-1]  # the streams are needed up to the last refit layer
         if entry["removed_whole"]:

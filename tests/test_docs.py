@@ -27,6 +27,17 @@ def test_every_flag_is_documented_with_its_default():
             assert f"| `--{field.name}` | `{field.default}` |" in README, field.name
 
 
+def test_fit_logs_every_10_steps_by_default(capsys):
+    # Lightning's default of 50 logs no training loss at all in a fit shorter than that (the README's 40 steps)
+    import yaml
+
+    from gaqprune.cli import run
+
+    with pytest.raises(SystemExit):
+        run(["fit", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["log_every_n_steps"] == 10
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_every_shipped_config_parses(config, capsys):
     """Each scenario YAML is a valid `gaqprune prune` config (unknown or mistyped keys would fail here)."""

@@ -99,12 +99,17 @@ def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
     state = torch.load(ckpt, weights_only=False)["state_dict"]
     assert state and all("lora_" in k for k in state)
     assert ckpt.stat().st_size < 2_000_000  # the frozen 6.5M-parameter base is not in it
+    fit_metrics = json.loads((tmp_path / "prune_log" / "a" / "fit_metrics.json").read_text())
+    assert fit_metrics["steps"] == 2 and Path(fit_metrics["log_dir"]).is_dir()
+    assert fit_metrics["val_ppl"] is None  # 2 of the epoch's 4 batches: no validation ran yet
     r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "4", "--save_ckpt_log_name", "b",
              "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt), "--save_gguf", "f16", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = sorted(tmp_path.rglob("*step=4.ckpt"))
     assert resumed, list(tmp_path.rglob("*.ckpt"))
     assert (tmp_path / "prune_log" / "b" / "model_finetuned" / "config.json").is_file()
+    fit_metrics = json.loads((tmp_path / "prune_log" / "b" / "fit_metrics.json").read_text())
+    assert fit_metrics["steps"] == 4 and fit_metrics["val_ppl"] > 1  # the epoch ended: validated
     assert (tmp_path / "prune_log" / "b" / "model_finetuned.gguf").stat().st_size > 6_000_000 * 2  # f16 weights
     # adapters trained on other layer shapes (e.g. a pruned model, resumed without --prune) are refused, not loaded
     # into the wrong layers

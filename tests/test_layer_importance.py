@@ -182,7 +182,7 @@ def test_load_refuses_what_does_not_fit(tiny_model, tmp_path):
 
     with pytest.raises(GaqpruneError, match="num_layers differs: found 4, expected 32"):
         load_importance(path, {"num_layers": 32, "model_fingerprint": fp})
-    with pytest.raises(GaqpruneError, match=r"expected layers 0\.\.4 \(missing \[0, 3\]\)"):
+    with pytest.raises(GaqpruneError, match=r"expected layers 0\.\.3 \(missing \[0, 3\]\)"):
         load_importance(path, {"num_layers": 4, "model_fingerprint": fp})
     with pytest.raises(GaqpruneError, match="method differs: found 'removal', expected 'activation'"):
         load_importance(path, {"method": "activation"})

@@ -42,6 +42,7 @@ def test_two_identical_runs_write_byte_identical_plans(tmp_path, tiny_model_dir)
         assert r.returncode == 0, r.stderr[-3000:]
     a, b = tmp_path / "prune_log" / "a", tmp_path / "prune_log" / "b"
     assert (a / "pruning_plan.json").read_bytes() == (b / "pruning_plan.json").read_bytes()
+    assert r.stdout.strip().splitlines()[-1].startswith("results in prune_log/b/: config.yaml, layer_importance.png")
     # the run's config.yaml re-runs it as it is (`prune --config FILE`, like the files in configs/)
     r = subprocess.run([sys.executable, "-m", "gaqprune.cli", "prune", "--config", str(a / "config.yaml"),
                         "--save_ckpt_log_name", "c"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
