@@ -72,12 +72,12 @@ def clear_results(run: RunSettings, results: tuple[str, ...] = RUN_FILES) -> Non
     path = run_dir(run)
     if not run.overwrite or not path.is_dir():
         return
-    for name in results:
+    for name in results:  # every rank of a DDP fit runs this: tolerate a file another rank removed first
         old = path / name
         if old.is_dir():
-            shutil.rmtree(old)
-        elif old.exists():
-            old.unlink()
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def importance_meta(hf_model, imp: ImportanceSettings, start: int, end: int, base_model: str, source: str,
