@@ -352,5 +352,4 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None, 
             if dense is not None:
                 dense = advanced if dense is stream else compensation.run_layer(layer, dense)
             stream = advanced
-    surgery.remove_layers(hf_model, plan["removed_layers"])
-    surgery.sync_layer_config(hf_model)
+    surgery.remove_layers(hf_model, plan["removed_layers"])  # also syncs a per-layer config with the new shapes

@@ -57,10 +57,12 @@ def keep_units(layer: nn.Module, kind: str, keep: Sequence[int]) -> None:
 
 
 def remove_layers(hf_model, remove: Sequence[int]) -> None:
-    """Delete decoder layers ``remove`` (depth pruning) and renumber the rest for the KV cache."""
+    """Delete decoder layers ``remove`` (depth pruning) and renumber the rest for the KV cache; a per-layer config is
+    then synced with the modules (also when nothing is removed: width surgery before this may have changed them)."""
     remove_set = {int(i) for i in remove}
     layers = hf_model.model.layers
     if not remove_set:
+        sync_layer_config(hf_model)
         return
     if len(remove_set) >= len(layers):
         raise ValueError("cannot remove every decoder layer")
