@@ -86,8 +86,9 @@ class GaqpruneTrainer(L.Trainer):
         if eval_windows is not None:
             metrics.update(eval_seq_len=int(eval_windows.shape[1]), eval_windows=int(eval_windows.shape[0]))
             with clock("eval_before"):
-                metrics["ppl_before"] = perplexity(hf_model, eval_windows, datamodule.eval_batch_size,
-                                                   progress="dense perplexity" if progress else None)
+                metrics["ppl_before"], metrics["ppl_before_cached"] = pipeline.dense_perplexity(
+                    hf_model, eval_windows, datamodule.eval_batch_size, meta["model_fingerprint"],
+                    progress="dense perplexity" if progress else None)
         with clock("taylor_and_plan"):
             plan = pipeline.plan_stage(hf_model, scores, taylor_windows, job.pruning, progress)
         write_json(out_dir / pipeline.PLAN_FILE, plan)
@@ -118,11 +119,19 @@ class GaqpruneTrainer(L.Trainer):
             from gaqprune.finetune import export_finetuned
 
             self.fit_loop.max_epochs = job.finetune.finetune_epochs
+            if "ppl_after" in metrics:  # measured on the windows the fit validates on: its curve starts there
+                model.val_ppl_start = metrics["ppl_after"]
+                self.num_sanity_val_steps = 0
+                if self.logger is not None:
+                    self.logger.log_metrics({"val_ppl": metrics["ppl_after"]}, step=0)
             with clock("finetune"):
                 self.fit(model, datamodule=datamodule)
             if eval_windows is not None:
                 metrics["ppl_after_finetune"] = perplexity(model.model, eval_windows.to(model.device),
                                                            datamodule.eval_batch_size)
+                if progress:
+                    print(f"perplexity after fine-tuning: {metrics['ppl_after_finetune']:.2f} (dense "
+                          f"{metrics['ppl_before']:.2f} | pruned {metrics['ppl_after']:.2f})")
             if self.is_global_zero:
                 metrics["finetune_outputs"] = export_finetuned(
                     model, datamodule.tokenizer, out_dir, job.run.save_gguf, pruned_here=True,
@@ -168,7 +177,8 @@ class GaqpruneCLI(LightningCLI):
                             help="'embedded' (SmolLM2-135M-Instruct, offline), a HF model folder, a .gguf file, "
                                  "a hub id such as meta-llama/Meta-Llama-3-8B-Instruct, or a gaqprune checkpoint.")
         parser.add_argument("--dtype", type=str, default="float32", help="Weight dtype: float32, bfloat16 or float16.")
-        parser.set_defaults({"trainer.log_every_n_steps": 10})  # Lightning's 50 logs no loss at all in short fits
+        parser.set_defaults({"trainer.log_every_n_steps": 10,  # Lightning's 50 logs no loss at all in short fits
+                             "trainer.num_sanity_val_steps": -1})  # a fit's curve starts at the untrained model
         parser.link_arguments("base_model", "model.base_model")
         parser.link_arguments("base_model", "data.tokenizer")
         parser.link_arguments("dtype", "model.dtype")
@@ -227,6 +237,15 @@ class GaqpruneCLI(LightningCLI):
         while building the Trainer: a user mistake, reported in one line like every other one."""
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if self.subcommand in ("prune", "fit") and trainer_cfg.get("logger") is None:
+            # TensorBoard logs of a run go under its name (lightning_logs/<save_ckpt_log_name>/version_N), so a run
+            # renamed with --save_ckpt_log_name (a ratio sweep) does not mix its curves into another run's folder
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            root = Path(trainer_cfg.get("default_root_dir") or ".")
+            name = self._settings(RunSettings).save_ckpt_log_name
+            kwargs.setdefault("logger", TensorBoardLogger(root / "lightning_logs", name=name, default_hp_metric=False))
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:
@@ -277,13 +296,18 @@ class GaqpruneCLI(LightningCLI):
                                  pruned_here=pruned_here,
                                  adapter_base=pipeline.run_dir(run) / "model" if pruned_here and run.save_model else None)
         val_ppl = self.trainer.callback_metrics.get("val_ppl")
+        val_ppl = None if val_ppl is None else float(val_ppl)
         logger = self.trainer.logger  # its log_dir, not Trainer.log_dir: that one is a collective, and only rank 0 is here
+        steps = self.trainer.global_step
         write_json(pipeline.run_dir(run) / pipeline.FIT_METRICS_FILE, {
-            "base_model": self.config.fit.base_model, "steps": self.trainer.global_step,
-            "val_ppl": None if val_ppl is None else float(val_ppl),
-            "log_dir": getattr(logger, "log_dir", None), "outputs": paths})
+            "base_model": self.config.fit.base_model, "steps": steps, "val_ppl_start": self.model.val_ppl_start,
+            "val_ppl": val_ppl, "val_ppl_step": self.model.val_ppl_step, "log_dir": getattr(logger, "log_dir", None),
+            "outputs": paths})
         for name, path in paths.items():
             log.info("saved %s to %s", name, path)
+        if self.model.val_ppl_start is not None and val_ppl is not None:
+            print(f"validation perplexity: {self.model.val_ppl_start:.2f} before training -> {val_ppl:.2f} at step "
+                  f"{self.model.val_ppl_step} (of {steps})")
 
 
 def validate_importance_settings(imp: ImportanceSettings, context: int | None) -> None:
@@ -454,6 +478,8 @@ def run(args: list[str] | None = None) -> GaqpruneCLI:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # args are sys.argv with bare switches expanded; Lightning warns whenever both are set
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    # Lightning 2.6 on torch 2.10+: an internal deprecation, printed on every fit, nothing a user can act on
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 42" on every call

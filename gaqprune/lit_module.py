@@ -64,6 +64,8 @@ class LitCausalLM(L.LightningModule):
         self.val_ppl = Perplexity()
         self.test_ppl = Perplexity()
         self.lora_attached = False
+        self.val_ppl_start: float | None = None  # the validation perplexity before training (see on_validation_epoch_end)
+        self.val_ppl_step: int | None = None  # the training step of the latest validation
         self._teacher = None  # plain attribute, never a submodule: no strategy wraps it, no checkpoint stores it
 
     # -- model set-up -------------------------------------------------------------------------
@@ -139,6 +141,18 @@ class LitCausalLM(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         self._eval_update(self.val_ppl, batch)
         self.log("val_ppl", self.val_ppl, prog_bar=True, on_epoch=True, on_step=False)
+
+    def on_validation_epoch_end(self) -> None:
+        """A fit's sanity check over the whole validation set (``--trainer.num_sanity_val_steps -1``, gaqprune's
+        default) measures the model before training: logged as ``val_ppl`` at the fit's first step, so the curve
+        starts where pruning left the model. Lightning itself logs nothing during a sanity check."""
+        trainer = self.trainer
+        if not trainer.sanity_checking:
+            self.val_ppl_step = trainer.global_step
+        elif trainer.num_sanity_val_batches == trainer.num_val_batches:
+            self.val_ppl_start = float(self.val_ppl.compute())  # a collective under DDP: every rank is here
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({"val_ppl": self.val_ppl_start}, step=trainer.global_step)
 
     def test_step(self, batch, batch_idx):
         self._eval_update(self.test_ppl, batch)

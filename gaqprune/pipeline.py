@@ -156,6 +156,41 @@ def compensation_windows(datamodule, settings: PruneSettings, seed: int, device:
                                           what="--compensation_samples").to(device)
 
 
+def dense_perplexity(hf_model, windows: torch.Tensor, batch_size: int, fingerprint: str,
+                     progress: str | None = None) -> tuple[float, bool]:
+    """(perplexity of the dense model over ``windows``, whether it came from the cache).
+
+    A dense model's perplexity is the same at every pruning ratio, so a ratio sweep or a rerun measures it once: the
+    value is cached under ``$GAQPRUNE_CACHE/perplexity/`` keyed by everything it depends on (weights fingerprint,
+    config, the windows' tokens, batch size, device type, library versions).
+    """
+    import hashlib
+
+    import transformers
+
+    from gaqprune.atomic import write_json
+    from gaqprune.metrics import perplexity
+    from gaqprune.models import cache_root
+
+    config = {k: v for k, v in hf_model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    key = {"fingerprint": fingerprint, "config": config, "attn": hf_model.config._attn_implementation,
+           "windows": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest(), "shape": list(windows.shape),
+           "batch_size": batch_size, "device": next(hf_model.parameters()).device.type,
+           "versions": [torch.__version__, transformers.__version__, __version__]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    path = cache_root() / "perplexity" / f"{digest}.json"
+    try:
+        return float(json.loads(path.read_text())["perplexity"]), True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    value = perplexity(hf_model, windows, batch_size, progress=progress)
+    try:
+        write_json(path, {"perplexity": value, "key": key})
+    except OSError as err:  # a read-only cache costs a re-measurement next time, nothing else
+        log.warning("could not cache the dense perplexity in %s: %s", path, err)
+    return value, False
+
+
 def plan_stage(hf_model, scores: dict[int, float], windows: torch.Tensor, settings: PruneSettings,
                progress: bool) -> dict:
     """Taylor scores + allocation -> a deterministic plan."""
@@ -221,7 +256,9 @@ def summary_table(plan: dict, metrics: dict) -> str:
                  f"decoder-layer parameters, {t.get('achieved_ratio_model', 0):.2%} of the whole model")
     if "ppl_before" in metrics or "ppl_after" in metrics:
         lines.append(f"perplexity (window {metrics.get('eval_seq_len')}, {metrics.get('eval_windows')} windows): "
-                     f"dense {metrics.get('ppl_before', float('nan')):.2f} | pruned {metrics.get('ppl_after', float('nan')):.2f}")
+                     f"dense {metrics.get('ppl_before', float('nan')):.2f}"
+                     f"{' (cached)' if metrics.get('ppl_before_cached') else ''} | "
+                     f"pruned {metrics.get('ppl_after', float('nan')):.2f}")
     times = metrics.get("seconds", {})
     if times:
         lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))

@@ -91,6 +91,23 @@ FIT_ARGS = ["--data.max_seq_len", "32", "--data.max_eval_windows", "4", "--data.
             "--finetune_samples", "16", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1"]
 
 
+def scalars(log_dir, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir)).Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def dense_val_ppl(model_dir) -> float:
+    """The perplexity of the saved model on FIT_ARGS' validation windows, measured in this process."""
+    from gaqprune.data import LMDataModule
+    from gaqprune.metrics import perplexity
+    from gaqprune.models import load_model
+
+    data = LMDataModule(tokenizer=str(model_dir), max_seq_len=32, max_eval_windows=4)
+    return perplexity(load_model(str(model_dir)), data.eval_windows(), data.eval_batch_size)
+
+
 def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
     r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "2", "--save_ckpt_log_name", "a",
              "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path)
@@ -102,6 +119,11 @@ def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
     fit_metrics = json.loads((tmp_path / "prune_log" / "a" / "fit_metrics.json").read_text())
     assert fit_metrics["steps"] == 2 and Path(fit_metrics["log_dir"]).is_dir()
     assert fit_metrics["val_ppl"] is None  # 2 of the epoch's 4 batches: no validation ran yet
+    # the logs go under the run's name, and the curve starts at the untrained model's perplexity (the sanity check)
+    assert Path(fit_metrics["log_dir"]).resolve() == (tmp_path / "lightning_logs" / "a" / "version_0").resolve()
+    start = scalars(fit_metrics["log_dir"], "val_ppl")
+    assert [step for step, _ in start] == [0] and start[0][1] == pytest.approx(fit_metrics["val_ppl_start"], rel=1e-6)
+    assert fit_metrics["val_ppl_start"] == pytest.approx(dense_val_ppl(tiny_model_dir), rel=1e-5)
     r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "4", "--save_ckpt_log_name", "b",
              "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt), "--save_gguf", "f16", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -208,6 +230,11 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "prune_log" / "one"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {"ppl_before", "ppl_after", "ppl_after_finetune"} <= set(metrics)
+    # the fit's validation curve starts at the pruned model's perplexity, measured once (no second sanity pass)
+    (log_dir,) = (tmp_path / "lightning_logs" / "one").glob("version_*")
+    val = scalars(log_dir, "val_ppl")
+    assert val[0] == (0, pytest.approx(metrics["ppl_after"], rel=1e-6)) and len(val) == 2, val
+    assert f"perplexity after fine-tuning: {metrics['ppl_after_finetune']:.2f}" in r.stdout
     assert (run_dir / "model" / "config.json").is_file() and (run_dir / "model_finetuned" / "config.json").is_file()
     assert (run_dir / "lora_adapter" / "adapter_model.safetensors").is_file()
     # The GGUF files carry the pruned per-layer shapes; the fine-tuned one reproduces the merged model's logits.

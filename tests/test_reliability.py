@@ -139,3 +139,29 @@ def test_reuse_of_importance_config_spends_no_forward_pass(tmp_path, monkeypatch
     # and the control: the same counter sees the forwards of a fresh analysis
     run([*base, "--save_ckpt_log_name", "third"])
     assert calls["analysis"] == 1 and calls["decoder_forwards"] > 0
+
+
+def test_dense_perplexity_is_measured_once_per_model_and_windows(tmp_path, monkeypatch, random_windows):
+    """A ratio sweep or a rerun reads the dense perplexity back instead of measuring it again, but only for the same
+    weights and the same evaluation windows."""
+    import torch
+    from conftest import tiny_llama
+
+    from gaqprune.layer_importance import model_fingerprint
+    from gaqprune.metrics import perplexity
+    from gaqprune.pipeline import dense_perplexity
+
+    monkeypatch.setenv("GAQPRUNE_CACHE", str(tmp_path))
+    model = tiny_llama()
+    measured = perplexity(model, random_windows, 4)
+    assert dense_perplexity(model, random_windows, 4, model_fingerprint(model)) == (measured, False)
+    assert dense_perplexity(model, random_windows, 4, model_fingerprint(model)) == (measured, True)
+    # other windows, or weights changed everywhere (a fine-tune, a merged LoRA): measured, not read back
+    value, cached = dense_perplexity(model, random_windows[:3], 4, model_fingerprint(model))
+    assert not cached and value == perplexity(model, random_windows[:3], 4) != measured
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)
+    value, cached = dense_perplexity(model, random_windows, 4, model_fingerprint(model))
+    assert not cached and value == perplexity(model, random_windows, 4) != measured
+    assert len(list((tmp_path / "perplexity").glob("*.json"))) == 3
