@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -72,6 +73,8 @@ class GaqpruneTrainer(L.Trainer):
         if job.finetune.finetune:  # the fine-tune's data (instruction records, training windows) checked now
             datamodule.train_windows_limit = job.finetune.finetune_samples
             check_val_interval(self, datamodule, datamodule.num_train_examples())
+        if not self.is_global_zero:
+            return self._join_finetune(model, datamodule, job, out_dir, refit_windows)
         pipeline.clear_results(job.run)  # --overwrite: the previous run's results go before anything new is written
         clock = pipeline.Stopwatch()
         metrics: dict = {"base_model": job.base_model}
@@ -121,7 +124,7 @@ class GaqpruneTrainer(L.Trainer):
             self.fit_loop.max_epochs = job.finetune.finetune_epochs
             if "ppl_after" in metrics:  # measured on the windows the fit validates on: its curve starts there
                 model.val_ppl_start = metrics["ppl_after"]
-                self.num_sanity_val_steps = 0
+                self.num_sanity_val_steps = 0  # (every rank decides alike: see _join_finetune)
                 if self.logger is not None:
                     self.logger.log_metrics({"val_ppl": metrics["ppl_after"]}, step=0)
             with clock("finetune"):
@@ -142,6 +145,28 @@ class GaqpruneTrainer(L.Trainer):
             written = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir() if not p.name.startswith("."))
             print(f"results in {out_dir}/: {', '.join(written)}")
         return metrics
+
+    def _join_finetune(self, model: LitCausalLM, datamodule: LMDataModule, job: PruneJob, out_dir: Path,
+                       refit_windows: torch.Tensor) -> dict:
+        """Another rank of `prune --finetune` under DDP/FSDP: Lightning started this process (the same command) when
+        rank 0 began the fit, after rank 0 had pruned and written the plan. Cut the model to rank 0's plan instead of
+        analysing and scoring again (scores on other hardware could break a tie the other way), write nothing,
+        and join the fit; the strategy copies rank 0's weights when it wraps the model."""
+        import json
+
+        from gaqprune.pruning import apply_plan
+
+        plan_path = out_dir / pipeline.PLAN_FILE
+        if not plan_path.is_file():
+            raise GaqpruneError(f"rank {self.global_rank}: {plan_path} is missing; start `gaqprune prune` once (Lightning "
+                                "starts the other ranks itself), with every rank seeing the same run folder")
+        model.model.to(self.strategy.root_device)
+        apply_plan(model.model, json.loads(plan_path.read_text()), refit_windows, progress=False)
+        self.fit_loop.max_epochs = job.finetune.finetune_epochs
+        if job.run.test_after_prune:
+            self.num_sanity_val_steps = 0  # as rank 0, which measured the pruned model already (a collective)
+        self.fit(model, datamodule=datamodule)
+        return {}
 
     def _log_prune_metrics(self, scores: dict[int, float], plan: dict, metrics: dict) -> None:
         if not self.is_global_zero:
@@ -247,9 +272,15 @@ class GaqpruneCLI(LightningCLI):
             name = self._settings(RunSettings).save_ckpt_log_name
             kwargs.setdefault("logger", TensorBoardLogger(root / "lightning_logs", name=name, default_hp_metric=False))
         try:
-            return super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, ValueError) as err:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
+            # TypeError: --trainer.devices abc; ImportError: a strategy whose package is missing (xla)
             raise GaqpruneError(f"--trainer settings rejected by Lightning: {err}") from None
+        cfg = self.config[self.subcommand]
+        strategy = cfg["trainer"].get("strategy")
+        check_launch(trainer, trains=self.subcommand == "fit" or (self.subcommand == "prune" and cfg.get("finetune")),
+                     strategy=strategy if isinstance(strategy, str) else getattr(strategy, "class_path", strategy))
+        return trainer
 
     def before_prune(self) -> None:
         self._job = PruneJob(*(self._settings(c) for c in SETTINGS.values()), base_model=self.config.prune.base_model,
@@ -308,6 +339,29 @@ class GaqpruneCLI(LightningCLI):
         if self.model.val_ppl_start is not None and val_ppl is not None:
             print(f"validation perplexity: {self.model.val_ppl_start:.2f} before training -> {val_ppl:.2f} at step "
                   f"{self.model.val_ppl_step} (of {steps})")
+
+
+def check_launch(trainer: L.Trainer, trains: bool, strategy: object = None) -> None:
+    """Refuse process launches that would lose the work or hang, before anything is computed or written."""
+    import os
+
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if trains and isinstance(launcher, _MultiProcessingLauncher):
+        # the workers train their own copies; Lightning hands back only plain weights (not the LoRA modules, not a
+        # pruned shape), so the export would silently be the untrained model
+        raise GaqpruneError(
+            f"--trainer.strategy {strategy}: its processes are started by {launcher._start_method!r} (as with "
+            "ddp_spawn, ddp_fork, ddp_notebook) and keep a fine-tune's weights to themselves, so nothing trained "
+            "could be exported; use --trainer.strategy ddp or fsdp (one process per device, started as a script)")
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if trainer.num_nodes > 1 and isinstance(environment, LightningEnvironment) and "NODE_RANK" not in os.environ:
+        raise GaqpruneError(
+            f"--trainer.num_nodes {trainer.num_nodes}: start gaqprune on every node with NODE_RANK (0..."
+            f"{trainer.num_nodes - 1}), MASTER_ADDR and MASTER_PORT set, or under SLURM or torchrun; NODE_RANK is "
+            "not set here, and the processes would wait for nodes that never come")
 
 
 def validate_importance_settings(imp: ImportanceSettings, context: int | None) -> None:

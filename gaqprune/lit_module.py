@@ -75,18 +75,7 @@ class LitCausalLM(L.LightningModule):
             return
         self.model.train()  # load_model() returns eval mode; LoRA dropout (and Lightning's check) want train mode
         if self.hparams.finetune_method == "lora":
-            from peft import LoraConfig, inject_adapter_in_model
-
-            config = LoraConfig(
-                r=self.hparams.lora_r,
-                lora_alpha=self.hparams.lora_alpha,
-                lora_dropout=self.hparams.lora_dropout,
-                target_modules=list(self.hparams.lora_target_modules or DEFAULT_LORA_TARGETS),
-                bias="none",
-            )
-            for p in self.model.parameters():
-                p.requires_grad_(False)
-            inject_adapter_in_model(config, self.model)
+            self._inject_lora(self.hparams)
         else:
             for p in self.model.parameters():
                 p.requires_grad_(True)
@@ -94,6 +83,20 @@ class LitCausalLM(L.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
         self.lora_attached = True
+
+    def _inject_lora(self, hparams) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(
+            r=hparams["lora_r"],
+            lora_alpha=hparams["lora_alpha"],
+            lora_dropout=hparams["lora_dropout"],
+            target_modules=list(hparams["lora_target_modules"] or DEFAULT_LORA_TARGETS),
+            bias="none",
+        )
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        inject_adapter_in_model(config, self.model)
 
     def on_fit_start(self) -> None:
         """Load the frozen distillation teacher (every rank holds a full copy; it is never sharded)."""
@@ -197,7 +200,19 @@ class LitCausalLM(L.LightningModule):
                 f"--ckpt_path: the checkpoint was trained on a model with {len(saved)} layers of other shapes than "
                 f"this one's {len(layer_shapes(self.model))}; resume with the --base_model and pruning settings "
                 "(--prune, --config) of the run that wrote it")
-        self.strict_loading = self.hparams.finetune_method != "lora"
+        state = checkpoint.get("state_dict", {})
+        if not self.lora_attached and any("lora_" in key for key in state):
+            # validate / test --ckpt_path of a LoRA fit: the adapters it trained, with the rank and targets it
+            # trained them with (its hyperparameters, whatever this command's --model.lora_* say)
+            self._inject_lora({**self.hparams, **checkpoint.get("hyper_parameters", {})})
+            self.lora_attached = True
+            unknown = sorted(set(state) - set(self.state_dict()))  # (an unwrapped model here: no fit, no FSDP)
+            if unknown:
+                from gaqprune.errors import GaqpruneError
+
+                raise GaqpruneError(f"--ckpt_path holds {len(unknown)} weights this model has no place for (first: "
+                                    f"{unknown[0]!r}); give the --base_model of the run that wrote it")
+        self.strict_loading = not any("lora_" in key for key in state)
 
 
 

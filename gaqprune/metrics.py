@@ -105,15 +105,21 @@ class Perplexity(Metric):
 
 @torch.no_grad()
 def perplexity(hf_model, windows: torch.Tensor, batch_size: int = 8, progress: str | None = None) -> float:
-    """Perplexity of ``hf_model`` over token windows ``[n, T]`` (LLM-Pruner protocol)."""
+    """Perplexity of ``hf_model`` over token windows ``[n, T]`` (LLM-Pruner protocol), in eval mode (no dropout,
+    LoRA's included); the model's train/eval mode is restored afterwards."""
     from tqdm.auto import tqdm
 
     device = next(hf_model.parameters()).device
-    metric = Perplexity().to(device)
+    metric = Perplexity(sync_on_compute=False).to(device)  # this process's windows are all the windows
     batches = range(0, len(windows), batch_size)
-    for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
-        ids = windows[start : start + batch_size].to(device)
-        metric.update(*causal_nll(hf_model, ids))
+    was_training = hf_model.training
+    hf_model.eval()
+    try:
+        for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
+            ids = windows[start : start + batch_size].to(device)
+            metric.update(*causal_nll(hf_model, ids))
+    finally:
+        hf_model.train(was_training)
     value = metric.compute().item()
     if value != value or value == float("inf"):
         from gaqprune.errors import GaqpruneError

@@ -133,6 +133,15 @@ def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
     fit_metrics = json.loads((tmp_path / "prune_log" / "b" / "fit_metrics.json").read_text())
     assert fit_metrics["steps"] == 4 and fit_metrics["val_ppl"] > 1  # the epoch ended: validated
     assert (tmp_path / "prune_log" / "b" / "model_finetuned.gguf").stat().st_size > 6_000_000 * 2  # f16 weights
+    # validating the fit's checkpoint measures the adapters it holds (not the base model without them)
+    r = subprocess.run([sys.executable, "-m", "gaqprune.cli", "validate", "--base_model", str(tiny_model_dir),
+                        "--data.max_seq_len", "32", "--data.max_eval_windows", "4", "--ckpt_path", str(resumed[-1]),
+                        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    validated = float(next(line.split("│")[2] for line in r.stdout.splitlines() if "val_ppl" in line))
+    assert validated == pytest.approx(fit_metrics["val_ppl"], rel=1e-9)
+    assert validated != pytest.approx(dense_val_ppl(tiny_model_dir), rel=1e-6)
     # adapters trained on other layer shapes (e.g. a pruned model, resumed without --prune) are refused, not loaded
     # into the wrong layers
     wrong = torch.load(ckpt, weights_only=False)
@@ -174,6 +183,35 @@ def test_ddp_two_ranks_prune_identically_and_train(tiny_model_dir, tmp_path):
     assert layer_shapes(load_pruned(run_dir / "model")) == ranks[0]["shapes"]
     adapter = json.loads((run_dir / "lora_adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str((run_dir / "model").resolve())
+
+
+@pytest.mark.slow
+def test_ddp_prune_then_finetune_prunes_once(tiny_model_dir, tmp_path):
+    """`prune --finetune` on 2 ranks: Lightning starts rank 1 as the same command when the fit begins; rank 1 cuts its
+    model to rank 0's plan instead of running the analysis again, writes nothing, and trains in step."""
+    probe = tmp_path / "probe"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "gaqprune.cli", "prune", "--base_model", str(tiny_model_dir), *FIT_ARGS,
+           "--pruning_ratio", "0.3", "--importance_samples", "4", "--importance_seq_len", "32", "--num_examples", "4",
+           "--max_seq_len", "32", "--compensation_samples", "4", "--min_pruning_rate", "0.1", "--save_model", "true",
+           "--test_after_prune", "true", "--finetune", "true", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+           "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--save_ckpt_log_name", "pf",
+           "--trainer.default_root_dir", str(tmp_path),
+           "--trainer.callbacks+=tests.ddp_probe.ShapeProbe", f"--trainer.callbacks.out_dir={probe}"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "reusing layer importance" not in r.stderr  # rank 1 used to run the whole pipeline again
+    ranks = [json.loads((probe / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["world"] == 2 and ranks[0]["shapes"] == ranks[1]["shapes"] and ranks[0]["sha"] == ranks[1]["sha"]
+    assert [(probe / f"rank{i}.steps").read_text() for i in (0, 1)] == ["2", "2"]
+    from gaqprune.export import load_pruned
+    from gaqprune.units import layer_shapes
+
+    run_dir = tmp_path / "prune_log" / "pf"
+    assert layer_shapes(load_pruned(run_dir / "model")) == ranks[0]["shapes"]
+    assert layer_shapes(load_pruned(run_dir / "model_finetuned")) == ranks[0]["shapes"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["finetune_outputs"]) == {"adapter", "model"} and metrics["ppl_after_finetune"] > 1
 
 
 def alpaca_file(tmp_path: Path) -> Path:
@@ -218,6 +256,7 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
            "--finetune_method", "lora",
            "--finetune_samples", "16", "--finetune_epochs", "1", "--trainer.enable_progress_bar", "false",
            "--distill_weight", "0.3", "--trainer.log_every_n_steps", "1",  # the teacher: the model before pruning
+           "--model.lora_dropout", "0.3",  # must be off when the fine-tuned model is evaluated
            "--trainer.default_root_dir", str(tmp_path)]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -234,6 +273,7 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
     (log_dir,) = (tmp_path / "lightning_logs" / "one").glob("version_*")
     val = scalars(log_dir, "val_ppl")
     assert val[0] == (0, pytest.approx(metrics["ppl_after"], rel=1e-6)) and len(val) == 2, val
+    assert val[1][1] == pytest.approx(metrics["ppl_after_finetune"], rel=1e-6)  # the last validation, after training
     assert f"perplexity after fine-tuning: {metrics['ppl_after_finetune']:.2f}" in r.stdout
     assert (run_dir / "model" / "config.json").is_file() and (run_dir / "model_finetuned" / "config.json").is_file()
     assert (run_dir / "lora_adapter" / "adapter_model.safetensors").is_file()
