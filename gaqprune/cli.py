@@ -27,7 +27,7 @@ from gaqprune.atomic import write_json, write_text
 from gaqprune.data import LMDataModule
 from gaqprune.errors import GaqpruneError
 from gaqprune.lit_module import LitCausalLM
-from gaqprune.models import EMBEDDED, model_name
+from gaqprune.models import EMBEDDED, model_name, model_origin
 from gaqprune.run_settings import FinetuneSettings, RunSettings
 from gaqprune.settings import ImportanceSettings, PruneSettings
 
@@ -107,7 +107,7 @@ class GaqpruneTrainer(L.Trainer):
 
             with clock("save"):
                 save_pretrained_model(hf_model, datamodule.tokenizer, out_dir / "model", overwrite=True,
-                                      base_model=model_name(job.base_model))
+                                      base_model=model_origin(job.base_model))
         if job.run.save_gguf:
             from gaqprune.gguf_export import save_gguf
 
@@ -255,7 +255,12 @@ class GaqpruneCLI(LightningCLI):
             # a fit may add its results to a prune run's folder, never replace a fit's (or a pruning run's, with --prune)
             pipeline.check_run_dir(run, pipeline.FINISHED if cfg.get("prune") else pipeline.FIT_RESULTS)
         if self.subcommand in ("prune", "fit"):
-            check_gguf(self._settings(RunSettings), cfg["base_model"], model_config)
+            run = self._settings(RunSettings)
+            check_gguf(run, cfg["base_model"], model_config)
+            if cfg.get("prune") if self.subcommand == "fit" else (run.save_model or cfg["finetune"]):
+                from gaqprune.export import check_prunable_to_disk
+
+                check_prunable_to_disk(model_config, cfg["base_model"])  # a pruned model will be saved
 
     def instantiate_trainer(self, **kwargs):
         """Lightning rejects impossible --trainer.* combinations (e.g. strategy fsdp on the CPU) with a ValueError
@@ -304,7 +309,7 @@ class GaqpruneCLI(LightningCLI):
             pipeline.check_calibration_budget(self.datamodule, imp, prune, run.seed)  # before any work, like `prune`
             out_dir = str(pipeline.run_dir(run))
             importance = LayerImportance(imp, prune, cfg.base_model, seed=run.seed, out_dir=out_dir)
-            save_model = model_name(cfg.base_model) if run.save_model else None
+            save_model = model_origin(cfg.base_model) if run.save_model else None
             self.trainer.callbacks.extend([importance, GQAPrune(prune, importance, seed=run.seed, out_dir=out_dir,
                                                                 save_model_of=save_model)])
         examples = self.datamodule.num_train_examples()

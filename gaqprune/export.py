@@ -84,12 +84,27 @@ def _checked_layer_shapes(hf_model) -> list[dict[str, int]]:
     return layer_shapes(hf_model)
 
 
+def check_prunable_to_disk(config, base_model: str | None = None) -> None:
+    """Refuse a model whose pruned form cannot be saved (before any work, when ``base_model`` names the flag)."""
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "model_type", None) == "mistral" and window is not None:
+        what = f"--base_model {base_model!r}" if base_model else "this model"
+        raise GaqpruneError(
+            f"{what} is a Mistral model with sliding_window {window}: a pruned model is saved as a Llama with "
+            "per-layer shapes, which has no sliding-window attention; prune it without --save_model / --finetune "
+            "(to evaluate it), or start from a release without a sliding window (Mistral-7B v0.2 and later); in "
+            "Python, set config.sliding_window = None if every sequence you run is shorter than the window")
+
+
 def _base_model_name(hf_model, base_model: str | None) -> str | None:
     """The model this one was pruned from: explicit, else inherited from a pruned checkpoint, else its load path."""
     if base_model:
         return str(base_model)
+    from gaqprune.models import absolute_if_local
+
     inherited = getattr(hf_model.config, "gaqprune_base_model", None)
-    return inherited or getattr(hf_model.config, "_name_or_path", None) or None
+    loaded_from = getattr(hf_model.config, "_name_or_path", None)
+    return inherited or (absolute_if_local(loaded_from) if loaded_from else None)
 
 
 def _param_dtype(hf_model) -> torch.dtype:
@@ -130,12 +145,7 @@ def build_config(hf_model, base_model: str | None = None):
         return out
 
     if model_type == "mistral":
-        if getattr(config, "sliding_window", None) is not None:
-            raise GaqpruneError(
-                f"cannot save a pruned Mistral model with sliding_window={config.sliding_window}: its checkpoint is "
-                "written as a Llama, which has no sliding window; set config.sliding_window = None if every sequence "
-                "you run is shorter than the window"
-            )
+        check_prunable_to_disk(config)
         values.pop("sliding_window", None)
         values["gaqprune_source_model_type"] = "mistral"
     # Layers equal to the global shape need no override; the config still writes every layer explicitly.

@@ -51,11 +51,6 @@ def merge_lora(hf_model) -> int:
     return len(modules)
 
 
-def _absolute_if_local(model: str) -> str:
-    """A local model folder as an absolute path (it must resolve from anywhere); hub ids and names as they are."""
-    return str(Path(model).resolve()) if Path(model).exists() else model
-
-
 def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str | None = None,
                      adapter_base: str | Path | None = None, pruned_here: bool = False) -> dict[str, str]:
     """Save LoRA adapters (if any) and the merged model under ``out_dir`` (and as ``model_finetuned.gguf`` with
@@ -66,7 +61,7 @@ def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str |
     run (``pruned_here``) and not saved: then none exists, and it names none (``null``).
     """
     from gaqprune.export import save_pretrained_model
-    from gaqprune.models import model_name
+    from gaqprune.models import absolute_if_local, model_origin
 
     out_dir = Path(out_dir)
     paths = {}
@@ -77,7 +72,7 @@ def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str |
             "peft_type": "LORA", "r": hp.lora_r, "lora_alpha": hp.lora_alpha, "lora_dropout": hp.lora_dropout,
             "target_modules": sorted(set(hp.lora_target_modules or [])) or None, "bias": "none", "task_type": "CAUSAL_LM",
             "base_model_name_or_path": (str(Path(adapter_base).resolve()) if adapter_base
-                                        else None if pruned_here else _absolute_if_local(hp.base_model)),
+                                        else None if pruned_here else absolute_if_local(hp.base_model)),
         }
         if config["target_modules"] is None:
             from gaqprune.lit_module import DEFAULT_LORA_TARGETS
@@ -91,7 +86,7 @@ def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str |
     for p in hf_model.parameters():
         p.requires_grad_(False)
     # origin: the dense model a loaded pruned checkpoint came from, else --base_model (never a cache path)
-    origin = None if getattr(hf_model.config, "gaqprune_base_model", None) else model_name(hp.base_model)
+    origin = None if getattr(hf_model.config, "gaqprune_base_model", None) else model_origin(hp.base_model)
     paths["model"] = str(save_pretrained_model(hf_model, tokenizer, out_dir / "model_finetuned", overwrite=True,
                                                base_model=origin))
     if gguf_type:

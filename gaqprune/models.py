@@ -26,8 +26,19 @@ EMBEDDED_SOURCE = f"HuggingFaceTB/{EMBEDDED_NAME} (embedded Q4_1 GGUF)"
 
 
 def model_name(base_model: str) -> str:
-    """The name a saved model records as its origin: ``base_model``, with ``embedded`` spelled out."""
+    """``base_model`` for people (GGUF metadata): as given, with ``embedded`` spelled out."""
     return EMBEDDED_SOURCE if base_model == EMBEDDED else base_model
+
+
+def absolute_if_local(model: str) -> str:
+    """A local model path made absolute (it must resolve from any folder later); hub ids and names as they are."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def model_origin(base_model: str) -> str:
+    """What a saved model records as the model it was pruned from (``gaqprune_base_model``, the distillation
+    teacher's default): ``model_name``, a local path made absolute."""
+    return model_name(base_model) if base_model == EMBEDDED else absolute_if_local(base_model)
 # Model types whose decoder layers have the q/k/v/o + gate/up/down layout that gaqprune prunes.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gaqprune_llama")
 DTYPES = {

@@ -49,6 +49,13 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
 
         tiny_llama_config(vocab_size=49152, hidden_act="gelu").save_pretrained(gelu)
         AutoTokenizer.from_pretrained(model).save_pretrained(gelu)
+    windowed = tmp / "mistral"  # config and tokenizer only: a pruned model with a sliding window cannot be saved
+    if not windowed.exists():
+        from transformers import AutoTokenizer, MistralConfig
+
+        MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=8, sliding_window=16).save_pretrained(windowed)
+        AutoTokenizer.from_pretrained(model).save_pretrained(windowed)
     deci = tmp / "pruned.gguf"  # what --save_gguf writes: llama.cpp's 'deci' architecture, not readable back
     if not deci.exists():
         import gguf
@@ -106,6 +113,10 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
                                        "--trainer.accelerator", "cpu"], "--trainer.num_nodes 2: start gaqprune on every"),
         "devices_not_a_number": ([*data, "--trainer.devices", "abc", "--trainer.accelerator", "cpu"],
                                  "--trainer settings rejected by Lightning"),
+        "mistral_window_saved": (["--base_model", str(windowed), *data, "--save_model", "true"],
+                                 "is a Mistral model with sliding_window 16"),
+        "mistral_window_finetuned": (["--base_model", str(windowed), *data, "--finetune", "true"],
+                                     "is a Mistral model with sliding_window 16"),
         "gguf_unknown_type": ([*data, "--save_gguf", "q4"], "save_gguf"),
         "gguf_unsupported_model": (["--base_model", str(gelu), *data, "--save_gguf", "f16"], "hidden_act is 'gelu'"),
         "gguf_deci_as_base_model": (["--base_model", str(deci), *data], "give the run's model/ folder instead"),
@@ -142,7 +153,8 @@ CASE_NAMES = [
     "importance_missing", "config_without_skip", "empty_text_file", "binary_text_file", "unknown_dataset",
     "finetune_samples_zero", "finetune_full_with_lora_rank", "compensation_samples_zero",
     "compensation_samples_too_many", "compensation_seq_len_above_context", "fsdp_on_cpu", "spawned_finetune",
-    "num_nodes_without_cluster", "devices_not_a_number", "gguf_unknown_type",
+    "num_nodes_without_cluster", "devices_not_a_number", "mistral_window_saved", "mistral_window_finetuned",
+    "gguf_unknown_type",
     "gguf_unsupported_model", "gguf_deci_as_base_model", "eval_batch_size_zero", "eval_batch_size_negative",
     "max_eval_windows_negative", "missing_text_file", "missing_eval_file", "channel_multiple_above_width",
     "lora_unknown_target", "lora_rank_zero", "learning_rate_negative", "batch_size_zero", "instruction_data_missing",

@@ -165,3 +165,18 @@ def test_dense_perplexity_is_measured_once_per_model_and_windows(tmp_path, monke
     value, cached = dense_perplexity(model, random_windows, 4, model_fingerprint(model))
     assert not cached and value == perplexity(model, random_windows, 4) != measured
     assert len(list((tmp_path / "perplexity").glob("*.json"))) == 3
+
+
+def test_saved_model_names_its_origin_by_absolute_path(tmp_path, monkeypatch, tiny_model_dir):
+    """A relative --base_model is recorded absolute: a later fit's distillation teacher (the model it was pruned
+    from) must resolve from any folder, not from wherever that fit runs."""
+    import shutil
+
+    from gaqprune.cli import run
+
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    run(["prune", "--base_model", "models/tiny", "--data.source", str(corpus(tmp_path)), "--importance_samples", "4",
+         *ARGS, "--save_model", "true", "--save_ckpt_log_name", "rel", "--trainer.enable_progress_bar", "false"])
+    config = json.loads((tmp_path / "prune_log" / "rel" / "model" / "config.json").read_text())
+    assert config["gaqprune_base_model"] == str((tmp_path / "models" / "tiny").resolve())
