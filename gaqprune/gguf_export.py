@@ -340,14 +340,16 @@ def main(model: str, out: str, out_type: str = "f16", overwrite: bool = False, t
             256 for an f16 file meant for llama.cpp's K-quants).
         dtype: dtype the model is loaded in (bfloat16 halves the memory an 8B model needs).
     """
-    from gaqprune.models import load_model, load_tokenizer
+    from gaqprune.models import load_config, load_model, load_tokenizer
 
     check_output(Path(out), out_type, overwrite, ffn_multiple)  # before the (possibly 16 GB) model is loaded
     try:
+        tokenizer = load_tokenizer(model)
+        check_supported(load_config(model), tokenizer, tokenizer_pre)  # so is what GGUF cannot express
         hf_model = load_model(model, dtype=dtype)
     except GaqpruneError as err:  # the loaders name the prune/fit flag; this command takes the model positionally
         raise GaqpruneError(str(err).replace("--base_model", "model", 1)) from None
-    path = save_gguf(hf_model, load_tokenizer(model), out, out_type=out_type, overwrite=overwrite,
+    path = save_gguf(hf_model, tokenizer, out, out_type=out_type, overwrite=overwrite,
                      tokenizer_pre=tokenizer_pre, ffn_multiple=ffn_multiple, progress=True)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {out_type})")
 

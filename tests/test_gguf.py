@@ -240,6 +240,13 @@ def test_console_script(tmp_path, embedded_tokenizer):
         "gaqprune-gguf: error: GGUF type 'int3' is not supported; use one of f32, f16, bf16, q8_0"]
     bad = subprocess.run([*run[:-1], str(tmp_path / "absent"), str(tmp_path / "x.gguf")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().startswith(f"gaqprune-gguf: error: model {str(tmp_path / 'absent')!r}")
+    # so is a model GGUF cannot express: refused from its config, before its weights (here: none) are loaded
+    from conftest import tiny_llama_config
+
+    tiny_llama_config(vocab_size=49152, hidden_act="gelu").save_pretrained(tmp_path / "gelu")
+    embedded_tokenizer.save_pretrained(tmp_path / "gelu")
+    bad = subprocess.run([*run[:-1], str(tmp_path / "gelu"), str(tmp_path / "x.gguf")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "hidden_act is 'gelu'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 @pytest.fixture(scope="module")
