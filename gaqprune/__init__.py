@@ -4,10 +4,14 @@ __version__ = "0.1.0"
 
 from gaqprune.errors import GaqpruneError  # noqa: E402
 
-__all__ = ["GaqpruneError", "__version__", "load_model", "load_pruned"]
+__all__ = ["GaqpruneError", "__version__", "load_model", "load_pruned", "perplexity", "prune", "save_pretrained"]
 
 
 def __getattr__(name):  # lazy: importing the package must stay cheap (no torch at import)
+    if name in ("prune", "perplexity", "save_pretrained"):
+        from gaqprune import api
+
+        return getattr(api, name)
     if name == "load_model":
         from gaqprune.models import load_model
 
