@@ -218,7 +218,9 @@ class GaqpruneCLI(LightningCLI):
 
         cfg = self.config[self.subcommand]
         resolve_dtype(cfg["dtype"])
-        validate_data_settings(cfg["data"], self.subcommand == "fit" or (self.subcommand == "prune" and cfg["finetune"]))
+        trains = self.subcommand == "fit" or (self.subcommand == "prune" and cfg["finetune"])
+        validate_data_settings(cfg["data"], trains)
+        check_trainer_flags(cfg["trainer"], trains)
         model_config = load_config(cfg["base_model"])
         context = getattr(model_config, "max_position_embeddings", None)
         seq_len = cfg["data"]["max_seq_len"]
@@ -265,8 +267,6 @@ class GaqpruneCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """Lightning rejects impossible --trainer.* combinations (e.g. strategy fsdp on the CPU) with a ValueError
         while building the Trainer: a user mistake, reported in one line like every other one."""
-        from lightning.fabric.utilities.exceptions import MisconfigurationException
-
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if self.subcommand in ("prune", "fit") and trainer_cfg.get("logger") is None:
             # TensorBoard logs of a run go under its name (lightning_logs/<save_ckpt_log_name>/version_N), so a run
@@ -278,8 +278,7 @@ class GaqpruneCLI(LightningCLI):
             kwargs.setdefault("logger", TensorBoardLogger(root / "lightning_logs", name=name, default_hp_metric=False))
         try:
             trainer = super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
-            # TypeError: --trainer.devices abc; ImportError: a strategy whose package is missing (xla)
+        except LIGHTNING_REFUSALS as err:
             raise GaqpruneError(f"--trainer settings rejected by Lightning: {err}") from None
         cfg = self.config[self.subcommand]
         strategy = cfg["trainer"].get("strategy")
@@ -344,6 +343,37 @@ class GaqpruneCLI(LightningCLI):
         if self.model.val_ppl_start is not None and val_ppl is not None:
             print(f"validation perplexity: {self.model.val_ppl_start:.2f} before training -> {val_ppl:.2f} at step "
                   f"{self.model.val_ppl_step} (of {steps})")
+
+
+def _lightning_refusals() -> tuple[type[Exception], ...]:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    # TypeError: --trainer.devices abc; ImportError: a strategy whose package is missing (xla)
+    return MisconfigurationException, ValueError, TypeError, ImportError
+
+
+LIGHTNING_REFUSALS = _lightning_refusals()
+
+
+def check_trainer_flags(trainer_cfg, trains: bool) -> None:
+    """Lightning judges --trainer.accelerator/strategy/devices/num_nodes/precision only when it builds the Trainer,
+    after the model is loaded (minutes for an 8B model): build a bare Trainer from them first, so a mistake costs
+    no model load."""
+    args = {k: trainer_cfg.get(k) for k in ("accelerator", "strategy", "devices", "num_nodes", "precision")}
+    args = {k: v for k, v in args.items() if v is not None}
+    if not all(isinstance(v, (str, int, list)) for v in args.values()):
+        return  # a strategy or accelerator object (class_path): judged when the real Trainer is built
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the bare Trainer's "GPU available" lines would print twice
+    try:
+        trainer = L.Trainer(**args, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+    except LIGHTNING_REFUSALS as err:
+        raise GaqpruneError(f"--trainer settings rejected by Lightning: {err}") from None
+    finally:
+        quiet.setLevel(level)
+    check_launch(trainer, trains, args.get("strategy"))
 
 
 def check_launch(trainer: L.Trainer, trains: bool, strategy: object = None) -> None:

@@ -254,3 +254,19 @@ def test_fit_with_prune_checks_before_any_work(extra, expected, tmp_path, monkey
     errors = [line for line in err.splitlines() if line.startswith("gaqprune: error:")]
     assert exit_info.value.code == 2 and len(errors) == 1 and expected in errors[0], err[-2000:]
     assert not (tmp_path / "prune_log").exists()
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--trainer.strategy", "fsdp", "--trainer.accelerator", "cpu"], "strategy `fsdp` requires a GPU"),
+    (["--finetune", "true", "--trainer.strategy", "ddp_spawn", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+     "its processes are started by 'spawn'"),
+])
+def test_trainer_mistakes_cost_no_model_load(extra, expected, tmp_path, monkeypatch, capsys, tiny_model_dir):
+    """Lightning judges --trainer.* when it builds the Trainer, after the model (minutes for 8B): checked first."""
+    from gaqprune import lit_module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(lit_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, err = run_prune(["--base_model", str(tiny_model_dir), *extra], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("gaqprune: error:")]
+    assert code == 2 and len(errors) == 1 and expected in errors[0], err[-2000:]
