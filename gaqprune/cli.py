@@ -123,10 +123,9 @@ class GaqpruneTrainer(L.Trainer):
 
             self.fit_loop.max_epochs = job.finetune.finetune_epochs
             if "ppl_after" in metrics:  # measured on the windows the fit validates on: its curve starts there
-                model.val_ppl_start = metrics["ppl_after"]
+                model.trainer = self
+                model.record_start(metrics["ppl_after"])
                 self.num_sanity_val_steps = 0  # (every rank decides alike: see _join_finetune)
-                if self.logger is not None:
-                    self.logger.log_metrics({"val_ppl": metrics["ppl_after"]}, step=0)
             with clock("finetune"):
                 self.fit(model, datamodule=datamodule)
             if eval_windows is not None:
@@ -139,6 +138,7 @@ class GaqpruneTrainer(L.Trainer):
                 metrics["finetune_outputs"] = export_finetuned(
                     model, datamodule.tokenizer, out_dir, job.run.save_gguf, pruned_here=True,
                     adapter_base=out_dir / "model" if job.run.save_model else None)
+                pipeline.plot_fit(model.history, out_dir / pipeline.FIT_PLOT)
             metrics["seconds"] = clock.seconds
         write_json(out_dir / pipeline.METRICS_FILE, metrics)  # written last: marks the run as finished
         if progress:
@@ -330,6 +330,7 @@ class GaqpruneCLI(LightningCLI):
         paths = export_finetuned(self.model, self.datamodule.tokenizer, pipeline.run_dir(run), run.save_gguf,
                                  pruned_here=pruned_here,
                                  adapter_base=pipeline.run_dir(run) / "model" if pruned_here and run.save_model else None)
+        pipeline.plot_fit(self.model.history, pipeline.run_dir(run) / pipeline.FIT_PLOT)
         val_ppl = self.trainer.callback_metrics.get("val_ppl")
         val_ppl = None if val_ppl is None else float(val_ppl)
         logger = self.trainer.logger  # its log_dir, not Trainer.log_dir: that one is a collective, and only rank 0 is here

@@ -66,6 +66,8 @@ class LitCausalLM(L.LightningModule):
         self.lora_attached = False
         self.val_ppl_start: float | None = None  # the validation perplexity before training (see on_validation_epoch_end)
         self.val_ppl_step: int | None = None  # the training step of the latest validation
+        # (step, value) pairs of this process's fit, for the run folder's fit_curves.png
+        self.history: dict[str, list[tuple[int, float]]] = {"train_loss": [], "val_ppl": []}
         self._teacher = None  # plain attribute, never a submodule: no strategy wraps it, no checkpoint stores it
 
     # -- model set-up -------------------------------------------------------------------------
@@ -133,6 +135,7 @@ class LitCausalLM(L.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}; lower the learning rate")
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.history["train_loss"].append((self.global_step, float(loss.detach())))  # (synced above already)
         return loss
 
     def _eval_update(self, metric, batch) -> None:
@@ -153,9 +156,19 @@ class LitCausalLM(L.LightningModule):
         if not trainer.sanity_checking:
             self.val_ppl_step = trainer.global_step
         elif trainer.num_sanity_val_batches == trainer.num_val_batches:
-            self.val_ppl_start = float(self.val_ppl.compute())  # a collective under DDP: every rank is here
-            if trainer.logger is not None:
-                trainer.logger.log_metrics({"val_ppl": self.val_ppl_start}, step=trainer.global_step)
+            self.record_start(float(self.val_ppl.compute()))  # a collective under DDP: every rank is here
+
+    def record_start(self, val_ppl: float) -> None:
+        """The validation perplexity before training: logged at the fit's first step and kept for the summary."""
+        self.val_ppl_start = val_ppl
+        self.history["val_ppl"].append((self.trainer.global_step, val_ppl))
+        if self.trainer.logger is not None:
+            self.trainer.logger.log_metrics({"val_ppl": val_ppl}, step=self.trainer.global_step)
+
+    def on_validation_end(self) -> None:
+        value = self.trainer.callback_metrics.get("val_ppl")
+        if not self.trainer.sanity_checking and value is not None:
+            self.history["val_ppl"].append((self.trainer.global_step, float(value)))
 
     def test_step(self, batch, batch_idx):
         self._eval_update(self.test_ppl, batch)

@@ -25,7 +25,8 @@ PLAN_FILE = "pruning_plan.json"
 METRICS_FILE = "metrics.json"
 # A finished run: `prune` writes metrics.json last; a fit (which writes none) leaves these.
 FIT_METRICS_FILE = "fit_metrics.json"
-FIT_RESULTS = ("model_finetuned", "model_finetuned.gguf", "lora_adapter", FIT_METRICS_FILE)
+FIT_PLOT = "fit_curves.png"
+FIT_RESULTS = ("model_finetuned", "model_finetuned.gguf", "lora_adapter", FIT_PLOT, FIT_METRICS_FILE)
 FINISHED = (METRICS_FILE, *FIT_RESULTS)
 # What --overwrite removes before a new run writes anything (the layer-importance cache stays: it is reused only
 # where its recorded settings match).
@@ -233,6 +234,44 @@ def plot_rates(scores: dict[int, float], plan: dict, path: Path) -> None:
             ax2.set_yscale("log")
         ax2.set_ylabel("layer importance")
     ax.set_title(f"gaqprune plan: {plan['totals'].get('achieved_ratio_selected', 0):.1%} of selected layers removed")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_fit(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    """Training loss and validation perplexity against the optimizer step, one picture (nothing without data)."""
+    if not history["train_loss"] and not history["val_ppl"]:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gaqprune.atomic import save_figure
+
+    fig, (loss_ax, ppl_ax) = plt.subplots(1, 2, figsize=(10, 3.5))
+    if history["train_loss"]:
+        steps, losses = zip(*history["train_loss"])
+        window = max(1, len(losses) // 20)
+        loss_ax.plot(steps, losses, color="tab:blue", alpha=0.35 if window > 1 else 1.0, lw=1, label="per batch")
+        if window > 1:
+            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                      for i in range(len(losses))]
+            loss_ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"mean of {window}")
+        loss_ax.legend()
+    loss_ax.set_xlabel("optimizer step")
+    loss_ax.set_ylabel("training loss")
+    if history["val_ppl"]:
+        steps, values = zip(*history["val_ppl"])
+        ppl_ax.plot(steps, values, "o-", color="tab:orange")
+        for step, value in (history["val_ppl"][0], history["val_ppl"][-1]):
+            ppl_ax.annotate(f"{value:.2f}", (step, value), textcoords="offset points", xytext=(0, 6), ha="center")
+        if min(values) > 0 and max(values) / min(values) > 10:
+            ppl_ax.set_yscale("log")
+    ppl_ax.set_xlabel("optimizer step")
+    ppl_ax.set_ylabel("validation perplexity")
+    fig.suptitle("gaqprune fine-tune")
+    fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
 

@@ -98,6 +98,13 @@ def scalars(log_dir, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
 
 
+def plot_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
+
+
 def dense_val_ppl(model_dir) -> float:
     """The perplexity of the saved model on FIT_ARGS' validation windows, measured in this process."""
     from gaqprune.data import LMDataModule
@@ -124,6 +131,7 @@ def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
     start = scalars(fit_metrics["log_dir"], "val_ppl")
     assert [step for step, _ in start] == [0] and start[0][1] == pytest.approx(fit_metrics["val_ppl_start"], rel=1e-6)
     assert fit_metrics["val_ppl_start"] == pytest.approx(dense_val_ppl(tiny_model_dir), rel=1e-5)
+    assert plot_size(tmp_path / "prune_log" / "a" / "fit_curves.png")[0] > 600  # loss and perplexity side by side
     r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "4", "--save_ckpt_log_name", "b",
              "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt), "--save_gguf", "f16", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -275,6 +283,7 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
     assert val[0] == (0, pytest.approx(metrics["ppl_after"], rel=1e-6)) and len(val) == 2, val
     assert val[1][1] == pytest.approx(metrics["ppl_after_finetune"], rel=1e-6)  # the last validation, after training
     assert f"perplexity after fine-tuning: {metrics['ppl_after_finetune']:.2f}" in r.stdout
+    assert plot_size(run_dir / "fit_curves.png")[0] > 600
     assert (run_dir / "model" / "config.json").is_file() and (run_dir / "model_finetuned" / "config.json").is_file()
     assert (run_dir / "lora_adapter" / "adapter_model.safetensors").is_file()
     # The GGUF files carry the pruned per-layer shapes; the fine-tuned one reproduces the merged model's logits.
