@@ -91,7 +91,9 @@ def test_teacher_defaults_to_the_model_the_checkpoint_was_pruned_from(tiny_model
     assert teacher_source(str(embedded)) == EMBEDDED  # what `gaqprune prune` records for the embedded model
 
 
-class _Trainer:  # what on_fit_start reads besides the module's device
+class _Trainer:  # what on_fit_start and training_step read besides the module's device
+    global_step = 0
+
     class state:
         fn = "fit"
 
