@@ -11,11 +11,14 @@
 
 Same stages, defaults and checks as `gaqprune prune`: with the same settings, data and seed, the plan and the
 pruned weights are those the CLI writes. Keyword arguments are the CLI's flags without the dashes; a bad value is a
-``GaqpruneError`` that names the flag.
+``GaqpruneError`` that names the flag, raised before the model is touched.
 """
 
 from __future__ import annotations
 
+import os
+import types
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -26,30 +29,85 @@ from gaqprune.settings import ImportanceSettings, PruneSettings
 _SETTINGS = (ImportanceSettings, PruneSettings)
 
 
-def _datamodule(tokenizer, data: str, **kw):
+def _datamodule(tokenizer, data: str | os.PathLike, **kw):
     from gaqprune.data import LMDataModule
 
-    datamodule = LMDataModule(source=data, tokenizer=tokenizer if isinstance(tokenizer, str) else EMBEDDED, **kw)
-    if not isinstance(tokenizer, str):
+    named = isinstance(tokenizer, (str, os.PathLike))
+    datamodule = LMDataModule(source=str(data), tokenizer=str(tokenizer) if named else EMBEDDED, **kw)
+    if not named:
         datamodule._tokenizer = tokenizer  # an in-memory tokenizer (the name is never loaded)
     return datamodule
 
 
+def _accepts(value, hint) -> bool:
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return True
+        if typing.get_origin(option) is typing.Literal and isinstance(value, str) and value in typing.get_args(option):
+            return True
+        if option is bool and isinstance(value, bool):
+            return True
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if option is str and isinstance(value, (str, os.PathLike)):
+            return True
+    return False
+
+
+def _describe(hint) -> str:
+    names = {bool: "True or False", int: "an integer", float: "a number", str: "a string", type(None): "None"}
+    options = typing.get_args(hint) if typing.get_origin(hint) not in (None, typing.Literal) else (hint,)
+    described = [", ".join(map(repr, typing.get_args(o))) if typing.get_origin(o) is typing.Literal else names[o]
+                 for o in options]
+    return " or ".join(described)
+
+
 def _settings(options: dict) -> tuple[ImportanceSettings, PruneSettings]:
-    names = {f.name for cls in _SETTINGS for f in fields(cls)}
-    unknown = sorted(set(options) - names)
+    """The settings dataclasses from keyword arguments, each value checked against its flag's type."""
+    hints = {name: hint for cls in _SETTINGS for name, hint in typing.get_type_hints(cls).items()}
+    unknown = sorted(set(options) - set(hints))
     if unknown:
-        raise TypeError(f"gaqprune.prune() got unknown settings {unknown}; accepted: {sorted(names)}")
+        raise TypeError(f"gaqprune.prune() got unknown settings {unknown}; accepted: {sorted(hints)}")
+    for name, value in options.items():
+        if not _accepts(value, hints[name]):
+            raise GaqpruneError(f"--{name} {value!r} is invalid; give {_describe(hints[name])}")
+    options = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}
     return tuple(cls(**{k: v for k, v in options.items() if k in {f.name for f in fields(cls)}}) for cls in _SETTINGS)
 
 
-def prune(model, tokenizer, *, data: str = EMBEDDED, seed: int = 42, progress: bool = True, **settings) -> dict:
+def _check_model(model, tokenizer) -> None:
+    import torch
+
+    from gaqprune.models import check_architecture
+
+    if hasattr(model, "get_base_model") or any("lora_" in name for name, _ in model.named_parameters()):
+        raise GaqpruneError("the model has LoRA adapters (peft); merge them (merge_and_unload) or prune the model "
+                            "without them: pruning would cut the adapters' weights with no way to keep them consistent")
+    if torch.is_inference_mode_enabled():
+        raise GaqpruneError("gaqprune.prune() needs gradients (one Taylor backward pass); call it outside "
+                            "torch.inference_mode()")
+    check_architecture(model.config, getattr(model.config, "_name_or_path", None) or type(model).__name__)
+    if not isinstance(tokenizer, (str, os.PathLike)) and len(tokenizer) > model.config.vocab_size:
+        raise GaqpruneError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of "
+                            f"{model.config.vocab_size}: it is not this model's tokenizer")
+
+
+def prune(model, tokenizer, *, data: str | os.PathLike = EMBEDDED, seed: int = 42, progress: bool = True,
+          **settings) -> dict:
     """Prune ``model`` in place and return the plan (what the CLI writes as ``pruning_plan.json``).
 
+    The work runs in eval mode (no dropout) where the weights are, in their dtype; the model's train/eval mode is
+    restored afterwards. A pruned Llama becomes what ``gaqprune.load_pruned`` returns (its config lists the
+    per-layer shapes), so transformers' own ``save_pretrained``, a ``Trainer``'s checkpoints and ``push_to_hub``
+    write a checkpoint that ``from_pretrained(..., trust_remote_code=True)`` loads.
+
     Args:
-        model: a transformers Llama-family causal LM (LlamaForCausalLM, MistralForCausalLM, a gaqprune checkpoint),
-            on any device, in any dtype; the work runs where its weights are.
-        tokenizer: its tokenizer, or the name of a model whose tokenizer to load.
+        model: a transformers Llama-family causal LM (LlamaForCausalLM, MistralForCausalLM, a gaqprune checkpoint)
+            without LoRA adapters.
+        tokenizer: its tokenizer, or the name or path of a model whose tokenizer to load.
         data: calibration text, as ``--data.source``: embedded, wikitext2, ptb, c4, a hub dataset id, a .txt/.jsonl
             file.
         seed: seed of the calibration windows (``--seed``).
@@ -59,55 +117,88 @@ def prune(model, tokenizer, *, data: str = EMBEDDED, seed: int = 42, progress: b
             skip_importance_analysis=True, importance_config="prune_log/run/layer_importance_config.json"``.
     """
     from gaqprune import pipeline
-    from gaqprune.cli import validate_importance_settings
-    from gaqprune.models import check_architecture
-    from gaqprune.pruning import apply_plan, validate_prune_settings
+    from gaqprune.cli import validate_pruning, validate_seed
+    from gaqprune.pruning import apply_plan
 
     imp, prune_settings = _settings(settings)
-    config = model.config
-    check_architecture(config, getattr(config, "_name_or_path", None) or type(model).__name__)
-    context = getattr(config, "max_position_embeddings", None)
-    validate_importance_settings(imp, context)
-    start, end = validate_prune_settings(prune_settings, config.num_hidden_layers, getattr(config, "intermediate_size", None))
+    validate_seed(seed)
+    _check_model(model, tokenizer)
+    start, end = validate_pruning(imp, prune_settings, model.config)
     datamodule = _datamodule(tokenizer, data)
     pipeline.check_calibration_budget(datamodule, imp, prune_settings, seed)  # a short text fails before any work
     device = next(model.parameters()).device
-    meta = pipeline.importance_meta(model, imp, start, end, getattr(config, "_name_or_path", "") or "in-memory",
+    meta = pipeline.importance_meta(model, imp, start, end, getattr(model.config, "_name_or_path", "") or "in-memory",
                                     datamodule.source, seed)
-    scores = pipeline.layer_importance_stage(model, datamodule, imp, start, end, None, meta, device, progress)
-    taylor = pipeline.taylor_windows(datamodule, prune_settings, seed, device)
-    refit = pipeline.compensation_windows(datamodule, prune_settings, seed, device, taylor)
-    plan = pipeline.plan_stage(model, scores, taylor, prune_settings, progress)
-    apply_plan(model, plan, refit, progress=progress)
+    was_training = model.training
+    model.eval()
+    try:
+        scores = pipeline.layer_importance_stage(model, datamodule, imp, start, end, None, meta, device, progress)
+        taylor = pipeline.taylor_windows(datamodule, prune_settings, seed, device)
+        refit = pipeline.compensation_windows(datamodule, prune_settings, seed, device, taylor)
+        plan = pipeline.plan_stage(model, scores, taylor, prune_settings, progress)
+        apply_plan(model, plan, refit, progress=progress)
+    finally:
+        model.train(was_training)
+    _adopt_pruned_class(model)
     return plan
 
 
-def perplexity(model, tokenizer, *, data: str = EMBEDDED, seq_len: int = 128, max_windows: int | None = None,
-               batch_size: int = 8, progress: bool = True) -> float:
+def _adopt_pruned_class(model) -> None:
+    """Turn an in-memory pruned ``LlamaForCausalLM`` into the ``GaqpruneLlamaForCausalLM`` a saved one loads as: its
+    config records the per-layer shapes, and the class ships its code, so any ``save_pretrained`` writes a loadable
+    checkpoint. (The subclass only builds layers from the config; the modules are already the right shapes.)"""
+    from gaqprune.export import PRUNED_MODEL_TYPE, build_config
+    from gaqprune.remote_code.modeling_gaqprune_llama import GaqpruneLlamaForCausalLM
+
+    old = model.config
+    if old.model_type != "llama":  # a gaqprune checkpoint keeps its config in step (sync_layer_config); Mistral
+        return  # modules read Mistral-only config fields: save those with gaqprune.save_pretrained
+    config = build_config(model)
+    if config.model_type != PRUNED_MODEL_TYPE:
+        return  # nothing changed shape
+    config._attn_implementation = old._attn_implementation
+    config.use_cache = old.use_cache
+    for module in model.modules():
+        if getattr(module, "config", None) is old:
+            module.config = config
+    model.__class__ = GaqpruneLlamaForCausalLM
+    type(config).register_for_auto_class("AutoConfig")
+    GaqpruneLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+def perplexity(model, tokenizer, *, data: str | os.PathLike = EMBEDDED, seq_len: int = 128,
+               max_windows: int | None = None, batch_size: int = 8, progress: bool = True) -> float:
     """Perplexity on ``data``'s evaluation split, by the protocol of `gaqprune validate` (``--data.max_seq_len`` =
-    ``seq_len``, ``--data.max_eval_windows`` = ``max_windows``, ``--data.eval_batch_size`` = ``batch_size``)."""
+    ``seq_len``, ``--data.max_eval_windows`` = ``max_windows``, ``--data.eval_batch_size`` = ``batch_size``). A peft
+    model is measured with its adapters."""
     from gaqprune.cli import validate_data_settings
     from gaqprune.metrics import perplexity as measure
 
-    validate_data_settings({"source": data, "eval_source": None, "max_seq_len": seq_len, "max_eval_windows": max_windows,
-                            "eval_batch_size": batch_size, "batch_size": 1, "num_workers": 0, "instruction_data": None},
-                           False)
+    validate_data_settings({"source": str(data), "eval_source": None, "max_seq_len": seq_len,
+                            "max_eval_windows": max_windows, "eval_batch_size": batch_size, "batch_size": 1,
+                            "num_workers": 0, "instruction_data": None}, False)
+    if hasattr(model, "get_base_model"):  # a PeftModel: its base model runs with the adapters injected
+        model = model.get_base_model()
     windows = _datamodule(tokenizer, data, max_seq_len=seq_len, max_eval_windows=max_windows).eval_windows()
     device = next(model.parameters()).device
     return measure(model, windows.to(device), batch_size, progress="perplexity" if progress else None)
 
 
-def save_pretrained(model, tokenizer, out_dir: str | Path, overwrite: bool = False, base_model: str | None = None) -> Path:
+def save_pretrained(model, tokenizer, out_dir: str | os.PathLike, overwrite: bool = False,
+                    base_model: str | None = None) -> Path:
     """Save a (pruned) model as the CLI's ``model/`` folder: safetensors, tokenizer and a config with per-layer shapes
     that ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)`` and ``gaqprune.load_pruned`` load.
-    ``base_model`` names the dense model it came from (default: the folder it was loaded from)."""
+    ``base_model`` names the dense model it came from (default: the one it was loaded from)."""
     from gaqprune.export import save_pretrained_model
 
-    if isinstance(tokenizer, str):
+    if isinstance(tokenizer, (str, os.PathLike)):
         from gaqprune.models import load_tokenizer
 
-        tokenizer = load_tokenizer(tokenizer)
-    return save_pretrained_model(model, tokenizer, out_dir, overwrite=overwrite, base_model=base_model)
+        tokenizer = load_tokenizer(str(tokenizer))
+    try:
+        return save_pretrained_model(model, tokenizer, out_dir, overwrite=overwrite, base_model=base_model)
+    except GaqpruneError as err:
+        raise GaqpruneError(str(err).replace("pass --overwrite true", "pass overwrite=True")) from None
 
 
 __all__ = ["GaqpruneError", "perplexity", "prune", "save_pretrained"]

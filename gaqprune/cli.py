@@ -227,21 +227,10 @@ class GaqpruneCLI(LightningCLI):
         if context and seq_len > context:
             raise GaqpruneError(f"--data.max_seq_len {seq_len} exceeds the model's "
                                 f"context of {context} tokens")
-        seed = cfg.get("seed", 0)
-        if not 0 <= seed < 2**63:
-            raise GaqpruneError(f"--seed {seed} is invalid; give an integer in [0, 2**63)")
+        validate_seed(cfg.get("seed", 0))
         if self.subcommand == "prune" or (self.subcommand == "fit" and cfg.get("prune")):
-            from gaqprune.pruning import validate_prune_settings
-
             imp, prune, run, fin = (self._settings(c) for c in SETTINGS.values())
-            validate_importance_settings(imp, context)
-            validate_prune_settings(prune, getattr(model_config, "num_hidden_layers", 0),
-                                    getattr(model_config, "intermediate_size", None))
-            if prune.max_seq_len > (context or prune.max_seq_len):
-                raise GaqpruneError(f"--max_seq_len {prune.max_seq_len} exceeds the model's context of {context} tokens")
-            if prune.compensation_seq_len > (context or prune.compensation_seq_len):
-                raise GaqpruneError(f"--compensation_seq_len {prune.compensation_seq_len} exceeds the model's context of "
-                                    f"{context} tokens")
+            validate_pruning(imp, prune, model_config)
             validate_finetune_settings(fin, cfg["model"])
             if fin.finetune and self.subcommand == "prune":
                 validate_teacher(fin, cfg["base_model"], model_config)
@@ -398,6 +387,26 @@ def check_launch(trainer: L.Trainer, trains: bool, strategy: object = None) -> N
             f"--trainer.num_nodes {trainer.num_nodes}: start gaqprune on every node with NODE_RANK (0..."
             f"{trainer.num_nodes - 1}), MASTER_ADDR and MASTER_PORT set, or under SLURM or torchrun; NODE_RANK is "
             "not set here, and the processes would wait for nodes that never come")
+
+
+def validate_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise GaqpruneError(f"--seed {seed} is invalid; give an integer in [0, 2**63)")
+
+
+def validate_pruning(imp: ImportanceSettings, prune: PruneSettings, model_config) -> tuple[int, int]:
+    """Every layer-importance and pruning setting against the model's config (no weights needed); returns the
+    resolved layer range. Shared by `gaqprune prune`, `fit --prune` and ``gaqprune.prune``."""
+    from gaqprune.pruning import validate_prune_settings
+
+    context = getattr(model_config, "max_position_embeddings", None)
+    validate_importance_settings(imp, context)
+    layers = validate_prune_settings(prune, getattr(model_config, "num_hidden_layers", 0),
+                                     getattr(model_config, "intermediate_size", None))
+    for flag, value in (("--max_seq_len", prune.max_seq_len), ("--compensation_seq_len", prune.compensation_seq_len)):
+        if context and value > context:
+            raise GaqpruneError(f"{flag} {value} exceeds the model's context of {context} tokens")
+    return layers
 
 
 def validate_importance_settings(imp: ImportanceSettings, context: int | None) -> None:

@@ -100,11 +100,11 @@ def _base_model_name(hf_model, base_model: str | None) -> str | None:
     """The model this one was pruned from: explicit, else inherited from a pruned checkpoint, else its load path."""
     if base_model:
         return str(base_model)
-    from gaqprune.models import absolute_if_local
+    from gaqprune.models import model_origin
 
     inherited = getattr(hf_model.config, "gaqprune_base_model", None)
     loaded_from = getattr(hf_model.config, "_name_or_path", None)
-    return inherited or (absolute_if_local(loaded_from) if loaded_from else None)
+    return inherited or (model_origin(loaded_from) if loaded_from else None)
 
 
 def _param_dtype(hf_model) -> torch.dtype:

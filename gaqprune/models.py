@@ -219,6 +219,8 @@ def load_model(base_model: str = EMBEDDED, dtype: str | torch.dtype = "float32",
         except (OSError, ValueError) as err:
             raise GaqpruneError(f"--base_model {base_model!r} could not be loaded: {str(err).splitlines()[0]}") from None
     model.config.use_cache = False
+    if str(path) != str(base_model):  # loaded from a conversion cache ('embedded', a .gguf file): named by its source
+        model.config._name_or_path = base_model
     if device is not None:
         model.to(device)
     model.eval()

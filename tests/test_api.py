@@ -41,6 +41,59 @@ def test_api_prunes_exactly_as_the_cli(tmp_path, monkeypatch, tiny_model_dir):
     reloaded = AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=True)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    # transformers' own save_pretrained (a Trainer's checkpoints, push_to_hub) writes a loadable checkpoint too
+    model.save_pretrained(tmp_path / "hf_saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_saved", trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    assert model.generate(ids[:1, :8], max_new_tokens=4, do_sample=False).shape == (1, 12)
+
+
+def test_api_results_do_not_depend_on_train_mode(tmp_path, monkeypatch, tiny_model_dir):
+    """Dropout on during the analysis would make scores and refit random: prune works in eval mode, restores the mode."""
+    from transformers import AutoModelForCausalLM
+
+    text = corpus(tmp_path)
+    plans = []
+    for train in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.3
+        model.train(train)
+        plans.append(gaqprune.prune(model, tiny_model_dir, data=text, progress=False, **SETTINGS))  # a Path tokenizer
+        assert model.training is train
+    assert plans[0] == plans[1]
+
+
+def test_api_refuses_what_it_cannot_prune(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["down_proj"]))
+    with pytest.raises(gaqprune.GaqpruneError, match="LoRA adapters"):
+        gaqprune.prune(peft_model, tokenizer)
+    with pytest.raises(gaqprune.GaqpruneError, match="LoRA adapters"):
+        gaqprune.prune(peft_model.get_base_model(), tokenizer)
+    # its perplexity is measured with the adapters (zero-initialised here: the base model's)
+    assert gaqprune.perplexity(peft_model, tokenizer, seq_len=32, max_windows=2, progress=False) == pytest.approx(
+        gaqprune.perplexity(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, seq_len=32, max_windows=2,
+                            progress=False), rel=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.inference_mode(), pytest.raises(gaqprune.GaqpruneError, match="outside torch.inference_mode"):
+        gaqprune.prune(model, tokenizer)
+
+
+def test_embedded_model_is_recorded_by_its_source(embedded_tokenizer):
+    from conftest import tiny_llama
+
+    from gaqprune.export import build_config
+    from gaqprune.models import EMBEDDED_SOURCE
+
+    model = tiny_llama(vocab_size=len(embedded_tokenizer))
+    model.config._name_or_path = "embedded"  # what load_model("embedded") leaves (not its conversion cache path)
+    assert build_config(model).gaqprune_base_model == EMBEDDED_SOURCE
 
 
 def test_api_refuses_bad_settings_before_any_work(tiny_model_dir):
@@ -54,4 +107,12 @@ def test_api_refuses_bad_settings_before_any_work(tiny_model_dir):
         gaqprune.prune(model, str(tiny_model_dir), pruning_ratio=1.5)
     with pytest.raises(gaqprune.GaqpruneError, match="--num_examples 100000 asks for more windows"):
         gaqprune.prune(model, str(tiny_model_dir), num_examples=100000, max_seq_len=32)
+    for bad, message in [({"num_examples": 2.5}, "--num_examples 2.5 is invalid; give an integer"),
+                         ({"alpha": "1"}, "--alpha '1' is invalid; give a number"),
+                         ({"pruning_strategy": "random"}, "--pruning_strategy 'random' is invalid"),
+                         ({"max_seq_len": 1024}, "--max_seq_len 1024 exceeds the model's context of 512"),
+                         ({"compensation_seq_len": 1024}, "--compensation_seq_len 1024 exceeds"),
+                         ({"seed": -1}, "--seed -1 is invalid")]:
+        with pytest.raises(gaqprune.GaqpruneError, match=message):
+            gaqprune.prune(model, str(tiny_model_dir), **bad)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
