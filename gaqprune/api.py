@@ -16,6 +16,7 @@ pruned weights are those the CLI writes. Keyword arguments are the CLI's flags w
 
 from __future__ import annotations
 
+import numbers
 import os
 import types
 import typing
@@ -48,9 +49,9 @@ def _accepts(value, hint) -> bool:
             return True
         if option is bool and isinstance(value, bool):
             return True
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if option is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return True  # numpy integers too
+        if option is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
             return True
         if option is str and isinstance(value, (str, os.PathLike)):
             return True
@@ -65,6 +66,17 @@ def _describe(hint) -> str:
     return " or ".join(described)
 
 
+def _plain(value):
+    """A setting as the CLI would hold it: numpy numbers as Python ones, paths as strings."""
+    if isinstance(value, os.PathLike):
+        return str(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def _settings(options: dict) -> tuple[ImportanceSettings, PruneSettings]:
     """The settings dataclasses from keyword arguments, each value checked against its flag's type."""
     hints = {name: hint for cls in _SETTINGS for name, hint in typing.get_type_hints(cls).items()}
@@ -74,7 +86,7 @@ def _settings(options: dict) -> tuple[ImportanceSettings, PruneSettings]:
     for name, value in options.items():
         if not _accepts(value, hints[name]):
             raise GaqpruneError(f"--{name} {value!r} is invalid; give {_describe(hints[name])}")
-    options = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}
+    options = {k: _plain(v) for k, v in options.items()}
     return tuple(cls(**{k: v for k, v in options.items() if k in {f.name for f in fields(cls)}}) for cls in _SETTINGS)
 
 
@@ -121,7 +133,9 @@ def prune(model, tokenizer, *, data: str | os.PathLike = EMBEDDED, seed: int = 4
     from gaqprune.pruning import apply_plan
 
     imp, prune_settings = _settings(settings)
+    seed = _plain(seed)
     validate_seed(seed)
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: prune the module it runs (it recompiles)
     _check_model(model, tokenizer)
     start, end = validate_pruning(imp, prune_settings, model.config)
     datamodule = _datamodule(tokenizer, data)
@@ -147,12 +161,14 @@ def _adopt_pruned_class(model) -> None:
     """Turn an in-memory pruned ``LlamaForCausalLM`` into the ``GaqpruneLlamaForCausalLM`` a saved one loads as: its
     config records the per-layer shapes, and the class ships its code, so any ``save_pretrained`` writes a loadable
     checkpoint. (The subclass only builds layers from the config; the modules are already the right shapes.)"""
-    from gaqprune.export import PRUNED_MODEL_TYPE, build_config
+    from transformers import LlamaForCausalLM
+
+    from gaqprune.export import PRUNED_MODEL_TYPE, build_config, register_peft_targets
     from gaqprune.remote_code.modeling_gaqprune_llama import GaqpruneLlamaForCausalLM
 
     old = model.config
-    if old.model_type != "llama":  # a gaqprune checkpoint keeps its config in step (sync_layer_config); Mistral
-        return  # modules read Mistral-only config fields: save those with gaqprune.save_pretrained
+    if type(model) is not LlamaForCausalLM:  # a gaqprune checkpoint keeps its config in step (sync_layer_config);
+        return  # Mistral modules read Mistral-only config fields; subclasses are someone's own: gaqprune.save_pretrained
     config = build_config(model)
     if config.model_type != PRUNED_MODEL_TYPE:
         return  # nothing changed shape
@@ -164,6 +180,7 @@ def _adopt_pruned_class(model) -> None:
     model.__class__ = GaqpruneLlamaForCausalLM
     type(config).register_for_auto_class("AutoConfig")
     GaqpruneLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    register_peft_targets()
 
 
 def perplexity(model, tokenizer, *, data: str | os.PathLike = EMBEDDED, seq_len: int = 128,
@@ -179,6 +196,9 @@ def perplexity(model, tokenizer, *, data: str | os.PathLike = EMBEDDED, seq_len:
                             "num_workers": 0, "instruction_data": None}, False)
     if hasattr(model, "get_base_model"):  # a PeftModel: its base model runs with the adapters injected
         model = model.get_base_model()
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and seq_len > context:
+        raise GaqpruneError(f"--data.max_seq_len {seq_len} exceeds the model's context of {context} tokens")
     windows = _datamodule(tokenizer, data, max_seq_len=seq_len, max_eval_windows=max_windows).eval_windows()
     device = next(model.parameters()).device
     return measure(model, windows.to(device), batch_size, progress="perplexity" if progress else None)

@@ -8,8 +8,10 @@ prunes in ``Callback.setup`` and then fine-tunes with LoRA in the same run.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import re
 import sys
 import warnings
@@ -73,8 +75,8 @@ class GaqpruneTrainer(L.Trainer):
         if job.finetune.finetune:  # the fine-tune's data (instruction records, training windows) checked now
             datamodule.train_windows_limit = job.finetune.finetune_samples
             check_val_interval(self, datamodule, datamodule.num_train_examples())
-        if not self.is_global_zero:
-            return self._join_finetune(model, datamodule, job, out_dir, refit_windows)
+        if not self.is_global_zero:  # a rank Lightning started for the fit of `prune --finetune` (see check_launch)
+            return self._join_finetune(model, datamodule, job, out_dir, refit_windows) if job.finetune.finetune else {}
         pipeline.clear_results(job.run)  # --overwrite: the previous run's results go before anything new is written
         clock = pipeline.Stopwatch()
         metrics: dict = {"base_model": job.base_model}
@@ -122,12 +124,18 @@ class GaqpruneTrainer(L.Trainer):
             from gaqprune.finetune import export_finetuned
 
             self.fit_loop.max_epochs = job.finetune.finetune_epochs
-            if "ppl_after" in metrics:  # measured on the windows the fit validates on: its curve starts there
-                model.trainer = self
+            if "ppl_after" in metrics and self.limit_val_batches == 1.0:  # measured on the windows the fit
+                model.trainer = self  # validates on: its curve starts there (every rank decides alike: _join_finetune)
                 model.record_start(metrics["ppl_after"])
-                self.num_sanity_val_steps = 0  # (every rank decides alike: see _join_finetune)
-            with clock("finetune"):
-                self.fit(model, datamodule=datamodule)
+                self.num_sanity_val_steps = 0
+            plan_path = out_dir / pipeline.PLAN_FILE
+            os.environ[PLAN_ENV] = f"{plan_path}#{hashlib.sha256(plan_path.read_bytes()).hexdigest()}"
+            try:
+                with clock("finetune"):  # (the other ranks start here, with PLAN_ENV)
+                    self.fit(model, datamodule=datamodule)
+            finally:
+                os.environ.pop(PLAN_ENV, None)
+            model.to(self.strategy.root_device)  # Lightning's teardown left it on the CPU (hours of eval for 8B)
             if eval_windows is not None:
                 metrics["ppl_after_finetune"] = perplexity(model.model, eval_windows.to(model.device),
                                                            datamodule.eval_batch_size)
@@ -156,14 +164,17 @@ class GaqpruneTrainer(L.Trainer):
 
         from gaqprune.pruning import apply_plan
 
+        path, _, digest = os.environ.get(PLAN_ENV, "").rpartition("#")
         plan_path = out_dir / pipeline.PLAN_FILE
-        if not plan_path.is_file():
-            raise GaqpruneError(f"rank {self.global_rank}: {plan_path} is missing; start `gaqprune prune` once (Lightning "
-                                "starts the other ranks itself), with every rank seeing the same run folder")
+        if not plan_path.is_file() or Path(path).resolve() != plan_path.resolve() \
+                or hashlib.sha256(plan_path.read_bytes()).hexdigest() != digest:
+            raise GaqpruneError(f"rank {self.global_rank}: no plan from rank 0 of this run at {plan_path}; start "
+                                "`gaqprune prune --finetune` once (Lightning starts the other ranks itself), with every "
+                                "rank seeing the same run folder")
         model.model.to(self.strategy.root_device)
         apply_plan(model.model, json.loads(plan_path.read_text()), refit_windows, progress=False)
         self.fit_loop.max_epochs = job.finetune.finetune_epochs
-        if job.run.test_after_prune:
+        if job.run.test_after_prune and self.limit_val_batches == 1.0:
             self.num_sanity_val_steps = 0  # as rank 0, which measured the pruned model already (a collective)
         self.fit(model, datamodule=datamodule)
         return {}
@@ -220,7 +231,7 @@ class GaqpruneCLI(LightningCLI):
         resolve_dtype(cfg["dtype"])
         trains = self.subcommand == "fit" or (self.subcommand == "prune" and cfg["finetune"])
         validate_data_settings(cfg["data"], trains)
-        check_trainer_flags(cfg["trainer"], trains)
+        check_trainer_flags(cfg["trainer"], trains, prune_finetune=self.subcommand == "prune" and cfg["finetune"])
         model_config = load_config(cfg["base_model"])
         context = getattr(model_config, "max_position_embeddings", None)
         seq_len = cfg["data"]["max_seq_len"]
@@ -271,8 +282,10 @@ class GaqpruneCLI(LightningCLI):
             raise GaqpruneError(f"--trainer settings rejected by Lightning: {err}") from None
         cfg = self.config[self.subcommand]
         strategy = cfg["trainer"].get("strategy")
-        check_launch(trainer, trains=self.subcommand == "fit" or (self.subcommand == "prune" and cfg.get("finetune")),
-                     strategy=strategy if isinstance(strategy, str) else getattr(strategy, "class_path", strategy))
+        prune_finetune = self.subcommand == "prune" and bool(cfg.get("finetune"))
+        check_launch(trainer, trains=self.subcommand == "fit" or prune_finetune,
+                     strategy=strategy if isinstance(strategy, str) else getattr(strategy, "class_path", strategy),
+                     prune_finetune=prune_finetune)
         return trainer
 
     def before_prune(self) -> None:
@@ -345,14 +358,14 @@ def _lightning_refusals() -> tuple[type[Exception], ...]:
 LIGHTNING_REFUSALS = _lightning_refusals()
 
 
-def check_trainer_flags(trainer_cfg, trains: bool) -> None:
+def check_trainer_flags(trainer_cfg, trains: bool, prune_finetune: bool = False) -> None:
     """Lightning judges --trainer.accelerator/strategy/devices/num_nodes/precision only when it builds the Trainer,
     after the model is loaded (minutes for an 8B model): build a bare Trainer from them first, so a mistake costs
     no model load."""
     args = {k: trainer_cfg.get(k) for k in ("accelerator", "strategy", "devices", "num_nodes", "precision")}
     args = {k: v for k, v in args.items() if v is not None}
-    if not all(isinstance(v, (str, int, list)) for v in args.values()):
-        return  # a strategy or accelerator object (class_path): judged when the real Trainer is built
+    if trainer_cfg.get("plugins") or not all(isinstance(v, (str, int, list)) for v in args.values()):
+        return  # plugins (a cluster environment), or a strategy/accelerator object: judged by the real Trainer
     quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # the bare Trainer's "GPU available" lines would print twice
@@ -363,10 +376,13 @@ def check_trainer_flags(trainer_cfg, trains: bool) -> None:
         raise GaqpruneError(f"--trainer settings rejected by Lightning: {err}") from None
     finally:
         quiet.setLevel(level)
-    check_launch(trainer, trains, args.get("strategy"))
+    check_launch(trainer, trains, args.get("strategy"), prune_finetune)
 
 
-def check_launch(trainer: L.Trainer, trains: bool, strategy: object = None) -> None:
+PLAN_ENV = "GAQPRUNE_PRUNED_PLAN"  # "<plan path>#<sha256>": set by rank 0 of `prune --finetune` for the ranks it starts
+
+
+def check_launch(trainer: L.Trainer, trains: bool, strategy: object = None, prune_finetune: bool = False) -> None:
     """Refuse process launches that would lose the work or hang, before anything is computed or written."""
     import os
 
@@ -382,6 +398,14 @@ def check_launch(trainer: L.Trainer, trains: bool, strategy: object = None) -> N
             "ddp_spawn, ddp_fork, ddp_notebook) and keep a fine-tune's weights to themselves, so nothing trained "
             "could be exported; use --trainer.strategy ddp or fsdp (one process per device, started as a script)")
     environment = getattr(trainer.strategy, "cluster_environment", None)
+    external = environment is not None and environment.creates_processes_externally and PLAN_ENV not in os.environ
+    if prune_finetune and trainer.world_size > 1 and (external or trainer.num_nodes > 1):
+        # rank 0 prunes before the fit and the ranks Lightning starts then read its plan; ranks started beside it
+        # (torchrun, SLURM, other nodes) would have no plan to read
+        raise GaqpruneError(
+            "`prune --finetune` on processes started by torchrun, SLURM or on several nodes: run `gaqprune fit --prune "
+            "true` with the same flags instead (it prunes on rank 0 inside the fit and shares the plan with every "
+            "rank), or `prune --save_model true` first and then `fit --base_model <run>/model` under your launcher")
     if trainer.num_nodes > 1 and isinstance(environment, LightningEnvironment) and "NODE_RANK" not in os.environ:
         raise GaqpruneError(
             f"--trainer.num_nodes {trainer.num_nodes}: start gaqprune on every node with NODE_RANK (0..."

@@ -210,6 +210,16 @@ def is_pruned_checkpoint(path: str | os.PathLike) -> bool:
     return data is not None and data.get("model_type") == PRUNED_MODEL_TYPE
 
 
+def register_peft_targets() -> None:
+    """peft picks default LoRA targets by model_type: give ``gaqprune_llama`` Llama's (else ``LoraConfig()`` without
+    ``target_modules`` fails on a pruned model)."""
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as targets
+    except ImportError:
+        return
+    targets.setdefault(PRUNED_MODEL_TYPE, list(targets.get("llama", ["q_proj", "v_proj"])))
+
+
 def load_pruned_config(path: str | os.PathLike) -> GaqpruneLlamaConfig:
     """The ``GaqpruneLlamaConfig`` of a pruned checkpoint, built with gaqprune's copy of the class (no remote code)."""
     from gaqprune.remote_code.configuration_gaqprune_llama import GaqpruneLlamaConfig
@@ -247,6 +257,7 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
     # as it does for a model loaded through trust_remote_code
     type(config).register_for_auto_class("AutoConfig")
     type(model).register_for_auto_class("AutoModelForCausalLM")
+    register_peft_targets()
     if device is not None:
         model.to(device)
     return model.eval()

@@ -155,7 +155,8 @@ class LitCausalLM(L.LightningModule):
         trainer = self.trainer
         if not trainer.sanity_checking:
             self.val_ppl_step = trainer.global_step
-        elif trainer.num_sanity_val_batches == trainer.num_val_batches:
+        elif trainer.global_step == 0 and trainer.num_sanity_val_batches == trainer.num_val_batches:
+            # (a fit resumed from an epoch's end sanity-checks a trained model: not a start, not recorded)
             self.record_start(float(self.val_ppl.compute()))  # a collective under DDP: every rank is here
 
     def record_start(self, val_ppl: float) -> None:
@@ -209,10 +210,13 @@ class LitCausalLM(L.LightningModule):
         if saved is not None and saved != layer_shapes(self.model):
             from gaqprune.errors import GaqpruneError
 
+            fitting = self.trainer is not None and self.trainer.state.fn == "fit"
             raise GaqpruneError(
-                f"--ckpt_path: the checkpoint was trained on a model with {len(saved)} layers of other shapes than "
-                f"this one's {len(layer_shapes(self.model))}; resume with the --base_model and pruning settings "
-                "(--prune, --config) of the run that wrote it")
+                f"--ckpt_path: the checkpoint was trained on a model of other layer shapes than --base_model "
+                f"{self.hparams.base_model!r}; " + (
+                    "resume with the --base_model and pruning settings (--prune, --config) of the run that wrote it"
+                    if fitting else "give the pruned model it was trained on as --base_model (a `fit --prune` run "
+                    "saves it as <run>/model with --save_model true)"))
         state = checkpoint.get("state_dict", {})
         if not self.lora_attached and any("lora_" in key for key in state):
             # validate / test --ckpt_path of a LoRA fit: the adapters it trained, with the rank and targets it

@@ -174,7 +174,14 @@ def dense_perplexity(hf_model, windows: torch.Tensor, batch_size: int, fingerpri
     from gaqprune.models import cache_root
 
     config = {k: v for k, v in hf_model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
-    key = {"fingerprint": fingerprint, "config": config, "attn": hf_model.config._attn_implementation,
+    # the fingerprint samples 256 values per tensor; a sum and a norm of every tensor also see a change anywhere else
+    # (a folder's weights updated in place), without a full-size copy
+    with torch.no_grad():
+        tensors = hf_model.state_dict().values()
+        sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors]).tolist()
+        norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]).tolist()
+    key = {"fingerprint": fingerprint, "sums": sums, "norms": norms, "config": config,
+           "attn": hf_model.config._attn_implementation,
            "windows": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest(), "shape": list(windows.shape),
            "batch_size": batch_size, "device": next(hf_model.parameters()).device.type,
            "versions": [torch.__version__, transformers.__version__, __version__]}

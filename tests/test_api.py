@@ -47,6 +47,11 @@ def test_api_prunes_exactly_as_the_cli(tmp_path, monkeypatch, tiny_model_dir):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
     assert model.generate(ids[:1, :8], max_new_tokens=4, do_sample=False).shape == (1, 12)
+    # and peft's default LoRA targets know the pruned model type (prune, then LoRA)
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2))
+    assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in lora.named_parameters() if "lora_A" in n} == {"q_proj", "v_proj"}
 
 
 def test_api_results_do_not_depend_on_train_mode(tmp_path, monkeypatch, tiny_model_dir):
@@ -54,13 +59,18 @@ def test_api_results_do_not_depend_on_train_mode(tmp_path, monkeypatch, tiny_mod
     from transformers import AutoModelForCausalLM
 
     text = corpus(tmp_path)
+    import numpy as np
+
     plans = []
     for train in (False, True):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         for layer in model.model.layers:
             layer.self_attn.attention_dropout = 0.3
         model.train(train)
-        plans.append(gaqprune.prune(model, tiny_model_dir, data=text, progress=False, **SETTINGS))  # a Path tokenizer
+        # a Path tokenizer; the second time, numpy numbers (as a sweep over np.linspace passes them)
+        settings = {k: np.float64(v) if isinstance(v, float) else np.int64(v) for k, v in SETTINGS.items()} \
+            if train else SETTINGS
+        plans.append(gaqprune.prune(model, tiny_model_dir, data=text, progress=False, **settings))
         assert model.training is train
     assert plans[0] == plans[1]
 
@@ -83,6 +93,8 @@ def test_api_refuses_what_it_cannot_prune(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with torch.inference_mode(), pytest.raises(gaqprune.GaqpruneError, match="outside torch.inference_mode"):
         gaqprune.prune(model, tokenizer)
+    with pytest.raises(gaqprune.GaqpruneError, match="--data.max_seq_len 1024 exceeds the model's context of 512"):
+        gaqprune.perplexity(model, tokenizer, seq_len=1024)
 
 
 def test_embedded_model_is_recorded_by_its_source(embedded_tokenizer):

@@ -270,3 +270,14 @@ def test_trainer_mistakes_cost_no_model_load(extra, expected, tmp_path, monkeypa
     code, err = run_prune(["--base_model", str(tiny_model_dir), *extra], capsys)
     errors = [line for line in err.splitlines() if line.startswith("gaqprune: error:")]
     assert code == 2 and len(errors) == 1 and expected in errors[0], err[-2000:]
+
+
+def test_prune_finetune_under_an_external_launcher_is_refused(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    """torchrun / SLURM start every rank at once: the other ranks would have no plan from rank 0 to read."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what torchrun sets (Lightning then starts no processes itself)
+    code, err = run_prune(["--base_model", str(tiny_model_dir), "--finetune", "true", "--trainer.strategy", "ddp",
+                           "--trainer.devices", "2", "--trainer.accelerator", "cpu"], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("gaqprune: error:")]
+    assert code == 2 and len(errors) == 1 and "run `gaqprune fit --prune true`" in errors[0], err[-2000:]
+    assert not (tmp_path / "prune_log").exists()

@@ -158,7 +158,8 @@ def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
     r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "4", "--save_ckpt_log_name", "c",
              "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(tmp_path / "wrong.ckpt"), cwd=tmp_path)
     errors = [line for line in r.stderr.splitlines() if line.startswith("gaqprune: error:")]
-    assert r.returncode == 2 and len(errors) == 1 and "other shapes" in errors[0], r.stderr[-3000:]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
+    assert "other layer shapes" in errors[0] and "resume with" in errors[0], errors[0]
     assert not (tmp_path / "prune_log" / "c" / "model_finetuned").exists()
 
 
@@ -316,3 +317,18 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(gguf_forward(run_dir / "model_finetuned.gguf", ids), merged(ids).logits,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_a_resumed_sanity_check_is_not_a_start(tiny_model_dir):
+    """Resuming from an epoch's end, Lightning sanity-checks a trained model: that is no 'before training' value."""
+    lit = LitCausalLM(base_model=str(tiny_model_dir))
+
+    class Trainer:
+        sanity_checking, num_sanity_val_batches, num_val_batches, logger = True, [2], [2], None
+
+    lit._trainer = Trainer()
+    lit.val_ppl.update(torch.tensor(20.0, dtype=torch.float64), torch.tensor(10))
+    for step, recorded in ((4, None), (0, pytest.approx(7.389, rel=1e-3))):
+        Trainer.global_step = step
+        lit.on_validation_epoch_end()
+        assert lit.val_ppl_start == recorded

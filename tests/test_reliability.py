@@ -164,7 +164,14 @@ def test_dense_perplexity_is_measured_once_per_model_and_windows(tmp_path, monke
             p.mul_(1.01)
     value, cached = dense_perplexity(model, random_windows, 4, model_fingerprint(model))
     assert not cached and value == perplexity(model, random_windows, 4) != measured
-    assert len(list((tmp_path / "perplexity").glob("*.json"))) == 3
+    # a change between the fingerprint's samples (a folder's weights updated in place) is seen too
+    sampled = model_fingerprint(model)
+    with torch.no_grad():
+        model.lm_head.weight[7, 10] += 5.0
+    assert model_fingerprint(model) == sampled
+    value, cached = dense_perplexity(model, random_windows, 4, sampled)
+    assert not cached and value == perplexity(model, random_windows, 4)
+    assert len(list((tmp_path / "perplexity").glob("*.json"))) == 4
 
 
 def test_saved_model_names_its_origin_by_absolute_path(tmp_path, monkeypatch, tiny_model_dir):
