@@ -159,7 +159,8 @@ class GaqpruneTrainer(L.Trainer):
         """Another rank of `prune --finetune` under DDP/FSDP: Lightning started this process (the same command) when
         rank 0 began the fit, after rank 0 had pruned and written the plan. Cut the model to rank 0's plan instead of
         analysing and scoring again (scores on other hardware could break a tie the other way), write nothing,
-        and join the fit; the strategy copies rank 0's weights when it wraps the model."""
+        and join the fit. DDP then copies rank 0's weights to every rank; FSDP shards each rank's own copy, whose
+        refit is the same computation on the same windows (equal on identical devices)."""
         import json
 
         from gaqprune.pruning import apply_plan
