@@ -338,15 +338,16 @@ class GaqpruneCLI(LightningCLI):
         val_ppl = None if val_ppl is None else float(val_ppl)
         logger = self.trainer.logger  # its log_dir, not Trainer.log_dir: that one is a collective, and only rank 0 is here
         steps = self.trainer.global_step
+        val_step = self.model.history["val_ppl"][-1][0] if val_ppl is not None else None  # of the latest validation
         write_json(pipeline.run_dir(run) / pipeline.FIT_METRICS_FILE, {
             "base_model": self.config.fit.base_model, "steps": steps, "val_ppl_start": self.model.val_ppl_start,
-            "val_ppl": val_ppl, "val_ppl_step": self.model.val_ppl_step, "log_dir": getattr(logger, "log_dir", None),
+            "val_ppl": val_ppl, "val_ppl_step": val_step, "log_dir": getattr(logger, "log_dir", None),
             "outputs": paths})
         for name, path in paths.items():
             log.info("saved %s to %s", name, path)
         if self.model.val_ppl_start is not None and val_ppl is not None:
             print(f"validation perplexity: {self.model.val_ppl_start:.2f} before training -> {val_ppl:.2f} at step "
-                  f"{self.model.val_ppl_step} (of {steps})")
+                  f"{val_step} (of {steps})")
 
 
 def _lightning_refusals() -> tuple[type[Exception], ...]:

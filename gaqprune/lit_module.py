@@ -65,7 +65,6 @@ class LitCausalLM(L.LightningModule):
         self.test_ppl = Perplexity()
         self.lora_attached = False
         self.val_ppl_start: float | None = None  # the validation perplexity before training (see on_validation_epoch_end)
-        self.val_ppl_step: int | None = None  # the training step of the latest validation
         # (step, value) pairs of this process's fit, for the run folder's fit_curves.png
         self.history: dict[str, list[tuple[int, float]]] = {"train_loss": [], "val_ppl": []}
         self._teacher = None  # plain attribute, never a submodule: no strategy wraps it, no checkpoint stores it
@@ -153,9 +152,7 @@ class LitCausalLM(L.LightningModule):
         default) measures the model before training: logged as ``val_ppl`` at the fit's first step, so the curve
         starts where pruning left the model. Lightning itself logs nothing during a sanity check."""
         trainer = self.trainer
-        if not trainer.sanity_checking:
-            self.val_ppl_step = trainer.global_step
-        elif trainer.global_step == 0 and trainer.num_sanity_val_batches == trainer.num_val_batches:
+        if trainer.sanity_checking and trainer.global_step == 0 and trainer.num_sanity_val_batches == trainer.num_val_batches:
             # (a fit resumed from an epoch's end sanity-checks a trained model: not a start, not recorded)
             self.record_start(float(self.val_ppl.compute()))  # a collective under DDP: every rank is here
 
