@@ -234,6 +234,11 @@ class GaqpruneCLI(LightningCLI):
         validate_data_settings(cfg["data"], trains)
         check_trainer_flags(cfg["trainer"], trains, prune_finetune=self.subcommand == "prune" and cfg["finetune"])
         model_config = load_config(cfg["base_model"])
+        saved = getattr(model_config, "dtype", None)
+        if self.subcommand in ("validate", "test") and isinstance(saved, torch.dtype) and saved != resolve_dtype(cfg["dtype"]):
+            log.info("note: %s was saved in %s and is measured in %s (--dtype); a run that worked in %s measured "
+                     "slightly different perplexities", cfg["base_model"], str(saved).removeprefix("torch."),
+                     str(resolve_dtype(cfg["dtype"])).removeprefix("torch."), str(saved).removeprefix("torch."))
         context = getattr(model_config, "max_position_embeddings", None)
         seq_len = cfg["data"]["max_seq_len"]
         if context and seq_len > context:

@@ -187,3 +187,26 @@ def test_saved_model_names_its_origin_by_absolute_path(tmp_path, monkeypatch, ti
          *ARGS, "--save_model", "true", "--save_ckpt_log_name", "rel", "--trainer.enable_progress_bar", "false"])
     config = json.loads((tmp_path / "prune_log" / "rel" / "model" / "config.json").read_text())
     assert config["gaqprune_base_model"] == str((tmp_path / "models" / "tiny").resolve())
+
+
+def test_validate_notes_a_dtype_other_than_the_saved_one(tmp_path, monkeypatch, caplog, embedded_tokenizer):
+    """A bf16 checkpoint validated at the default float32 gives slightly other numbers than its bf16 pruning run did:
+    said in one line, not left for the user to puzzle over."""
+    import logging
+
+    import torch
+    from conftest import tiny_llama
+
+    from gaqprune.cli import run
+
+    tiny_llama(vocab_size=len(embedded_tokenizer)).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    embedded_tokenizer.save_pretrained(tmp_path / "bf16")
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger="gaqprune")
+    common = ["--base_model", str(tmp_path / "bf16"), "--data.max_seq_len", "32", "--data.max_eval_windows", "2",
+              "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+    run(["validate", *common])
+    assert "was saved in bfloat16 and is measured in float32 (--dtype)" in caplog.text
+    caplog.clear()
+    run(["validate", *common, "--dtype", "bfloat16"])
+    assert "was saved in" not in caplog.text
