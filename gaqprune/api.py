@@ -40,9 +40,13 @@ def _datamodule(tokenizer, data: str | os.PathLike, **kw):
     return datamodule
 
 
+def _options(hint) -> tuple:
+    """The alternatives of a settings field's type: ``int | None`` -> (int, NoneType); anything else -> (hint,)."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
 def _accepts(value, hint) -> bool:
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    for option in options:
+    for option in _options(hint):
         if option is type(None) and value is None:
             return True
         if typing.get_origin(option) is typing.Literal and isinstance(value, str) and value in typing.get_args(option):
@@ -60,9 +64,8 @@ def _accepts(value, hint) -> bool:
 
 def _describe(hint) -> str:
     names = {bool: "True or False", int: "an integer", float: "a number", str: "a string", type(None): "None"}
-    options = typing.get_args(hint) if typing.get_origin(hint) not in (None, typing.Literal) else (hint,)
     described = [", ".join(map(repr, typing.get_args(o))) if typing.get_origin(o) is typing.Literal else names[o]
-                 for o in options]
+                 for o in _options(hint)]
     return " or ".join(described)
 
 
@@ -163,7 +166,7 @@ def _adopt_pruned_class(model) -> None:
     checkpoint. (The subclass only builds layers from the config; the modules are already the right shapes.)"""
     from transformers import LlamaForCausalLM
 
-    from gaqprune.export import PRUNED_MODEL_TYPE, build_config, register_peft_targets
+    from gaqprune.export import PRUNED_MODEL_TYPE, build_config, register_pruned_classes
     from gaqprune.remote_code.modeling_gaqprune_llama import GaqpruneLlamaForCausalLM
 
     old = model.config
@@ -178,9 +181,7 @@ def _adopt_pruned_class(model) -> None:
         if getattr(module, "config", None) is old:
             module.config = config
     model.__class__ = GaqpruneLlamaForCausalLM
-    type(config).register_for_auto_class("AutoConfig")
-    GaqpruneLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    register_peft_targets()
+    register_pruned_classes()
 
 
 def perplexity(model, tokenizer, *, data: str | os.PathLike = EMBEDDED, seq_len: int = 128,

@@ -234,11 +234,11 @@ class GaqpruneCLI(LightningCLI):
         validate_data_settings(cfg["data"], trains)
         check_trainer_flags(cfg["trainer"], trains, prune_finetune=self.subcommand == "prune" and cfg["finetune"])
         model_config = load_config(cfg["base_model"])
-        saved = getattr(model_config, "dtype", None)
-        if self.subcommand in ("validate", "test") and isinstance(saved, torch.dtype) and saved != resolve_dtype(cfg["dtype"]):
+        saved, used = getattr(model_config, "dtype", None), resolve_dtype(cfg["dtype"])
+        if self.subcommand in ("validate", "test") and isinstance(saved, torch.dtype) and saved != used:
+            saved, used = (str(d).removeprefix("torch.") for d in (saved, used))
             log.info("note: %s was saved in %s and is measured in %s (--dtype); a run that worked in %s measured "
-                     "slightly different perplexities", cfg["base_model"], str(saved).removeprefix("torch."),
-                     str(resolve_dtype(cfg["dtype"])).removeprefix("torch."), str(saved).removeprefix("torch."))
+                     "slightly different perplexities", cfg["base_model"], saved, used, saved)
         context = getattr(model_config, "max_position_embeddings", None)
         seq_len = cfg["data"]["max_seq_len"]
         if context and seq_len > context:
@@ -391,8 +391,6 @@ PLAN_ENV = "GAQPRUNE_PRUNED_PLAN"  # "<plan path>#<sha256>": set by rank 0 of `p
 
 def check_launch(trainer: L.Trainer, trains: bool, strategy: object = None, prune_finetune: bool = False) -> None:
     """Refuse process launches that would lose the work or hang, before anything is computed or written."""
-    import os
-
     from lightning.fabric.plugins.environments import LightningEnvironment
     from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 

@@ -210,9 +210,15 @@ def is_pruned_checkpoint(path: str | os.PathLike) -> bool:
     return data is not None and data.get("model_type") == PRUNED_MODEL_TYPE
 
 
-def register_peft_targets() -> None:
-    """peft picks default LoRA targets by model_type: give ``gaqprune_llama`` Llama's (else ``LoraConfig()`` without
-    ``target_modules`` fails on a pruned model)."""
+def register_pruned_classes() -> None:
+    """Make a pruned model in this process behave like one loaded through ``trust_remote_code``: HF's own
+    ``save_pretrained`` (a Trainer's, ``push_to_hub``) ships the modeling code with it, and peft's default LoRA
+    targets know ``gaqprune_llama`` (else ``LoraConfig()`` without ``target_modules`` fails on a pruned model)."""
+    from gaqprune.remote_code.configuration_gaqprune_llama import GaqpruneLlamaConfig
+    from gaqprune.remote_code.modeling_gaqprune_llama import GaqpruneLlamaForCausalLM
+
+    GaqpruneLlamaConfig.register_for_auto_class("AutoConfig")
+    GaqpruneLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     try:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as targets
     except ImportError:
@@ -253,11 +259,7 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
     problems = {key: value for key, value in info.items() if value}
     if problems:
         raise GaqpruneError(f"{str(path)!r}: weights do not match config.json: {problems}")
-    # HF's own save_pretrained (or a Trainer's, or push_to_hub) of this model then ships the modeling code with it,
-    # as it does for a model loaded through trust_remote_code
-    type(config).register_for_auto_class("AutoConfig")
-    type(model).register_for_auto_class("AutoModelForCausalLM")
-    register_peft_targets()
+    register_pruned_classes()
     if device is not None:
         model.to(device)
     return model.eval()

@@ -261,9 +261,9 @@ def plot_fit(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
         steps, losses = zip(*history["train_loss"])
         window = max(1, len(losses) // 20)
         loss_ax.plot(steps, losses, color="tab:blue", alpha=0.35 if window > 1 else 1.0, lw=1, label="per batch")
-        if window > 1:
-            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-                      for i in range(len(losses))]
+        if window > 1:  # trailing mean over up to `window` batches
+            smooth = [sum(chunk) / len(chunk) for chunk in (losses[max(0, i - window + 1) : i + 1]
+                                                             for i in range(len(losses)))]
             loss_ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"mean of {window}")
         loss_ax.legend()
     loss_ax.set_xlabel("optimizer step")
