@@ -18,11 +18,14 @@ import platform
 import resource
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 EMBEDDED = "embedded"
 # Real shapes (random weights). head_dim is explicit; vocab and rope follow the released configs.
@@ -158,6 +161,52 @@ def peak_bytes(device: str | torch.device) -> int:
         return int(torch.cuda.max_memory_allocated())
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensors allocated while active and still alive: a CPU stand-in for CUDA's
+    ``max_memory_allocated`` (which the CPU allocator does not keep), for tensors created inside the block.
+
+    Every op's outputs are counted once per storage and released when the storage dies. Tensors that existed
+    before (the weights) are not counted: the peak is what a stage needs on top of them. Ops pass through Python
+    here, so time a stage without it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._alive: dict[int, weakref.ref] = {}
+
+    def _release(self, key: int, nbytes: int) -> None:
+        if self._alive.pop(key, None) is not None:
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                storage = tensor.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if key and nbytes and key not in self._alive:
+                    self._alive[key] = weakref.ref(storage, lambda _ref, k=key, n=nbytes: self._release(k, n))
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+        return out
+
+
+def extra_peak_bytes(device: str | torch.device, fn, *args, **kwargs) -> tuple[Any, int]:
+    """(fn's result, the peak memory fn allocated on top of what was allocated before): CUDA's allocator statistics
+    on a GPU, ``LiveTensorBytes`` on the CPU (slower: time fn separately)."""
+    if is_cuda(device):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return result, int(torch.cuda.max_memory_allocated() - before)
+    with LiveTensorBytes() as tracker:
+        result = fn(*args, **kwargs)
+    return result, tracker.peak
 
 
 def gib(n: float) -> str:

@@ -113,9 +113,11 @@ for scheme, target in (("standard", 30), ("precise", 90)):
                                        "peak_x_bf16": s["peak_over_bf16_weights"], "complete": s.get("complete")}
 t = get("taylor")
 if t:
-    print(f"taylor: one pass {t['seconds_one_pass']:.2f} s, per layer {t['seconds_per_layer']:.2f} s, speed-up "
-          f"{t['speedup']:.2f}x, max rel diff {t['max_relative_difference']:.1e} ({'agree' if t['agree'] else 'DISAGREE'})")
-    summary["taylor"] = {k: t[k] for k in ("seconds_one_pass", "seconds_per_layer", "speedup", "max_relative_difference")}
+    sec, extra, w = t["seconds"], t["extra_peak_bytes"], t["weight_bytes"]
+    print("taylor: " + ", ".join(f"{k} {sec[k]:.2f} s (peak {1 + extra[k] / w:.2f}x weights)" for k in sec)
+          + f"; one pass (streamed) vs per layer {t['speedup']:.2f}x, max rel diff {t['max_relative_difference']:.1e} "
+          f"({'agree' if t['agree'] else 'DISAGREE'})")
+    summary["taylor"] = {k: t[k] for k in ("seconds", "extra_peak_bytes", "weight_bytes", "speedup", "max_relative_difference")}
 for name in ("inference", "inference_compiled", "inference_hf_compiled"):
     i = get(name)
     if not i:

@@ -1,9 +1,14 @@
-"""Taylor scores: gaqprune's one accumulated backward pass vs one backward pass per layer (the guide's way).
+"""Taylor scores: gaqprune's one backward pass (streamed layer by layer, and accumulated over the whole model) vs
+one backward pass per layer (the guide's way); time and peak memory of each.
 
-Both run on the same windows, micro-batches and loss (mean next-token NLL); the per-layer reference makes
-only layer l's prunable Linear weights require grad, runs forward + backward over all windows, reduces
-that layer's scores with the same ``unit_scores_from_grads`` and frees its gradients, for every layer.
-Prints both times, the speed-up and the largest relative score difference (exit 1 if they disagree).
+All run on the same windows, micro-batches and loss (mean next-token NLL). ``streamed`` (gaqprune's default
+for calibration sets of usual size) backpropagates one layer at a time from cached layer inputs and keeps one
+layer's gradients; ``accumulated`` runs one backward through the whole model and keeps every selected layer's
+gradients; the per-layer reference makes only layer l's prunable Linear weights require grad, runs forward +
+backward over all windows, reduces that layer's scores with the same ``unit_scores_from_grads`` and frees its
+gradients, for every layer. Prints the times, the speed-ups, each method's peak memory on top of the weights
+(CUDA's allocator statistics on a GPU; on the CPU the bytes of live tensors, traced in a separate run) and the
+largest relative score difference (exit 1 if they disagree).
 
     python benchmarks/taylor.py --model tiny                                   # CPU smoke test
     python benchmarks/taylor.py --model embedded --num_examples 10             # real SmolLM2 on the CPU
@@ -16,7 +21,7 @@ import argparse
 import sys
 
 import torch
-from common import MODEL_CHOICES, default_device, gib, is_cuda, load, machine, peak_bytes, reset_peak, timed, write_json
+from common import MODEL_CHOICES, default_device, extra_peak_bytes, gib, is_cuda, load, machine, timed, write_json
 
 from gaqprune import units
 from gaqprune.metrics import causal_nll
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="max relative score difference accepted (default 1e-4 in float32, 5e-2 in 16-bit)")
+    parser.add_argument("--skip_memory", action="store_true", help="CPU: skip the traced runs that measure memory")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -98,31 +104,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"taylor: {what}; {len(layers)} layers [{start}, {end}), {args.num_examples} x {args.max_seq_len} tokens, "
           f"micro-batch {args.batch_size}, {args.device} {str(dtype).removeprefix('torch.')}", flush=True)
 
-    # Warm-up (kernels, allocator) on one micro-batch so neither timing pays for it.
+    # Warm-up (kernels, allocator) on one micro-batch so no timing pays for it.
     taylor_scores(model, windows[: args.batch_size], layers[:1], batch_size=args.batch_size)
-    reset_peak(args.device)
-    one, t_one = timed(args.device, taylor_scores, model, windows, layers, batch_size=args.batch_size)
-    peak_one = peak_bytes(args.device)
-    print(f"  one pass (gaqprune.taylor):   {t_one:8.2f} s   peak {gib(peak_one)}", flush=True)
-    reset_peak(args.device)
-    ref, t_ref = timed(args.device, per_layer_scores, model, windows, layers, args.batch_size)
-    peak_ref = peak_bytes(args.device)
-    print(f"  one backward per layer:       {t_ref:8.2f} s   peak {gib(peak_ref)}", flush=True)
-    diff = max_relative_difference(one, ref)
-    same_order = all(torch.equal(one[i][k].argsort(), ref[i][k].argsort()) for i in one for k in one[i])
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    runs = {"streamed": (taylor_scores, dict(method="streamed")),
+            "accumulated": (taylor_scores, dict(method="accumulated")),
+            "per_layer": (per_layer_scores, {})}
+    scores, seconds, extra = {}, {}, {}
+    for name, (fn, kwargs) in runs.items():
+        scores[name], seconds[name] = timed(args.device, fn, model, windows, layers, batch_size=args.batch_size, **kwargs)
+        if is_cuda(args.device) or not args.skip_memory:  # on the CPU a separate, traced run
+            _, extra[name] = extra_peak_bytes(args.device, fn, model, windows, layers, batch_size=args.batch_size, **kwargs)
+        memory = f"   peak weights + {gib(extra[name])} ({1 + extra[name] / weights:.2f}x weights)" if name in extra else ""
+        print(f"  {name:<12s} {seconds[name]:8.2f} s{memory}", flush=True)
+    ref = scores["per_layer"]
+    diff = max(max_relative_difference(scores[name], ref) for name in ("streamed", "accumulated"))
+    same_order = all(torch.equal(scores[name][i][k].argsort(), ref[i][k].argsort())
+                     for name in ("streamed", "accumulated") for i in ref for k in ref[i])
     ok = diff <= tolerance
-    print(f"speed-up per-layer / one-pass: {t_ref / t_one:.2f}x ({len(layers)} layers); max relative score difference "
-          f"{diff:.2e} (tolerance {tolerance:.0e}) -> {'agree' if ok else 'DISAGREE'}; identical unit rankings: {same_order}")
-    if is_cuda(args.device):
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        print(f"  peak / weights: one pass {peak_one / weights:.2f}x, per layer {peak_ref / weights:.2f}x")
+    print(f"speed-up of one pass over one backward per layer ({len(layers)} layers): streamed "
+          f"{seconds['per_layer'] / seconds['streamed']:.2f}x, accumulated {seconds['per_layer'] / seconds['accumulated']:.2f}x; "
+          f"max relative score difference {diff:.2e} (tolerance {tolerance:.0e}) -> {'agree' if ok else 'DISAGREE'}; "
+          f"identical unit rankings: {same_order}")
+    if extra:
+        print(f"memory on top of the weights: streamed / accumulated {extra['streamed'] / extra['accumulated']:.2f}x "
+              f"({gib(extra['streamed'])} vs {gib(extra['accumulated'])})")
     write_json(args.out, {
         "benchmark": "taylor", "model": args.model, "description": what, "device": args.device, "dtype": str(dtype),
         "layers": [start, end], "num_examples": args.num_examples, "max_seq_len": args.max_seq_len, "batch_size": args.batch_size,
-        "seconds_one_pass": t_one, "seconds_per_layer": t_ref, "speedup": t_ref / t_one, "max_relative_difference": diff,
-        "tolerance": tolerance, "agree": ok, "identical_rankings": same_order, "peak_bytes_one_pass": peak_one,
-        "peak_bytes_per_layer": peak_ref, "machine": machine(),
-        "peak_kind": "cuda max_memory_allocated" if is_cuda(args.device) else "process peak RSS",
+        "seconds": seconds, "seconds_one_pass": seconds["streamed"], "seconds_per_layer": seconds["per_layer"],
+        "speedup": seconds["per_layer"] / seconds["streamed"], "max_relative_difference": diff, "tolerance": tolerance,
+        "agree": ok, "identical_rankings": same_order, "weight_bytes": weights, "extra_peak_bytes": extra,
+        "machine": machine(),
+        "peak_kind": "cuda max_memory_allocated" if is_cuda(args.device) else "live tensor bytes (traced run)",
     })
     return 0 if ok else 1
 

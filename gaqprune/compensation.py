@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from gaqprune.layers import layer_inputs
 
 class _Stop(Exception):
     pass
@@ -35,26 +36,9 @@ class _Stop(Exception):
 
 def capture_layer_inputs(hf_model, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
     """Hidden states entering decoder layer 0 and the keyword arguments HF passes to every layer, per micro-batch."""
-    captured: list[tuple[torch.Tensor, dict]] = []
-    first = hf_model.model.layers[0]
-
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     device = next(hf_model.parameters()).device
-    try:
-        with torch.no_grad():
-            for start in range(0, len(windows), batch_size):
-                try:
-                    hf_model.model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return captured
+    return [layer_inputs(hf_model, windows[start : start + batch_size].to(device))
+            for start in range(0, len(windows), batch_size)]
 
 
 def run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:

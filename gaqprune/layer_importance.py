@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from gaqprune.errors import GaqpruneError
+from gaqprune.layers import layer_inputs
 from gaqprune.metrics import lm_head
 
 METHODS = ("removal", "activation", "block_influence")
@@ -58,37 +59,8 @@ class ImportanceScores(dict):
 # --------------------------------------------------------------------------- running the layers
 
 
-class _Captured(Exception):
-    """Raised by the hook on layer 0 to stop the model's forward once the layer inputs are known."""
-
-    def __init__(self, hidden: torch.Tensor, kwargs: dict[str, Any]):
-        super().__init__()
-        self.hidden, self.kwargs = hidden, kwargs
-
-
 def _decoder_layers(hf_model) -> torch.nn.ModuleList:
     return hf_model.model.layers
-
-
-def _layer_inputs(hf_model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Layer 0's input hidden states and the keyword arguments every decoder layer receives.
-
-    Letting the model's own forward build them (embeddings, rotary position embeddings, causal
-    mask, position ids) keeps this exact for every Llama-family variant and attention backend.
-    """
-
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        raise _Captured(hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"})
-
-    handle = _decoder_layers(hf_model)[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        hf_model.model(input_ids=ids, use_cache=False)
-    except _Captured as captured:
-        return captured.hidden, captured.kwargs
-    finally:
-        handle.remove()
-    raise RuntimeError("decoder layer 0 was never called")  # unreachable for a decoder-only model
 
 
 def _tail_nll(hf_model, hidden: torch.Tensor, ids: torch.Tensor, chunk_tokens: int = 4096) -> float:
@@ -154,7 +126,7 @@ def _removal(hf_model, windows: torch.Tensor, start: int, end: int, batch_size: 
     # windows: keep one copy per shape, not a B x T x T eager mask per batch.
     states, layer_kwargs, by_shape = [], [], {}
     for ids in batches:
-        hidden, kwargs = _layer_inputs(hf_model, ids)
+        hidden, kwargs = layer_inputs(hf_model, ids)
         states.append(hidden)
         layer_kwargs.append(by_shape.setdefault(tuple(ids.shape), kwargs))
 
@@ -199,7 +171,7 @@ def _one_pass(hf_model, windows: torch.Tensor, method: str, start: int, end: int
     n_batches = math.ceil(len(windows) / batch_size)
     with _progress(n_batches * end, f"layer importance ({method})", progress) as bar:
         for i in range(0, len(windows), batch_size):
-            hidden, kwargs = _layer_inputs(hf_model, windows[i : i + batch_size].to(device))
+            hidden, kwargs = layer_inputs(hf_model, windows[i : i + batch_size].to(device))
             tokens += hidden.shape[0] * hidden.shape[1]
             for layer in range(end):
                 out = layers[layer](hidden, **kwargs)

@@ -61,6 +61,15 @@ def causal_losses(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         with torch.no_grad():
             teacher_hidden = _predicting_hidden(teacher, input_ids, attention_mask)
         teacher_weight, teacher_bias = lm_head(teacher)
+    nll, kl = _summed_losses(hf_model, hidden, labels, chunk_tokens, teacher_hidden, teacher_weight, teacher_bias,
+                             temperature)
+    return nll, kl, (labels != -100).sum()
+
+
+def _summed_losses(hf_model, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
+                   teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
+                   teacher_bias: torch.Tensor | None = None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL (and KL) of predicting hidden states ``[N, width]`` against ``labels [N]``, chunk by chunk."""
     weight, bias = lm_head(hf_model)
     nll_total = hidden.new_zeros((), dtype=torch.float32)
     kl_total = hidden.new_zeros((), dtype=torch.float32)
@@ -74,7 +83,14 @@ def causal_losses(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         else:
             nll, kl = _chunk_losses(*args)
         nll_total, kl_total = nll_total + nll, kl_total + kl
-    return nll_total, kl_total, (labels != -100).sum()
+    return nll_total, kl_total
+
+
+def tail_nll(hf_model, last_layer_output: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
+    """Summed next-token NLL from the last decoder layer's output ``[B, T, width]`` (final norm, then the LM head);
+    differentiable, with at most ``chunk_tokens x V`` logits alive, like ``causal_losses``."""
+    hidden = hf_model.model.norm(last_layer_output)[:, :-1].reshape(-1, last_layer_output.shape[-1])
+    return _summed_losses(hf_model, hidden, input_ids[:, 1:].reshape(-1), chunk_tokens)[0]
 
 
 def causal_nll(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

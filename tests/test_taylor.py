@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_llama
 
@@ -31,9 +32,10 @@ def brute_force(model, windows):
     return layer_scores
 
 
-def test_scores_match_brute_force(random_windows):
+@pytest.mark.parametrize("method", ["streamed", "accumulated"])
+def test_scores_match_brute_force(random_windows, method):
     model = tiny_llama()
-    fast = taylor_scores(model, random_windows, [0, 1, 2, 3], batch_size=4)  # 2 micro-batches accumulate
+    fast = taylor_scores(model, random_windows, [0, 1, 2, 3], batch_size=4, method=method)  # 2 micro-batches
     slow = brute_force(tiny_llama(), random_windows)
     for i in range(4):
         for kind in ("attention", "mlp"):
@@ -42,10 +44,11 @@ def test_scores_match_brute_force(random_windows):
     assert not torch.allclose(fast[0]["mlp"], fast[1]["mlp"])
 
 
-def test_only_selected_layers_and_clean_state(random_windows):
+@pytest.mark.parametrize("method", ["streamed", "accumulated"])
+def test_only_selected_layers_and_clean_state(random_windows, method):
     model = tiny_llama()
     flags = [p.requires_grad for p in model.parameters()]
-    scores = taylor_scores(model, random_windows, [2], batch_size=3)
+    scores = taylor_scores(model, random_windows, [2], batch_size=3, method=method)
     assert list(scores) == [2]
     assert scores[2]["attention"].shape == (2,) and scores[2]["mlp"].shape == (128,)
     assert all(p.grad is None for p in model.parameters())
@@ -107,3 +110,56 @@ def test_float16_scores_keep_float32_precision():
     half = taylor_scores(tiny_llama(vocab_size=4096).half(), windows, [1, 2], batch_size=16)
     errors = torch.cat([((half[i][k] - ref[i][k]).abs() / ref[i][k]) for i in (1, 2) for k in ("attention", "mlp")])
     assert errors.median() < 1e-3, errors.median()
+
+
+def _gradient_census(monkeypatch):
+    """Record, each time a layer is scored, which layers hold weight gradients at that moment."""
+    from gaqprune import taylor
+
+    census = []
+    original = taylor.unit_scores_from_grads
+
+    def spy(layer, kind):
+        layers = list(spy.model.model.layers)
+        held = [i for i, other in enumerate(layers) if any(p.grad is not None for p in other.parameters())]
+        census.append((layers.index(layer), kind, held))
+        return original(layer, kind)
+
+    monkeypatch.setattr(taylor, "unit_scores_from_grads", spy)
+    return spy, census
+
+
+def test_streamed_backward_holds_one_layers_gradients_at_a_time(random_windows, monkeypatch):
+    # The point of the streamed backward: a layer's gradients are scored and freed before the next layer's exist
+    # (an 8B model's accumulated gradients take 0.85x its weights). Same scores as the whole-model backward.
+    spy, census = _gradient_census(monkeypatch)
+    spy.model = model = tiny_llama(layers=6)
+    layers = [1, 2, 4, 5]
+    streamed = taylor_scores(model, random_windows, layers, batch_size=4, method="streamed")
+    assert [(i, held) for i, kind, held in census if kind == "attention"] == [(5, [5]), (4, [4]), (2, [2]), (1, [1])]
+    census.clear()
+    accumulated = taylor_scores(model, random_windows, layers, batch_size=4, method="accumulated")
+    assert census[0][2] == layers  # every selected layer's gradients at once
+    for i in layers:
+        for kind in ("attention", "mlp"):
+            torch.testing.assert_close(streamed[i][kind], accumulated[i][kind], rtol=1e-5, atol=0)
+
+
+def test_auto_picks_the_method_that_keeps_fewer_bytes(monkeypatch):
+    from gaqprune import taylor
+
+    model = tiny_llama()
+    picked = []
+    for name in ("_streamed", "_accumulated"):
+        original = getattr(taylor, name)
+        monkeypatch.setattr(taylor, name, lambda *a, _n=name, _f=original: (picked.append(_n), _f(*a))[1])
+    short = torch.randint(3, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    long = torch.randint(3, 256, (64, 256), generator=torch.Generator().manual_seed(0))
+    est_short, est_long = taylor.memory_estimate(model, short, [1, 2]), taylor.memory_estimate(model, long, [1, 2])
+    # hidden-state cache: windows x tokens x hidden 64 x 4 bytes x (4 layers - first 1 + 2); gradients: 2 layers' Linears
+    layer_bytes = sum(p.numel() for n, p in model.model.layers[1].named_parameters() if "proj" in n) * 4
+    assert est_short == {"streamed": 4 * 16 * 64 * 4 * 5 + layer_bytes, "accumulated": 2 * layer_bytes}
+    assert est_long["streamed"] > est_long["accumulated"] and est_short["streamed"] < est_short["accumulated"]
+    taylor_scores(model, short, [1, 2])
+    taylor_scores(model, long, [1, 2])
+    assert picked == ["_streamed", "_accumulated"]
