@@ -237,7 +237,8 @@ def plan_from_scores(hf_model, target: dict[int, float], scores: dict[int, dict[
                 kept_g, kept_c = select_units(scores[i][units.ATTENTION], scores[i][units.MLP], g_params, c_params,
                                               target[i], settings.unit_split,
                                               channel_alignment(channels, settings.channel_multiple))
-            after = len(kept_g) * g_params + len(kept_c) * c_params
+            # biases no unit owns (o_proj's, down_proj's) stay: count what is removed, not what is kept
+            after = before - (groups - len(kept_g)) * g_params - (channels - len(kept_c)) * c_params
             layer_after = layer_total - before + after
         entry.update({
             "achieved_rate": 1.0 - after / before,

@@ -83,6 +83,20 @@ def test_parameter_count_matches_plan(random_windows, split, compensation):
     assert torch.isfinite(logits).all()
 
 
+def test_parameter_count_matches_plan_with_biases(random_windows):
+    # o_proj's and down_proj's biases belong to no unit and stay: the plan counted only the kept units' parameters,
+    # so a layer left whole reported a positive rate and the model total was off by the biases.
+    model = tiny_llama(attention_bias=True, mlp_bias=True)
+    plan = build_plan(model, IMPORTANCE, random_windows, settings(layer_start=1), progress=False)
+    untouched = plan["layers"][0]
+    assert not untouched["selected"] and untouched["achieved_rate"] == 0.0
+    assert untouched["prunable_params_after"] == untouched["prunable_params_before"]
+    apply_plan(model, plan, random_windows)
+    for e, layer in zip(plan["layers"], model.model.layers):
+        assert units.prunable_params(layer) == e["prunable_params_after"]
+    assert n_params(model) == plan["totals"]["model_params_after"]
+
+
 def greedy_no_cache(model, ids, steps):
     for _ in range(steps):
         with torch.no_grad():
@@ -250,3 +264,4 @@ def test_residual_refit_of_a_biased_layer_equals_lstsq_when_the_streams_agree(ra
         with torch.no_grad():
             logits[comp] = model(random_windows).logits
     torch.testing.assert_close(logits["residual"], logits["lstsq"], rtol=1e-4, atol=1e-4)
+
