@@ -30,6 +30,9 @@ from torch import nn
 
 from gaqprune.layers import layer_inputs
 
+MIN_RIDGE = 1e-6  # smallest relative ridge the refit uses (see refit_weight)
+
+
 class _Stop(Exception):
     pass
 
@@ -103,7 +106,10 @@ def refit_weight(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, r
     """
     kept = kept.to(gram.device)
     g_kk = gram.index_select(0, kept).index_select(1, kept).double()
-    lam = ridge * g_kk.diagonal().mean().clamp(min=1e-12)
+    # With fewer calibration tokens than kept inputs G_KK is singular, and at ridge 0 the solve returns whatever the
+    # float32 round-off in G dictates (weights 80x the dense ones); MIN_RIDGE keeps it the least-squares solution
+    # nearest the original weights, and is far below any ridge that changes a well-determined fit.
+    lam = max(ridge, MIN_RIDGE) * g_kk.diagonal().mean().clamp(min=1e-12)
     g_kk = g_kk + lam * torch.eye(len(kept), dtype=torch.float64, device=gram.device)
     w = weight.detach().double()
     fit = gram.index_select(0, kept).double() @ w.T if cross is None else cross.index_select(0, kept).double()

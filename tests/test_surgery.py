@@ -265,3 +265,19 @@ def test_residual_refit_of_a_biased_layer_equals_lstsq_when_the_streams_agree(ra
             logits[comp] = model(random_windows).logits
     torch.testing.assert_close(logits["residual"], logits["lstsq"], rtol=1e-4, atol=1e-4)
 
+
+def test_refit_at_ridge_zero_with_fewer_tokens_than_inputs_stays_near_the_weights():
+    # 16 tokens, 100 kept inputs: G_KK is singular. The solve at ridge 0 used to return the float32 round-off's
+    # solution (weights 40x the dense ones); it must stay the least-squares solution closest to the original weights.
+    from gaqprune.compensation import refit_weight
+
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(16, 128, generator=gen), torch.randn(64, 128, generator=gen) * 0.1
+    kept = torch.arange(100)
+    gram = x.T @ x  # float32, as the refit accumulates it
+    refit = refit_weight(weight, gram, kept, ridge=0.0)
+    target = x @ weight.T
+    residual = (x[:, kept] @ refit.T - target).norm() / target.norm()
+    assert residual < 1e-3  # still fits the calibration tokens (16 equations per output, 100 unknowns)
+    assert refit.abs().max() < 3 * weight.abs().max()
+    assert (refit - weight[:, kept]).norm() < 1.5 * weight[:, 100:].norm()  # moved about as far as the removed part
