@@ -9,7 +9,8 @@ parameters of the selected layers:
 * ``uniform`` or alpha = 0: w_i = 1.
 
 Importance can be zero or negative (skipping a layer can *lower* perplexity). Such values are
-shifted up to a small positive floor keeping their order, so the rates stay monotone in importance.
+mapped just below a small positive floor keeping their order, so the rates stay monotone in importance
+and the positive importances keep their ratios.
 The scale-free power law tolerates importances spanning many orders of magnitude.
 
 Depth + width in one budget: with ``whole_layer_rate`` set, a layer whose unclipped rate c * w_i
@@ -22,20 +23,23 @@ import math
 from collections.abc import Sequence
 
 STRATEGIES = ("inverse", "proportional", "uniform")
-RELATIVE_FLOOR = 1e-6  # zero/negative importances become this fraction of the largest |importance|
+RELATIVE_FLOOR = 1e-6  # zero/negative importances go below this fraction of the largest |importance|
 
 
 def positive_importance(importance: Sequence[float]) -> list[float]:
-    """Importances made strictly positive while keeping their order (a shift, only if needed)."""
+    """Importances made strictly positive, in the same order.
+
+    Values of at least the floor (a tiny fraction of the largest |importance|) stay as they are, so their ratios,
+    which set the rates, are untouched by a very negative outlier; the others (zero, negative: skipping the layer
+    costs nothing or even helps) map monotonically into [floor / e, floor), below every positive value.
+    """
     values = [float(v) for v in importance]
     if any(not math.isfinite(v) for v in values):
         raise ValueError(f"layer importances must be finite numbers, got {values}")
     scale = max((abs(v) for v in values), default=0.0) or 1.0
     floor = RELATIVE_FLOOR * scale
-    low = min(values, default=floor)
-    if low >= floor:
-        return values
-    return [v - low + floor for v in values]
+    depth = max((floor - v for v in values if v < floor), default=0.0)
+    return [v if v >= floor else floor * math.exp(-(floor - v) / depth) for v in values]
 
 
 def layer_weights(importance: Sequence[float], strategy: str, alpha: float) -> list[float]:

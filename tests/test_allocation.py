@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gaqprune.allocation import allocate_rates
+from gaqprune.allocation import allocate_rates, positive_importance
 from gaqprune.errors import GaqpruneError
 from gaqprune.pruning import select_units, validate_prune_settings
 from gaqprune.settings import PruneSettings
@@ -55,6 +55,16 @@ def test_zero_negative_and_huge_importance():
     assert removed_fraction(rates, [1] * 7) == pytest.approx(0.2)
     assert rates[2] >= rates[3] >= rates[5] >= rates[4] >= rates[6] >= rates[1] >= rates[0]  # no order inversion
     assert allocate_rates([0.0, 0.0, 0.0], 0.2, "inverse", 1.0, 0.0, 0.5) == pytest.approx([0.2] * 3)
+
+
+def test_a_very_negative_importance_does_not_flatten_the_others():
+    # Shifting every importance by the most negative one made [1, 2, 3] all but equal: [0.5, 0.167, 0.167, 0.167].
+    rates = allocate_rates([-1000.0, 1.0, 2.0, 3.0], 0.25, "inverse", 1.0, 0.0, 0.5)
+    assert removed_fraction(rates, [1] * 4) == pytest.approx(0.25)
+    assert rates[0] == pytest.approx(0.5)  # the layer whose skipping helps is pruned most
+    # the others keep inverse proportions: rate ~ 1 / importance
+    assert rates[1] / rates[2] == pytest.approx(2.0) and rates[1] / rates[3] == pytest.approx(3.0)
+    assert positive_importance([-5.0, -1000.0, 0.0, 2.0])[1] < positive_importance([-5.0, -1000.0, 0.0, 2.0])[0]
 
 
 def test_unequal_layer_params_hit_target():
