@@ -15,7 +15,9 @@ standard = 50 x 128, 10 x 64; precise = 128 x 128, 32 x 64; all at ``--pruning_r
 Random shapes (``--model llama3-8b`` etc.) are randomly initialised on the device with random tokens:
 speed does not depend on the weights. Peak memory: ``torch.cuda.max_memory_allocated`` per stage on CUDA,
 relative to the model's weight bytes; on the CPU the process's peak RSS (``getrusage``, never reset, so it
-only grows from stage to stage and includes the Python/torch runtime).
+only grows from stage to stage and includes the Python/torch runtime), or with ``--trace_memory`` the weights at
+the stage's start plus the peak of the tensors the stage allocates (``LiveTensorBytes``; ops then pass through
+Python, so the times are not comparable to an untraced run).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from common import (
     EMBEDDED,
     MODEL_CHOICES,
+    LiveTensorBytes,
     default_device,
     gib,
     is_cuda,
@@ -74,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--skip_save", action="store_true", help="do not time save_pretrained_model")
     parser.add_argument("--save_dir", default=None, help="where the temporary checkpoint goes (default: system temp)")
+    parser.add_argument("--trace_memory", action="store_true",
+                        help="CPU: per-stage peak of live tensors instead of the process's RSS (slower)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    trace = args.trace_memory and not is_cuda(args.device)
 
     dtype = resolve_dtype(args.dtype or ("bfloat16" if is_cuda(args.device) else "float32"))
     samples, examples = SCHEMES[args.scheme]
@@ -87,9 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     peaks: dict[str, int] = {}
 
     def stage(name: str, fn, *a, **kw):
-        reset_peak(device)
-        out, seconds[name] = timed(device, fn, *a, **kw)
-        peaks[name] = peak_bytes(device)
+        if trace:
+            weights_now = 0 if name == "load" else weight_bytes(model)
+            with LiveTensorBytes() as tracker:
+                out, seconds[name] = timed(device, fn, *a, **kw)
+            peaks[name] = weights_now + tracker.peak
+        else:
+            reset_peak(device)
+            out, seconds[name] = timed(device, fn, *a, **kw)
+            peaks[name] = peak_bytes(device)
         print(f"  {name:<22s} {seconds[name]:8.2f} s   peak {gib(peaks[name])}", flush=True)
         return out
 
@@ -128,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(["importance + Taylor + surgery", f"{core:.2f}", "", ""])
             rows.append(["total excluding load", f"{total:.2f}", gib(peak_all), f"{peak_all / weights:.2f}x"])
             print()
-            print(table(rows, ["stage", "seconds", "peak " + ("GPU alloc" if is_cuda(device) else "RSS"), "peak / weights"]))
+            kind = "GPU alloc" if is_cuda(device) else "live tensors" if trace else "RSS"
+            print(table(rows, ["stage", "seconds", "peak " + kind, "peak / weights"]))
             print(f"pruned {t['achieved_ratio_selected']:.2%} of the selected layers' prunable params, "
                   f"{t['achieved_ratio_decoder']:.2%} of the decoder, {t['achieved_ratio_model']:.2%} of the model "
                   f"({params_before / 1e9:.3f} B -> {params_after / 1e9:.3f} B); dense perplexity on the importance "
@@ -149,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_importance_taylor_surgery": core, "seconds_total_excluding_load": total,
             "peak_bytes": dict(peaks), "peak_bytes_excluding_load": peak_all, "peak_over_weights": peak_all / weights,
             "peak_over_bf16_weights": peak_all / bf16_weights,
-            "peak_kind": "cuda max_memory_allocated per stage" if is_cuda(device) else "process peak RSS (monotone)",
+            "peak_kind": "cuda max_memory_allocated per stage" if is_cuda(device)
+            else "weights + live tensors allocated per stage (traced)" if trace else "process peak RSS (monotone)",
             "plan_totals": t, "machine": machine(),
         })
 

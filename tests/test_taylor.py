@@ -145,7 +145,7 @@ def test_streamed_backward_holds_one_layers_gradients_at_a_time(random_windows, 
             torch.testing.assert_close(streamed[i][kind], accumulated[i][kind], rtol=1e-5, atol=0)
 
 
-def test_auto_picks_the_method_that_keeps_fewer_bytes(monkeypatch):
+def test_auto_picks_accumulated_for_small_gradients_else_the_method_that_keeps_fewer_bytes(monkeypatch):
     from gaqprune import taylor
 
     model = tiny_llama()
@@ -154,6 +154,10 @@ def test_auto_picks_the_method_that_keeps_fewer_bytes(monkeypatch):
         original = getattr(taylor, name)
         monkeypatch.setattr(taylor, name, lambda *a, _n=name, _f=original: (picked.append(_n), _f(*a))[1])
     short = torch.randint(3, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    taylor_scores(model, short, [1, 2])  # a tiny model's gradients are small: the faster accumulated backward
+    assert picked == ["_accumulated"]
+    picked.clear()
+    monkeypatch.setattr(taylor, "SMALL_GRADIENTS", 0)  # as for an 8B model: the method that keeps fewer bytes
     long = torch.randint(3, 256, (64, 256), generator=torch.Generator().manual_seed(0))
     est_short, est_long = taylor.memory_estimate(model, short, [1, 2]), taylor.memory_estimate(model, long, [1, 2])
     # hidden-state cache: windows x tokens x hidden 64 x 4 bytes x (4 layers - first 1 + 2); gradients: 2 layers' Linears
