@@ -73,7 +73,8 @@ def test_unit_ownership_covers_every_weight_once(tiny_model):
         units.prunable_params(layer)
 
 
-def test_nan_in_the_model_stops_the_taylor_pass_with_a_clear_error():
+@pytest.mark.parametrize("method", ["streamed", "accumulated"])
+def test_nan_in_the_model_stops_the_taylor_pass_with_a_clear_error(method):
     import pytest
     import torch
 
@@ -86,7 +87,7 @@ def test_nan_in_the_model_stops_the_taylor_pass_with_a_clear_error():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     windows = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with pytest.raises(GaqpruneError, match="numerically broken"):
-        taylor_scores(model, windows, [0, 1, 2, 3])
+        taylor_scores(model, windows, [0, 1, 2, 3], method=method)
 
 
 def test_chunked_reduction_equals_one_chunk(random_windows, monkeypatch):
