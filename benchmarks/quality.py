@@ -24,6 +24,7 @@ import torch
 
 from gaqprune import baselines, units
 from gaqprune.data import LMDataModule
+from gaqprune.errors import GaqpruneError
 from gaqprune.metrics import perplexity
 from gaqprune.models import load_model
 from gaqprune.pruning import apply_plan, build_plan, layer_range
@@ -161,10 +162,25 @@ def main(argv: list[str] | None = None) -> dict:
         results.append({"ratio": 0.0, "method": "dense", "label": "dense", "ppl": ppl, "removed_decoder": 0.0,
                         "removed_model": 0.0, "seconds": 0.0})
         log(f"dense ppl {ppl:.2f}")
+    summary = {
+        "eval_windows": len(eval_windows), "eval_seq_len": args.eval_seq_len, "calibration": list(calib.shape),
+        "refit": list(refit.shape),
+        "importance_method": args.importance_method,
+        "importance_samples": args.importance_samples, "importance": importance, "results": results,
+        "defaults": {k: v for k, v in vars(PruneSettings()).items()},
+    }
     for fraction, method, overrides in rows:
         t0 = time.time()
         model = copy.deepcopy(dense)
-        plan = make_plan(method if method in METHODS else "gaqprune", model, float(fraction), calib, importance, overrides)
+        label = LABELS.get(method, f"variant {method}: {overrides}")
+        try:
+            plan = make_plan(method if method in METHODS else "gaqprune", model, float(fraction), calib, importance,
+                             overrides)
+        except GaqpruneError as err:  # e.g. a ratio the default rate bounds cannot reach: a row, not the end of the run
+            results.append({"ratio": float(fraction), "method": method, "label": label, "error": str(err),
+                            "overrides": overrides})
+            log(f"{fraction} {method}: not reachable: {err}")
+            continue
         apply_plan(model, plan, refit)  # plans without compensation ignore the windows
         t_prune = time.time() - t0
         ppl = perplexity(model, eval_windows, batch_size=args.eval_batch_size)
@@ -172,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         n_after = sum(p.numel() for p in model.parameters())
         assert n_after == totals["model_params_after"], (n_after, totals["model_params_after"])
         results.append({
-            "ratio": float(fraction), "method": method, "label": LABELS.get(method, f"variant {method}: {overrides}"),
+            "ratio": float(fraction), "method": method, "label": label,
             "ppl": ppl, "removed_decoder": totals["achieved_ratio_decoder"], "removed_model": totals["achieved_ratio_model"],
             "removed_layers": plan["removed_layers"], "prune_seconds": round(t_prune, 1),
             "rates": [round(e["achieved_rate"], 3) for e in plan["layers"]],
@@ -181,20 +197,19 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"{fraction} {method}: ppl {ppl:.2f}, removed {totals['achieved_ratio_decoder']:.4f} of decoder "
             f"({t_prune:.0f}s pruning) layers removed {plan['removed_layers']}")
         del model
+        if args.out:  # the rows so far survive an interrupted run
+            Path(args.out).write_text(json.dumps({**summary, "complete": False}, indent=2))
 
     table = [f"| target | method | PPL (w{args.eval_seq_len}) | removed: decoder | removed: whole model |",
              "|---|---|---|---|---|"]
     for r in results:
+        if "error" in r:
+            table.append(f"| {r['ratio']:.0%} | {r['label']} | not reachable | | |")
+            continue
         table.append(f"| {r['ratio']:.0%} | {r['label']} | {r['ppl']:.2f} | {r['removed_decoder']:.2%} | "
                      f"{r['removed_model']:.2%} |")
     print("\n".join(table))
-    summary = {
-        "eval_windows": len(eval_windows), "eval_seq_len": args.eval_seq_len, "calibration": list(calib.shape),
-        "refit": list(refit.shape),
-        "importance_method": args.importance_method,
-        "importance_samples": args.importance_samples, "importance": importance, "results": results,
-        "defaults": {k: v for k, v in vars(PruneSettings()).items()},
-    }
+    summary["complete"] = True
     return finish(summary, args.out, started)
 
 
