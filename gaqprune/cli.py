@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gaqprune import pipeline
 from gaqprune.atomic import write_json, write_text
@@ -130,9 +131,10 @@ class GaqpruneTrainer(L.Trainer):
                 self.num_sanity_val_steps = 0
             plan_path = out_dir / pipeline.PLAN_FILE
             os.environ[PLAN_ENV] = f"{plan_path}#{hashlib.sha256(plan_path.read_bytes()).hexdigest()}"
+            resume = self._resumable(model, job)
             try:
                 with clock("finetune"):  # (the other ranks start here, with PLAN_ENV)
-                    self.fit(model, datamodule=datamodule)
+                    self.fit(model, datamodule=datamodule, ckpt_path=resume)
             finally:
                 os.environ.pop(PLAN_ENV, None)
             model.to(self.strategy.root_device)  # Lightning's teardown left it on the CPU (hours of eval for 8B)
@@ -177,8 +179,25 @@ class GaqpruneTrainer(L.Trainer):
         self.fit_loop.max_epochs = job.finetune.finetune_epochs
         if job.run.test_after_prune and self.limit_val_batches == 1.0:
             self.num_sanity_val_steps = 0  # as rank 0, which measured the pruned model already (a collective)
-        self.fit(model, datamodule=datamodule)
+        self.fit(model, datamodule=datamodule, ckpt_path=self._resumable(model, job))
         return {}
+
+    def _resumable(self, model: LitCausalLM, job: PruneJob) -> str | None:
+        """The checkpoint an interrupted run of this `prune --finetune` left (``checkpoints/last.ckpt``; --overwrite
+        removed it), to resume its fine-tune from: a rerun prunes to the same plan (layer importance from its cache)."""
+        from gaqprune.units import layer_shapes
+
+        last = pipeline.last_checkpoint(job.run)
+        if last is None or not self.checkpoint_callback:
+            return None
+        saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("gaqprune_layer_shapes")
+        if saved is not None and saved != layer_shapes(model.model):
+            raise GaqpruneError(f"{str(last)!r} is the checkpoint of an unfinished fine-tune of another pruning plan "
+                                "(other layer shapes); rerun with that run's settings to resume it, or start over "
+                                "with --overwrite true")
+        if self.is_global_zero:
+            log.info("resuming the interrupted fine-tune from %s", last)
+        return str(last)
 
     def _log_prune_metrics(self, scores: dict[int, float], plan: dict, metrics: dict) -> None:
         if not self.is_global_zero:
@@ -262,6 +281,12 @@ class GaqpruneCLI(LightningCLI):
                                     "evaluated during training (--trainer.val_check_interval)")
             # a fit may add its results to a prune run's folder, never replace a fit's (or a pruning run's, with --prune)
             pipeline.check_run_dir(run, pipeline.FINISHED if cfg.get("prune") else pipeline.FIT_RESULTS)
+            pipeline.check_unfinished_fit(run, resuming=bool(cfg.get("ckpt_path")))
+            if cfg.get("ckpt_path") == "last" and pipeline.last_checkpoint(run) is None \
+                    and not _configures_checkpoints(cfg["trainer"]):  # Lightning would warn and start at step 0
+                raise GaqpruneError(f"--ckpt_path last: no checkpoint to resume in "
+                                    f"{str(pipeline.run_dir(run) / pipeline.CHECKPOINTS)!r} (--save_ckpt_log_name "
+                                    f"{run.save_ckpt_log_name!r}); give the run's name or a checkpoint file")
         if self.subcommand in ("prune", "fit"):
             run = self._settings(RunSettings)
             check_gguf(run, cfg["base_model"], model_config)
@@ -282,11 +307,21 @@ class GaqpruneCLI(LightningCLI):
             root = Path(trainer_cfg.get("default_root_dir") or ".")
             name = self._settings(RunSettings).save_ckpt_log_name
             kwargs.setdefault("logger", TensorBoardLogger(root / "lightning_logs", name=name, default_hp_metric=False))
+        own_checkpoints = _configures_checkpoints(trainer_cfg)  # (Lightning adds its default to that list)
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except LIGHTNING_REFUSALS as err:
             raise GaqpruneError(f"--trainer settings rejected by Lightning: {err}") from None
         cfg = self.config[self.subcommand]
+        if self.subcommand in ("prune", "fit") and trainer.checkpoint_callback is not None and not own_checkpoints:
+            # Lightning's default keeps its checkpoints in the logger's version_N folder, new for every run, so
+            # --ckpt_path last never finds the previous one, and saves only at epoch ends. In the run folder instead,
+            # with last.ckpt, and also when the fit is interrupted (Ctrl-C, SIGTERM from a scheduler, an error).
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
+            ours = ModelCheckpoint(dirpath=pipeline.run_dir(self._settings(RunSettings)) / pipeline.CHECKPOINTS,
+                                   save_last=True, save_on_exception=True)
+            trainer.callbacks[trainer.callbacks.index(trainer.checkpoint_callback)] = ours
         strategy = cfg["trainer"].get("strategy")
         prune_finetune = self.subcommand == "prune" and bool(cfg.get("finetune"))
         check_launch(trainer, trains=self.subcommand == "fit" or prune_finetune,
@@ -325,10 +360,19 @@ class GaqpruneCLI(LightningCLI):
             # the epochs the steps take, for the progress bar (a resumed fit counts from where it stopped: left alone)
             batches = max(1, train_batches(self.trainer, self.datamodule, examples) // self.trainer.accumulate_grad_batches)
             self.trainer.fit_loop.max_epochs = math.ceil(cfg.trainer.max_steps / batches)
-        pipeline.clear_results(run, pipeline.RUN_FILES if cfg.get("prune") else pipeline.FIT_RESULTS)
+        results = pipeline.RUN_FILES if cfg.get("prune") else (*pipeline.FIT_RESULTS, pipeline.CHECKPOINTS)
+        if cfg.get("ckpt_path"):  # the checkpoints are what it resumes from
+            results = tuple(name for name in results if name != pipeline.CHECKPOINTS)
+        pipeline.clear_results(run, results)
 
     def after_fit(self) -> None:
-        """Save the LoRA adapters and a merged model in the run folder (rank 0)."""
+        """Validate the final model if the fit stopped between validations; save the LoRA adapters and a merged model
+        in the run folder (rank 0)."""
+        history = self.model.history["val_ppl"]
+        if self.trainer.limit_val_batches and (not history or history[-1][0] != self.trainer.global_step):
+            # --trainer.max_steps / max_time ended the fit between validations: the exported model gets its own
+            # number (every rank: a collective), not none or an older step's
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         if not self.trainer.is_global_zero:
             return
         from gaqprune.finetune import export_finetuned
@@ -353,6 +397,14 @@ class GaqpruneCLI(LightningCLI):
         if self.model.val_ppl_start is not None and val_ppl is not None:
             print(f"validation perplexity: {self.model.val_ppl_start:.2f} before training -> {val_ppl:.2f} at step "
                   f"{val_step} (of {steps})")
+
+
+def _configures_checkpoints(trainer_cfg) -> bool:
+    """Whether --trainer.callbacks (or a config file) brings its own ModelCheckpoint."""
+    callbacks = trainer_cfg.get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    names = [getattr(c, "class_path", None) or type(c).__name__ for c in callbacks]
+    return any(str(name).rsplit(".", 1)[-1] == "ModelCheckpoint" for name in names)
 
 
 def _lightning_refusals() -> tuple[type[Exception], ...]:
@@ -628,6 +680,10 @@ def run(args: list[str] | None = None) -> GaqpruneCLI:
     except KeyboardInterrupt:
         print("gaqprune: interrupted; complete results are kept, a rerun reuses them", file=sys.stderr)
         sys.exit(130)
+    except SIGTERMException:  # a SystemExit without a code: a pre-empted job would read as a success
+        print("gaqprune: terminated (SIGTERM); complete results are kept, a fine-tune's checkpoint too "
+              "(resume: --ckpt_path last, or rerun `prune --finetune`)", file=sys.stderr)
+        sys.exit(143)
 
 
 if __name__ == "__main__":

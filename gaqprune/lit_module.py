@@ -199,6 +199,8 @@ class LitCausalLM(L.LightningModule):
             trainable = {n for n, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["gaqprune_layer_shapes"] = layer_shapes(self.model)
+        # a resumed fit's curves and summary then cover the whole fit, not only what came after the resume
+        checkpoint["gaqprune_history"] = {"history": self.history, "val_ppl_start": self.val_ppl_start}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # LoRA checkpoints hold adapters only, so loading cannot be strict; the recorded layer shapes make sure the
@@ -214,6 +216,10 @@ class LitCausalLM(L.LightningModule):
                     "resume with the --base_model and pruning settings (--prune, --config) of the run that wrote it"
                     if fitting else "give the pruned model it was trained on as --base_model (a `fit --prune` run "
                     "saves it as <run>/model with --save_model true)"))
+        carried = checkpoint.get("gaqprune_history")
+        if carried is not None and self.trainer is not None and self.trainer.state.fn == "fit":
+            self.history = {key: list(values) for key, values in carried["history"].items()}
+            self.val_ppl_start = carried["val_ppl_start"]
         state = checkpoint.get("state_dict", {})
         if not self.lora_attached and any("lora_" in key for key in state):
             # validate / test --ckpt_path of a LoRA fit: the adapters it trained, with the rank and targets it

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -28,9 +29,11 @@ FIT_METRICS_FILE = "fit_metrics.json"
 FIT_PLOT = "fit_curves.png"
 FIT_RESULTS = ("model_finetuned", "model_finetuned.gguf", "lora_adapter", FIT_PLOT, FIT_METRICS_FILE)
 FINISHED = (METRICS_FILE, *FIT_RESULTS)
+# a fine-tune's Lightning checkpoints (LoRA weights + optimizer state): last.ckpt is what --ckpt_path last resumes
+CHECKPOINTS = "checkpoints"
 # What --overwrite removes before a new run writes anything (the layer-importance cache stays: it is reused only
 # where its recorded settings match).
-RUN_FILES = (*FINISHED, "model", "model.gguf", "config.yaml", PLAN_FILE, "pruning_rates.png")
+RUN_FILES = (*FINISHED, "model", "model.gguf", "config.yaml", PLAN_FILE, "pruning_rates.png", CHECKPOINTS)
 
 
 def run_dir(run: RunSettings) -> Path:
@@ -53,10 +56,29 @@ def check_run_dir(run: RunSettings, results: tuple[str, ...] = FINISHED) -> Path
             f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: run folder {str(path)!r} already holds results "
             f"({', '.join(found)}); pick another name or pass --overwrite true"
         )
+    writable = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(writable, os.W_OK):  # found now, not after hours of work
+        raise GaqpruneError(f"--output_dir: cannot write to {str(writable)!r} (read-only or no permission); give "
+                            "--output_dir a folder you can write to")
     if path.is_dir():  # leftovers of a killed write: never complete, never reused
         for stale in path.glob(".*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     return path
+
+
+def last_checkpoint(run: RunSettings) -> Path | None:
+    """The latest checkpoint of this run's fine-tune (``checkpoints/last.ckpt``), if one was written."""
+    last = run_dir(run) / CHECKPOINTS / "last.ckpt"
+    return last if last.is_file() else None
+
+
+def check_unfinished_fit(run: RunSettings, resuming: bool) -> None:
+    """A fine-tune that was interrupted left ``checkpoints/last.ckpt``: starting over would overwrite it as the new
+    one trains, so it must be asked for (--overwrite true) or the checkpoint resumed."""
+    last = last_checkpoint(run)
+    if last is not None and not resuming and not run.overwrite:
+        raise GaqpruneError(f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: {str(last)!r} is the checkpoint of an "
+                            "unfinished fine-tune; resume it with --ckpt_path last, or start over with --overwrite true")
 
 
 def check_calibration_budget(datamodule, imp: ImportanceSettings, prune: PruneSettings, seed: int) -> None:

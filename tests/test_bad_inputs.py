@@ -210,6 +210,23 @@ def test_existing_run_folder_needs_overwrite(tmp_path, monkeypatch, capsys, tiny
     assert code == 2 and "is a file, not a folder" in err
 
 
+def test_unwritable_output_dir_is_refused_before_any_work(tmp_path, monkeypatch, capsys, tiny_model_dir, text_file):
+    # found at the first write, after the layer importance (prune) or the whole fine-tune (fit), with a traceback
+    import os
+
+    from gaqprune import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(pipeline.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    code, err = run_prune(["--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file),
+                           "--output_dir", str(locked / "runs")], capsys)
+    assert code == 2 and f"cannot write to {str(locked)!r}" in err and "Traceback" not in err
+    assert list(locked.iterdir()) == []
+
+
 def test_overwrite_replaces_the_whole_previous_run(tmp_path, monkeypatch, capsys, tiny_model_dir, text_file):
     # --overwrite must not leave the previous run's results next to the new ones (a 0.25 model/ beside a 0.4 plan)
     monkeypatch.chdir(tmp_path)

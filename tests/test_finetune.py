@@ -125,11 +125,13 @@ def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
     assert ckpt.stat().st_size < 2_000_000  # the frozen 6.5M-parameter base is not in it
     fit_metrics = json.loads((tmp_path / "prune_log" / "a" / "fit_metrics.json").read_text())
     assert fit_metrics["steps"] == 2 and Path(fit_metrics["log_dir"]).is_dir()
-    assert fit_metrics["val_ppl"] is None  # 2 of the epoch's 4 batches: no validation ran yet
+    # 2 of the epoch's 4 batches: no validation ran during the fit, so the final model gets one at step 2
+    assert fit_metrics["val_ppl_step"] == 2 and fit_metrics["val_ppl"] > 1
     # the logs go under the run's name, and the curve starts at the untrained model's perplexity (the sanity check)
     assert Path(fit_metrics["log_dir"]).resolve() == (tmp_path / "lightning_logs" / "a" / "version_0").resolve()
-    start = scalars(fit_metrics["log_dir"], "val_ppl")
-    assert [step for step, _ in start] == [0] and start[0][1] == pytest.approx(fit_metrics["val_ppl_start"], rel=1e-6)
+    curve = scalars(fit_metrics["log_dir"], "val_ppl")
+    assert [step for step, _ in curve] == [0, 2] and curve[0][1] == pytest.approx(fit_metrics["val_ppl_start"], rel=1e-6)
+    assert curve[1][1] == pytest.approx(fit_metrics["val_ppl"], rel=1e-6)
     assert fit_metrics["val_ppl_start"] == pytest.approx(dense_val_ppl(tiny_model_dir), rel=1e-5)
     assert plot_size(tmp_path / "prune_log" / "a" / "fit_curves.png")[0] > 600  # loss and perplexity side by side
     r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "4", "--save_ckpt_log_name", "b",
@@ -332,3 +334,63 @@ def test_a_resumed_sanity_check_is_not_a_start(tiny_model_dir):
         Trainer.global_step = step
         lit.on_validation_epoch_end()
         assert lit.val_ppl_start == recorded
+
+
+def test_terminated_fit_resumes_with_ckpt_path_last_and_reports_the_whole_fit(tiny_model_dir, tmp_path):
+    # Lightning's default checkpoints went to a new version_N folder per run (--ckpt_path last found nothing and the
+    # fit silently restarted at step 0), SIGTERM exited 0, and a resumed fit forgot where its curve started.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    args = ["--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "6", "--save_ckpt_log_name", "r",
+            "--trainer.default_root_dir", str(tmp_path)]
+    run = tmp_path / "prune_log" / "r"
+    r = _fit(*args, "--trainer.callbacks+=interrupt.SigtermAt", "--trainer.callbacks.step", "2", cwd=tmp_path, env=env)
+    assert r.returncode == 143, r.stderr[-3000:]
+    assert "terminated (SIGTERM)" in r.stderr
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 2 and not (run / "fit_metrics.json").exists()
+    start = torch.load(last, weights_only=False)["gaqprune_history"]["val_ppl_start"]
+    # starting over would overwrite the unfinished fit's checkpoint: asked for, not done
+    r = _fit(*args, cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "unfinished fine-tune; resume it with --ckpt_path last" in r.stderr, r.stderr[-2000:]
+    r = _fit(*args, "--save_ckpt_log_name", "other", "--ckpt_path", "last", cwd=tmp_path, env=env)
+    # (nothing to resume under that name: said, not a silent fresh start at step 0)
+    assert r.returncode == 2 and "--ckpt_path last: no checkpoint to resume" in r.stderr, r.stderr[-2000:]
+    r = _fit(*args, "--ckpt_path", "last", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fit_metrics = json.loads((run / "fit_metrics.json").read_text())
+    assert fit_metrics["steps"] == 6 and fit_metrics["val_ppl_start"] == pytest.approx(start, rel=1e-12)
+    # max_steps 6 ends between validations (4 batches per epoch): the exported model is validated at step 6
+    assert fit_metrics["val_ppl_step"] == 6 and fit_metrics["val_ppl"] > 1
+    assert torch.load(last, weights_only=False)["global_step"] == 6
+
+
+def test_terminated_prune_finetune_resumes_its_fine_tune_when_run_again(tiny_model_dir, tmp_path):
+    # The README's promise for a killed run, "resumed by running it again", held for the layer importance only: the
+    # fine-tune started over at step 0. The rerun prunes to the same plan and continues from checkpoints/last.ckpt.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "gaqprune.cli", "prune", "--base_model", str(tiny_model_dir), *FIT_ARGS,
+           "--pruning_ratio", "0.3", "--importance_samples", "4", "--importance_seq_len", "32", "--num_examples", "4",
+           "--max_seq_len", "32", "--compensation_samples", "4", "--min_pruning_rate", "0.1", "--finetune", "true",
+           "--trainer.max_steps", "6", "--save_ckpt_log_name", "pf", "--trainer.default_root_dir", str(tmp_path)]
+    run = tmp_path / "prune_log" / "pf"
+    r = subprocess.run([*cmd, "--trainer.callbacks+=interrupt.SigtermAt", "--trainer.callbacks.step", "3"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 143, r.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert not (run / "metrics.json").exists()
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reusing layer importance" in r.stderr and "resuming the interrupted fine-tune from" in r.stderr
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+    assert set(json.loads((run / "metrics.json").read_text())["finetune_outputs"]) == {"adapter", "model"}
+    # another plan cannot resume that fine-tune: said before any training, and --overwrite true starts over
+    import shutil
+
+    from gaqprune.pipeline import FINISHED
+
+    for name in FINISHED:  # back to an unfinished run (its checkpoint only)
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink(missing_ok=True)
+    r = subprocess.run([*cmd, "--pruning_ratio", "0.5", "--max_pruning_rate", "0.6"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900, env=env)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("gaqprune: error:")]
+    assert r.returncode == 2 and errors and "another pruning plan" in errors[0], r.stderr[-3000:]
