@@ -294,6 +294,8 @@ class GaqpruneCLI(LightningCLI):
                 from gaqprune.export import check_prunable_to_disk
 
                 check_prunable_to_disk(model_config, cfg["base_model"])  # a pruned model will be saved
+            # last: only a run that passed every check claims its folder (held until this process exits)
+            self._run_lock = pipeline.hold_run_dir(run)
 
     def instantiate_trainer(self, **kwargs):
         """Lightning rejects impossible --trainer.* combinations (e.g. strategy fsdp on the CPU) with a ValueError

@@ -6,10 +6,12 @@ between ranks. Results land in the run folder through atomic writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,6 +66,36 @@ def check_run_dir(run: RunSettings, results: tuple[str, ...] = FINISHED) -> Path
         for stale in path.glob(".*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     return path
+
+
+def _launch_rank() -> int:
+    """This process's rank as its launcher set it (torchrun, SLURM, Lightning's own DDP launcher); 0 if none."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var]) + (int(os.environ.get("NODE_RANK", "0") or 0) if var == "LOCAL_RANK" else 0)
+    return 0
+
+
+def hold_run_dir(run: RunSettings):
+    """Claim the run folder for this process (the rank-0 one; ranks it started write nothing there) until it exits:
+    a second run of the same name at the same time (another shell, a scheduler's duplicate job) would interleave
+    its files with this one's and silently replace its results. Returns the held lock (keep a reference)."""
+    from filelock import FileLock, Timeout
+
+    if _launch_rank() != 0:
+        return None
+    path = run_dir(run)
+    # in the temp folder, keyed by the folder's absolute path: a refused run must leave no trace in the output folder
+    # (so this guards the runs of one machine; a shared file system's locks are unreliable anyway)
+    locks = Path(tempfile.gettempdir()) / "gaqprune-locks"
+    locks.mkdir(exist_ok=True)
+    lock = FileLock(locks / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise GaqpruneError(f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: run folder {str(path)!r} is in use by "
+                            "another gaqprune run right now; wait for it or pick another name") from None
+    return lock
 
 
 def last_checkpoint(run: RunSettings) -> Path | None:

@@ -227,6 +227,26 @@ def test_unwritable_output_dir_is_refused_before_any_work(tmp_path, monkeypatch,
     assert list(locked.iterdir()) == []
 
 
+def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, monkeypatch, capsys, tiny_model_dir, text_file):
+    # two runs of one name at once interleaved their files, and the later one's results silently replaced the other's
+    import subprocess
+    import sys
+
+    from gaqprune.pipeline import hold_run_dir
+    from gaqprune.run_settings import RunSettings
+
+    monkeypatch.chdir(tmp_path)
+    held = hold_run_dir(RunSettings(save_ckpt_log_name=RUN))  # as a running job would
+    args = ["--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file)]
+    r = subprocess.run([sys.executable, "-m", "gaqprune.cli", "prune", *args], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 2 and "is in use by another gaqprune run" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "prune_log").exists()  # refused without a trace
+    held.release()
+    assert run(["prune", *args]) is not None  # free again
+    assert (tmp_path / "prune_log" / RUN / "metrics.json").is_file()
+
+
 def test_overwrite_replaces_the_whole_previous_run(tmp_path, monkeypatch, capsys, tiny_model_dir, text_file):
     # --overwrite must not leave the previous run's results next to the new ones (a 0.25 model/ beside a 0.4 plan)
     monkeypatch.chdir(tmp_path)
