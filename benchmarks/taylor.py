@@ -112,9 +112,14 @@ def main(argv: list[str] | None = None) -> int:
             "per_layer": (per_layer_scores, {})}
     scores, seconds, extra = {}, {}, {}
     for name, (fn, kwargs) in runs.items():
-        scores[name], seconds[name] = timed(args.device, fn, model, windows, layers, batch_size=args.batch_size, **kwargs)
-        if is_cuda(args.device) or not args.skip_memory:  # on the CPU a separate, traced run
-            _, extra[name] = extra_peak_bytes(args.device, fn, model, windows, layers, batch_size=args.batch_size, **kwargs)
+        if is_cuda(args.device):  # the allocator's statistics cost nothing: one run gives time and memory
+            (scores[name], seconds[name]), extra[name] = extra_peak_bytes(
+                args.device, timed, args.device, fn, model, windows, layers, batch_size=args.batch_size, **kwargs)
+        else:
+            scores[name], seconds[name] = timed(args.device, fn, model, windows, layers, batch_size=args.batch_size, **kwargs)
+            if not args.skip_memory:  # a separate, traced run
+                _, extra[name] = extra_peak_bytes(args.device, fn, model, windows, layers, batch_size=args.batch_size,
+                                                  **kwargs)
         memory = f"   peak weights + {gib(extra[name])} ({1 + extra[name] / weights:.2f}x weights)" if name in extra else ""
         print(f"  {name:<12s} {seconds[name]:8.2f} s{memory}", flush=True)
     ref = scores["per_layer"]
