@@ -15,3 +15,10 @@ class SigtermAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class FailAtStart(Callback):
+    """An error before the first optimizer step (as a CUDA out-of-memory at the first batch would be)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        raise RuntimeError("simulated failure before training")

@@ -364,6 +364,19 @@ def test_terminated_fit_resumes_with_ckpt_path_last_and_reports_the_whole_fit(ti
     assert torch.load(last, weights_only=False)["global_step"] == 6
 
 
+def test_a_fit_that_fails_before_training_leaves_nothing_to_resume(tiny_model_dir, tmp_path):
+    # a checkpoint of step 0 would make the rerun ask to resume or --overwrite a fit that never trained (the save on
+    # an exception skips step 0: Lightning's ModelCheckpoint counts step 0 as saved)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    args = ["--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "2", "--save_ckpt_log_name", "f",
+            "--trainer.default_root_dir", str(tmp_path)]
+    r = _fit(*args, "--trainer.callbacks+=interrupt.FailAtStart", cwd=tmp_path, env=env)
+    assert r.returncode != 0 and "simulated failure before training" in r.stderr
+    assert not list((tmp_path / "prune_log").rglob("*.ckpt"))
+    r = _fit(*args, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def test_terminated_prune_finetune_resumes_its_fine_tune_when_run_again(tiny_model_dir, tmp_path):
     # The README's promise for a killed run, "resumed by running it again", held for the layer importance only: the
     # fine-tune started over at step 0. The rerun prunes to the same plan and continues from checkpoints/last.ckpt.
