@@ -31,7 +31,7 @@ CHUNK_ELEMENTS = 1 << 22  # elements of |w * g| (float32) materialised at once w
 LOSS_TOKENS = 1024
 METHODS = ("auto", "streamed", "accumulated")
 # Up to this many bytes of gradients (a model of a few hundred million parameters), keeping them all costs no memory
-# that matters, and the accumulated backward saves the streamed one's extra forward (1.3-1.6x the Taylor time).
+# that matters, and the accumulated backward saves the streamed one's extra forward (1.1-1.6x the Taylor time).
 SMALL_GRADIENTS = 1 << 30
 
 
