@@ -75,6 +75,7 @@ class GQAPrune(L.Callback):
         windows = pipeline.taylor_windows(trainer.datamodule, self.settings, self.seed, device)
         plan = pipeline.plan_stage(hf_model, scores, windows, self.settings, progress=True) if trainer.is_global_zero else None
         self.plan = trainer.strategy.broadcast(plan, src=0)
+        pl_module.plan_digest = pipeline.plan_digest(self.plan)  # a resumed fit checks its checkpoint against it
         apply_plan(hf_model, self.plan, pipeline.compensation_windows(trainer.datamodule, self.settings, self.seed, device,
                                                                       windows), progress=trainer.is_global_zero)
         if trainer.is_global_zero and self.out_dir is not None:

@@ -13,7 +13,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from argparse import ArgumentError
 from dataclasses import dataclass
@@ -131,6 +133,7 @@ class GaqpruneTrainer(L.Trainer):
                 self.num_sanity_val_steps = 0
             plan_path = out_dir / pipeline.PLAN_FILE
             os.environ[PLAN_ENV] = f"{plan_path}#{hashlib.sha256(plan_path.read_bytes()).hexdigest()}"
+            model.plan_digest = pipeline.plan_digest(plan)
             resume = self._resumable(model, job)
             try:
                 with clock("finetune"):  # (the other ranks start here, with PLAN_ENV)
@@ -175,7 +178,9 @@ class GaqpruneTrainer(L.Trainer):
                                 "`gaqprune prune --finetune` once (Lightning starts the other ranks itself), with every "
                                 "rank seeing the same run folder")
         model.model.to(self.strategy.root_device)
-        apply_plan(model.model, json.loads(plan_path.read_text()), refit_windows, progress=False)
+        plan = json.loads(plan_path.read_text())
+        apply_plan(model.model, plan, refit_windows, progress=False)
+        model.plan_digest = pipeline.plan_digest(plan)
         self.fit_loop.max_epochs = job.finetune.finetune_epochs
         if job.run.test_after_prune and self.limit_val_batches == 1.0:
             self.num_sanity_val_steps = 0  # as rank 0, which measured the pruned model already (a collective)
@@ -190,10 +195,11 @@ class GaqpruneTrainer(L.Trainer):
         last = pipeline.last_checkpoint(job.run)
         if last is None or not self.checkpoint_callback:
             return None
-        saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("gaqprune_layer_shapes")
-        if saved is not None and saved != layer_shapes(model.model):
+        saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+        if saved.get("gaqprune_layer_shapes", layer_shapes(model.model)) != layer_shapes(model.model) \
+                or saved.get("gaqprune_plan_digest", model.plan_digest) != model.plan_digest:
             raise GaqpruneError(f"{str(last)!r} is the checkpoint of an unfinished fine-tune of another pruning plan "
-                                "(other layer shapes); rerun with that run's settings to resume it, or start over "
+                                "(other kept units); rerun with that run's settings to resume it, or start over "
                                 "with --overwrite true")
         if self.is_global_zero:
             log.info("resuming the interrupted fine-tune from %s", last)
@@ -283,7 +289,7 @@ class GaqpruneCLI(LightningCLI):
             pipeline.check_run_dir(run, pipeline.FINISHED if cfg.get("prune") else pipeline.FIT_RESULTS)
             pipeline.check_unfinished_fit(run, resuming=bool(cfg.get("ckpt_path")))
             if cfg.get("ckpt_path") == "last" and pipeline.last_checkpoint(run) is None \
-                    and not _configures_checkpoints(cfg["trainer"]):  # Lightning would warn and start at step 0
+                    and not _configures_checkpoints(cfg["trainer"].get("callbacks")):  # (Lightning: step 0)
                 raise GaqpruneError(f"--ckpt_path last: no checkpoint to resume in "
                                     f"{str(pipeline.run_dir(run) / pipeline.CHECKPOINTS)!r} (--save_ckpt_log_name "
                                     f"{run.save_ckpt_log_name!r}); give the run's name or a checkpoint file")
@@ -309,7 +315,7 @@ class GaqpruneCLI(LightningCLI):
             root = Path(trainer_cfg.get("default_root_dir") or ".")
             name = self._settings(RunSettings).save_ckpt_log_name
             kwargs.setdefault("logger", TensorBoardLogger(root / "lightning_logs", name=name, default_hp_metric=False))
-        own_checkpoints = _configures_checkpoints(trainer_cfg)  # (Lightning adds its default to that list)
+        own_checkpoints = _configures_checkpoints(trainer_cfg.get("callbacks"))  # (before Lightning adds its default)
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except LIGHTNING_REFUSALS as err:
@@ -321,8 +327,10 @@ class GaqpruneCLI(LightningCLI):
             # with last.ckpt, and also when the fit is interrupted (Ctrl-C, SIGTERM from a scheduler, an error).
             from lightning.pytorch.callbacks import ModelCheckpoint
 
+            # (saving on an exception is a collective: a rank failing alone would hang the others in it, so only for
+            # a single process)
             ours = ModelCheckpoint(dirpath=pipeline.run_dir(self._settings(RunSettings)) / pipeline.CHECKPOINTS,
-                                   save_last=True, save_on_exception=True)
+                                   save_last=True, save_on_exception=trainer.world_size == 1)
             trainer.callbacks[trainer.callbacks.index(trainer.checkpoint_callback)] = ours
         strategy = cfg["trainer"].get("strategy")
         prune_finetune = self.subcommand == "prune" and bool(cfg.get("finetune"))
@@ -401,12 +409,24 @@ class GaqpruneCLI(LightningCLI):
                   f"{val_step} (of {steps})")
 
 
-def _configures_checkpoints(trainer_cfg) -> bool:
-    """Whether --trainer.callbacks (or a config file) brings its own ModelCheckpoint."""
-    callbacks = trainer_cfg.get("callbacks") or []
-    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-    names = [getattr(c, "class_path", None) or type(c).__name__ for c in callbacks]
-    return any(str(name).rsplit(".", 1)[-1] == "ModelCheckpoint" for name in names)
+def _configures_checkpoints(callbacks) -> bool:
+    """Whether --trainer.callbacks (or a config file) brings its own ModelCheckpoint (or a subclass): instantiated
+    callbacks, or their class_path before instantiation."""
+    import importlib
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []:
+        if isinstance(callback, ModelCheckpoint):
+            return True
+        module, _, name = str(getattr(callback, "class_path", "")).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module or "lightning.pytorch.callbacks"), name) if name else None
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
+            return True
+    return False
 
 
 def _lightning_refusals() -> tuple[type[Exception], ...]:
@@ -666,6 +686,13 @@ def run(args: list[str] | None = None) -> GaqpruneCLI:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 42" on every call
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)  # Lightning's product adverts
+    interrupted = []
+
+    def on_sigint(signum, frame):  # Lightning turns a fit's KeyboardInterrupt into exit status 1: remember it was one
+        interrupted.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     try:
         return GaqpruneCLI(
             LitCausalLM,
@@ -686,6 +713,16 @@ def run(args: list[str] | None = None) -> GaqpruneCLI:
         print("gaqprune: terminated (SIGTERM); complete results are kept, a fine-tune's checkpoint too "
               "(resume: --ckpt_path last, or rerun `prune --finetune`)", file=sys.stderr)
         sys.exit(143)
+    except SystemExit as err:
+        if interrupted and err.code == 1:
+            print("gaqprune: interrupted; complete results are kept, a fine-tune's checkpoint too (resume: "
+                  "--ckpt_path last, or rerun `prune --finetune`)", file=sys.stderr)
+            sys.exit(130)
+        raise
+    finally:
+        pipeline.release_run_dirs()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class LitCausalLM(L.LightningModule):
         self.test_ppl = Perplexity()
         self.lora_attached = False
         self.val_ppl_start: float | None = None  # the validation perplexity before training (see on_validation_epoch_end)
+        self.plan_digest: str | None = None  # the pruning plan the model was cut to (pipeline.plan_digest), if any
         # (step, value) pairs of this process's fit, for the run folder's fit_curves.png
         self.history: dict[str, list[tuple[int, float]]] = {"train_loss": [], "val_ppl": []}
         self._teacher = None  # plain attribute, never a submodule: no strategy wraps it, no checkpoint stores it
@@ -201,6 +202,8 @@ class LitCausalLM(L.LightningModule):
         checkpoint["gaqprune_layer_shapes"] = layer_shapes(self.model)
         # a resumed fit's curves and summary then cover the whole fit, not only what came after the resume
         checkpoint["gaqprune_history"] = {"history": self.history, "val_ppl_start": self.val_ppl_start}
+        if self.plan_digest is not None:
+            checkpoint["gaqprune_plan_digest"] = self.plan_digest
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # LoRA checkpoints hold adapters only, so loading cannot be strict; the recorded layer shapes make sure the
@@ -216,6 +219,12 @@ class LitCausalLM(L.LightningModule):
                     "resume with the --base_model and pruning settings (--prune, --config) of the run that wrote it"
                     if fitting else "give the pruned model it was trained on as --base_model (a `fit --prune` run "
                     "saves it as <run>/model with --save_model true)"))
+        planned = checkpoint.get("gaqprune_plan_digest")
+        if planned is not None and self.plan_digest is not None and planned != self.plan_digest:
+            from gaqprune.errors import GaqpruneError
+
+            raise GaqpruneError("--ckpt_path: the checkpoint was trained on a model cut by another pruning plan (other "
+                                "kept units); resume with the pruning settings of the run that wrote it")
         carried = checkpoint.get("gaqprune_history")
         if carried is not None and self.trainer is not None and self.trainer.state.fn == "fit":
             self.history = {key: list(values) for key, values in carried["history"].items()}

@@ -68,34 +68,53 @@ def check_run_dir(run: RunSettings, results: tuple[str, ...] = FINISHED) -> Path
     return path
 
 
-def _launch_rank() -> int:
-    """This process's rank as its launcher set it (torchrun, SLURM, Lightning's own DDP launcher); 0 if none."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var]) + (int(os.environ.get("NODE_RANK", "0") or 0) if var == "LOCAL_RANK" else 0)
-    return 0
+def _launch_rank_is_zero() -> bool:
+    """Whether this is the process that launched the run: every rank variable a launcher sets (torchrun, SLURM,
+    Lightning's own DDP launcher, which sets only LOCAL_RANK and inherits the rest) is 0 or unset."""
+    return all(os.environ.get(var, "0") in ("", "0") for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
+
+
+_HELD: list = []  # the run-folder locks this process holds (released by release_run_dirs)
 
 
 def hold_run_dir(run: RunSettings):
-    """Claim the run folder for this process (the rank-0 one; ranks it started write nothing there) until it exits:
-    a second run of the same name at the same time (another shell, a scheduler's duplicate job) would interleave
-    its files with this one's and silently replace its results. Returns the held lock (keep a reference)."""
+    """Claim the run folder for this process (the launching one; the ranks it starts write nothing there) until
+    ``release_run_dirs`` or its exit: a second run of the same name at the same time (from another shell) would
+    interleave its files with this one's and silently replace its results. Returns the held lock, or None."""
     from filelock import FileLock, Timeout
 
-    if _launch_rank() != 0:
+    if not _launch_rank_is_zero():
         return None
     path = run_dir(run)
-    # in the temp folder, keyed by the folder's absolute path: a refused run must leave no trace in the output folder
-    # (so this guards the runs of one machine; a shared file system's locks are unreliable anyway)
-    locks = Path(tempfile.gettempdir()) / "gaqprune-locks"
-    locks.mkdir(exist_ok=True)
-    lock = FileLock(locks / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".lock"))
+    # in a per-user temp folder, keyed by the run folder's absolute path: a refused run leaves no trace in the output
+    # folder (so this guards the runs of one machine and temp folder; a shared file system's locks are unreliable)
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    lock = FileLock(Path(tempfile.gettempdir()) / f"gaqprune-locks-{user}"
+                    / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".lock"))
     try:
+        Path(lock.lock_file).parent.mkdir(exist_ok=True)
         lock.acquire(timeout=0)
     except Timeout:
         raise GaqpruneError(f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: run folder {str(path)!r} is in use by "
                             "another gaqprune run right now; wait for it or pick another name") from None
+    except OSError as err:  # an unusable temp folder must not stop the run: it only loses this guard
+        log.warning("note: running without the run-folder lock (%s)", err)
+        return None
+    _HELD.append(lock)
     return lock
+
+
+def release_run_dirs() -> None:
+    """Release the run folders this process claimed (the CLI's end: a notebook's next run may use the same name)."""
+    while _HELD:
+        _HELD.pop().release()
+
+
+def plan_digest(plan: dict) -> str:
+    """A hash of what the pruned model's structure is (which units each layer kept): a fine-tune's checkpoint
+    resumes only onto the same cut, not onto other channels of equal count."""
+    kept = [(e["index"], e["removed_whole"], e["kept_groups"], e["kept_channels"]) for e in plan["layers"]]
+    return hashlib.sha256(json.dumps(kept).encode()).hexdigest()
 
 
 def last_checkpoint(run: RunSettings) -> Path | None:

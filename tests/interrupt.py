@@ -22,3 +22,22 @@ class FailAtStart(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         raise RuntimeError("simulated failure before training")
+
+
+class SigintAt(SigtermAt):
+    """Ctrl-C in the terminal after a given training step."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+class FailOnRank(Callback):
+    """An error on one rank only (as an out-of-memory on one GPU would be) after a given training step."""
+
+    def __init__(self, rank: int = 1, step: int = 2):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            raise RuntimeError(f"simulated failure on rank {self.rank}")

@@ -245,6 +245,50 @@ def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, monkeypatch, ca
     held.release()
     assert run(["prune", *args]) is not None  # free again
     assert (tmp_path / "prune_log" / RUN / "metrics.json").is_file()
+    # and released when the command ends: the same name again in this process (a notebook, prune then fit)
+    assert run(["prune", *args, "--overwrite", "true"]) is not None
+
+
+def test_only_the_launching_process_claims_the_run_folder(monkeypatch, tmp_path):
+    # the ranks Lightning's DDP launcher starts carry LOCAL_RANK only; under `srun --pty bash` they also inherit
+    # SLURM_PROCID=0, which made rank 1 claim (and fail on) the folder rank 0 held
+    from gaqprune import pipeline
+
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert pipeline._launch_rank_is_zero()
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert pipeline._launch_rank_is_zero()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not pipeline._launch_rank_is_zero()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "3")
+    assert not pipeline._launch_rank_is_zero()
+    # an unusable temp folder (another user's, read-only) costs the guard, not the run
+    from gaqprune.run_settings import RunSettings
+
+    monkeypatch.setenv("RANK", "0")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setattr(pipeline.tempfile, "gettempdir", lambda: str(blocker))
+    assert pipeline.hold_run_dir(RunSettings(save_ckpt_log_name="x", output_dir=str(tmp_path))) is None
+
+
+def test_own_model_checkpoint_subclasses_are_recognised():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from gaqprune.cli import _configures_checkpoints
+
+    class Mine(ModelCheckpoint):
+        pass
+
+    assert _configures_checkpoints([Mine()]) and _configures_checkpoints(Mine())
+    assert _configures_checkpoints([SimpleNamespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint")])
+    assert _configures_checkpoints([SimpleNamespace(class_path="ModelCheckpoint")])
+    assert not _configures_checkpoints([SimpleNamespace(class_path="lightning.pytorch.callbacks.EarlyStopping")])
+    assert not _configures_checkpoints(None) and not _configures_checkpoints([])
 
 
 def test_overwrite_replaces_the_whole_previous_run(tmp_path, monkeypatch, capsys, tiny_model_dir, text_file):
