@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     params_before = param_count(model)
     weights = weight_bytes(model)
     bf16_weights = weight_bytes(model, torch.bfloat16)
+    if trace:  # weights read straight into their storage (safetensors) pass no op the tracer sees
+        peaks["load"] = max(peaks["load"], weights)
     start, end = layer_range(settings, num_layers)
     print(f"  model: {what}; {params_before / 1e9:.3f} B params, weights {gib(weights)}; layers [{start}, {end}) pruned")
 

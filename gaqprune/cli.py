@@ -300,8 +300,8 @@ class GaqpruneCLI(LightningCLI):
                 from gaqprune.export import check_prunable_to_disk
 
                 check_prunable_to_disk(model_config, cfg["base_model"])  # a pruned model will be saved
-            # last: only a run that passed every check claims its folder (held until this process exits)
-            self._run_lock = pipeline.hold_run_dir(run)
+            # last: only a run that passed every check claims its folder (until the command ends: run())
+            pipeline.hold_run_dir(run)
 
     def instantiate_trainer(self, **kwargs):
         """Lightning rejects impossible --trainer.* combinations (e.g. strategy fsdp on the CPU) with a ValueError
@@ -324,11 +324,10 @@ class GaqpruneCLI(LightningCLI):
         if self.subcommand in ("prune", "fit") and trainer.checkpoint_callback is not None and not own_checkpoints:
             # Lightning's default keeps its checkpoints in the logger's version_N folder, new for every run, so
             # --ckpt_path last never finds the previous one, and saves only at epoch ends. In the run folder instead,
-            # with last.ckpt, and also when the fit is interrupted (Ctrl-C, SIGTERM from a scheduler, an error).
+            # with last.ckpt, and in a single process also when the fit is interrupted (Ctrl-C, a scheduler's
+            # SIGTERM, an error): that save is a collective, and a rank failing alone would hang the others in it.
             from lightning.pytorch.callbacks import ModelCheckpoint
 
-            # (saving on an exception is a collective: a rank failing alone would hang the others in it, so only for
-            # a single process)
             ours = ModelCheckpoint(dirpath=pipeline.run_dir(self._settings(RunSettings)) / pipeline.CHECKPOINTS,
                                    save_last=True, save_on_exception=trainer.world_size == 1)
             trainer.callbacks[trainer.callbacks.index(trainer.checkpoint_callback)] = ours
@@ -674,6 +673,10 @@ def _no_tips(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("💡 Tip")
 
 
+KEPT = ("complete results are kept and a rerun reuses them; a fine-tune's checkpoint too (resume: --ckpt_path last, "
+        "or rerun `prune --finetune`)")
+
+
 def run(args: list[str] | None = None) -> GaqpruneCLI:
     """Run the CLI and return it; user mistakes become one-line errors with exit status 2."""
     args = expand_bare_flags(sys.argv[1:] if args is None else list(args))
@@ -707,16 +710,14 @@ def run(args: list[str] | None = None) -> GaqpruneCLI:
         print(f"gaqprune: error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("gaqprune: interrupted; complete results are kept, a rerun reuses them", file=sys.stderr)
+        print(f"gaqprune: interrupted; {KEPT}", file=sys.stderr)
         sys.exit(130)
     except SIGTERMException:  # a SystemExit without a code: a pre-empted job would read as a success
-        print("gaqprune: terminated (SIGTERM); complete results are kept, a fine-tune's checkpoint too "
-              "(resume: --ckpt_path last, or rerun `prune --finetune`)", file=sys.stderr)
+        print(f"gaqprune: terminated (SIGTERM); {KEPT}", file=sys.stderr)
         sys.exit(143)
     except SystemExit as err:
         if interrupted and err.code == 1:
-            print("gaqprune: interrupted; complete results are kept, a fine-tune's checkpoint too (resume: "
-                  "--ckpt_path last, or rerun `prune --finetune`)", file=sys.stderr)
+            print(f"gaqprune: interrupted; {KEPT}", file=sys.stderr)
             sys.exit(130)
         raise
     finally:
