@@ -190,14 +190,10 @@ class GaqpruneTrainer(L.Trainer):
     def _resumable(self, model: LitCausalLM, job: PruneJob) -> str | None:
         """The checkpoint an interrupted run of this `prune --finetune` left (``checkpoints/last.ckpt``; --overwrite
         removed it), to resume its fine-tune from: a rerun prunes to the same plan (layer importance from its cache)."""
-        from gaqprune.units import layer_shapes
-
         last = pipeline.last_checkpoint(job.run)
         if last is None or not self.checkpoint_callback:
             return None
-        saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
-        if saved.get("gaqprune_layer_shapes", layer_shapes(model.model)) != layer_shapes(model.model) \
-                or saved.get("gaqprune_plan_digest", model.plan_digest) != model.plan_digest:
+        if model.structure_mismatch(torch.load(last, map_location="cpu", weights_only=False, mmap=True)) is not None:
             raise GaqpruneError(f"{str(last)!r} is the checkpoint of an unfinished fine-tune of another pruning plan "
                                 "(other kept units); rerun with that run's settings to resume it, or start over "
                                 "with --overwrite true")

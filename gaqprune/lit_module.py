@@ -11,6 +11,7 @@ from typing import Literal
 import lightning as L
 import torch
 
+from gaqprune.errors import GaqpruneError
 from gaqprune.metrics import Perplexity, causal_losses, causal_nll
 from gaqprune.models import EMBEDDED, EMBEDDED_SOURCE, load_config, load_model
 from gaqprune.units import layer_shapes
@@ -205,28 +206,34 @@ class LitCausalLM(L.LightningModule):
         if self.plan_digest is not None:
             checkpoint["gaqprune_plan_digest"] = self.plan_digest
 
+    def structure_mismatch(self, checkpoint: dict) -> str | None:
+        """What a checkpoint was trained on that this model is not: ``"layer shapes"``, ``"kept units"`` (the same
+        shapes cut from other units by another pruning plan), or None when its adapters fit this model."""
+        saved = checkpoint.get("gaqprune_layer_shapes")
+        if saved is not None and saved != layer_shapes(self.model):
+            return "layer shapes"
+        planned = checkpoint.get("gaqprune_plan_digest")
+        if planned is not None and self.plan_digest is not None and planned != self.plan_digest:
+            return "kept units"
+        return None
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # LoRA checkpoints hold adapters only, so loading cannot be strict; the recorded layer shapes make sure the
         # adapters land on the model they were trained on (not, say, the dense model when --prune was left out).
-        saved = checkpoint.get("gaqprune_layer_shapes")
-        if saved is not None and saved != layer_shapes(self.model):
-            from gaqprune.errors import GaqpruneError
-
-            fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        mismatch = self.structure_mismatch(checkpoint)
+        if mismatch == "layer shapes":
             raise GaqpruneError(
                 f"--ckpt_path: the checkpoint was trained on a model of other layer shapes than --base_model "
                 f"{self.hparams.base_model!r}; " + (
                     "resume with the --base_model and pruning settings (--prune, --config) of the run that wrote it"
                     if fitting else "give the pruned model it was trained on as --base_model (a `fit --prune` run "
                     "saves it as <run>/model with --save_model true)"))
-        planned = checkpoint.get("gaqprune_plan_digest")
-        if planned is not None and self.plan_digest is not None and planned != self.plan_digest:
-            from gaqprune.errors import GaqpruneError
-
+        if mismatch == "kept units":
             raise GaqpruneError("--ckpt_path: the checkpoint was trained on a model cut by another pruning plan (other "
                                 "kept units); resume with the pruning settings of the run that wrote it")
         carried = checkpoint.get("gaqprune_history")
-        if carried is not None and self.trainer is not None and self.trainer.state.fn == "fit":
+        if carried is not None and fitting:
             self.history = {key: list(values) for key, values in carried["history"].items()}
             self.val_ppl_start = carried["val_ppl_start"]
         state = checkpoint.get("state_dict", {})
@@ -237,8 +244,6 @@ class LitCausalLM(L.LightningModule):
             self.lora_attached = True
             unknown = sorted(set(state) - set(self.state_dict()))  # (an unwrapped model here: no fit, no FSDP)
             if unknown:
-                from gaqprune.errors import GaqpruneError
-
                 raise GaqpruneError(f"--ckpt_path holds {len(unknown)} weights this model has no place for (first: "
                                     f"{unknown[0]!r}); give the --base_model of the run that wrote it")
         self.strict_loading = not any("lora_" in key for key in state)
