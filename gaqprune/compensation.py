@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from gaqprune.layers import layer_inputs
+from gaqprune.layers import batch_layer_inputs, micro_batches
 
 MIN_RIDGE = 1e-6  # smallest relative ridge the refit uses (see refit_weight)
 
@@ -39,9 +39,7 @@ class _Stop(Exception):
 
 def capture_layer_inputs(hf_model, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
     """Hidden states entering decoder layer 0 and the keyword arguments HF passes to every layer, per micro-batch."""
-    device = next(hf_model.parameters()).device
-    return [layer_inputs(hf_model, windows[start : start + batch_size].to(device))
-            for start in range(0, len(windows), batch_size)]
+    return batch_layer_inputs(hf_model, micro_batches(windows, batch_size, next(hf_model.parameters()).device))
 
 
 def run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from gaqprune.errors import GaqpruneError
-from gaqprune.layers import layer_inputs
+from gaqprune.layers import batch_layer_inputs, layer_inputs, micro_batches
 from gaqprune.metrics import lm_head
 
 METHODS = ("removal", "activation", "block_influence")
@@ -119,16 +119,10 @@ def _removal(hf_model, windows: torch.Tensor, start: int, end: int, batch_size: 
     layers = _decoder_layers(hf_model)
     num_layers = len(layers)
     device = next(hf_model.parameters()).device
-    batches = [windows[i : i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
+    batches = micro_batches(windows, batch_size, device)
     count = sum(ids.numel() - ids.shape[0] for ids in batches)  # predicted tokens: T-1 per window
     # Dense hidden states of every batch at the input of the current layer (model dtype, model device).
-    # Layer kwargs (causal mask, rotary embeddings) depend only on the batch shape for unpadded
-    # windows: keep one copy per shape, not a B x T x T eager mask per batch.
-    states, layer_kwargs, by_shape = [], [], {}
-    for ids in batches:
-        hidden, kwargs = layer_inputs(hf_model, ids)
-        states.append(hidden)
-        layer_kwargs.append(by_shape.setdefault(tuple(ids.shape), kwargs))
+    states, layer_kwargs = (list(column) for column in zip(*batch_layer_inputs(hf_model, batches)))
 
     def run(hidden: torch.Tensor, kwargs: dict[str, Any], first: int, last: int) -> torch.Tensor:
         for i in range(first, last):
@@ -170,8 +164,8 @@ def _one_pass(hf_model, windows: torch.Tensor, method: str, start: int, end: int
     tokens = 0
     n_batches = math.ceil(len(windows) / batch_size)
     with _progress(n_batches * end, f"layer importance ({method})", progress) as bar:
-        for i in range(0, len(windows), batch_size):
-            hidden, kwargs = layer_inputs(hf_model, windows[i : i + batch_size].to(device))
+        for ids in micro_batches(windows, batch_size, device):
+            hidden, kwargs = layer_inputs(hf_model, ids)
             tokens += hidden.shape[0] * hidden.shape[1]
             for layer in range(end):
                 out = layers[layer](hidden, **kwargs)
@@ -234,7 +228,7 @@ def removal_importance_naive(hf_model, windows: torch.Tensor, layer_start: int =
     _check_windows(windows)
     start, end = _resolve_range(hf_model, layer_start, layer_end)
     device = next(hf_model.parameters()).device
-    batches = [windows[i : i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
+    batches = micro_batches(windows, batch_size, device)
 
     def ppl() -> float:
         nll, count = 0.0, 0

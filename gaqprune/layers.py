@@ -38,3 +38,20 @@ def layer_inputs(hf_model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, A
     finally:
         handle.remove()
     raise RuntimeError("decoder layer 0 was never called")  # unreachable for a decoder-only model
+
+
+def micro_batches(windows: torch.Tensor, batch_size: int, device: torch.device | str) -> list[torch.Tensor]:
+    """``windows`` cut into consecutive micro-batches of at most ``batch_size`` rows, on ``device``."""
+    return [windows[i : i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
+
+
+def batch_layer_inputs(hf_model, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """``layer_inputs`` of every micro-batch. The keyword arguments (causal mask, rotary embeddings) depend only on
+    the batch shape for unpadded windows, so micro-batches of one shape share one copy (not a B x T x T eager mask
+    each)."""
+    by_shape: dict[tuple[int, ...], dict[str, Any]] = {}
+    inputs = []
+    for ids in batches:
+        hidden, kwargs = layer_inputs(hf_model, ids)
+        inputs.append((hidden, by_shape.setdefault(tuple(ids.shape), kwargs)))
+    return inputs

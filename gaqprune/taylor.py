@@ -22,7 +22,7 @@ from torch import nn
 
 from gaqprune import units
 from gaqprune.errors import GaqpruneError
-from gaqprune.layers import layer_inputs
+from gaqprune.layers import batch_layer_inputs, micro_batches
 from gaqprune.metrics import causal_nll, tail_nll
 
 CHUNK_ELEMENTS = 1 << 22  # elements of |w * g| (float32) materialised at once when reducing a weight: 16 MB
@@ -161,20 +161,18 @@ def _streamed(hf_model, windows, layers, batch_size, loss_scale, score, progress
     decoder = hf_model.model.layers
     device = next(hf_model.parameters()).device
     first, selected = layers[0], set(layers)
-    batches = [windows[i : i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
-    # inputs[b]: the inputs of layers first.. for micro-batch b (popped from the end as the backward descends);
-    # layer kwargs (rotary embeddings, causal mask) depend only on the batch shape: one copy per shape
-    inputs, outputs, layer_kwargs, by_shape = [], [], [], {}
+    batches = micro_batches(windows, batch_size, device)
+    # inputs[b]: the inputs of layers first.. for micro-batch b (popped from the end as the backward descends)
+    inputs, outputs, layer_kwargs = [], [], []
     with tqdm(total=len(batches) * (2 * len(decoder) - first + 1), desc="Taylor scores", disable=not progress,
               leave=False) as bar, torch.no_grad():
-        for ids in batches:
-            hidden, kwargs = layer_inputs(hf_model, ids)
-            layer_kwargs.append(by_shape.setdefault(tuple(ids.shape), kwargs))
+        for hidden, kwargs in batch_layer_inputs(hf_model, batches):
+            layer_kwargs.append(kwargs)
             inputs.append([])
             for idx, layer in enumerate(decoder):
                 if idx >= first:
                     inputs[-1].append(hidden)
-                hidden = layer(hidden, **layer_kwargs[-1])
+                hidden = layer(hidden, **kwargs)
             outputs.append(hidden)
             bar.update(len(decoder))
         with torch.enable_grad():

@@ -84,6 +84,26 @@ def test_eager_attention_and_uneven_batches(random_windows):
     _assert_close(cached, removal_importance_naive(model, random_windows[:5], batch_size=2))
 
 
+def test_micro_batches_of_one_shape_share_one_copy_of_the_layer_kwargs(random_windows):
+    from gaqprune.layers import batch_layer_inputs, micro_batches
+
+    model = tiny_llama(attn_implementation="eager")
+    batches = micro_batches(random_windows[:5], 2, "cpu")
+    assert [tuple(b.shape) for b in batches] == [(2, 32), (2, 32), (1, 32)]
+    inputs = batch_layer_inputs(model, batches)
+    assert [tuple(h.shape) for h, _ in inputs] == [(2, 32, 64), (2, 32, 64), (1, 32, 64)]
+    assert inputs[0][1] is inputs[1][1] and inputs[2][1] is not inputs[0][1]
+    mask = inputs[0][1]["attention_mask"]  # eager attention: an explicit mask, shared by the two full batches
+    assert mask is not None and mask.shape[-2:] == (32, 32)
+    for (hidden, kwargs), ids in zip(inputs, batches):  # layer 0 on the captured inputs = layer 0 in the model
+        assert torch.equal(model.model.layers[0](hidden, **kwargs), _hidden_after_layer0(model, ids))
+
+
+def _hidden_after_layer0(model, ids):
+    with torch.no_grad():
+        return model.model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+
+
 def test_identity_layer_scores_zero(random_windows):
     model = _identity_layer(tiny_llama(), 2)
     removal = compute_layer_importance(model, random_windows, progress=False)
