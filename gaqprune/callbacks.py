@@ -11,11 +11,23 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from gaqprune import pipeline
 from gaqprune.atomic import write_json
 from gaqprune.pruning import apply_plan, layer_range
 from gaqprune.settings import ImportanceSettings, PruneSettings
+
+
+class ProgressBar(TQDMProgressBar):
+    """The fit's bar: tqdm like gaqprune's stage bars, so a log file (nohup, SLURM) gets the steps with ETA too, which
+    Lightning's default Rich bar (picked whenever ``rich`` is installed) does not write there; without the
+    logger's version number (``v_num``), which is no metric."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 class LayerImportance(L.Callback):
@@ -42,11 +54,11 @@ class LayerImportance(L.Callback):
             meta = pipeline.importance_meta(hf_model, self.settings, start, end, self.base_model,
                                             trainer.datamodule.source, self.seed)
             scores = pipeline.layer_importance_stage(hf_model, trainer.datamodule, self.settings, start, end,
-                                                     self.out_dir, meta, device, progress=True)
+                                                     self.out_dir, meta, device, pipeline.shows_progress(trainer))
         scores = trainer.strategy.broadcast(scores, src=0)
         self.scores = {int(k): float(v) for k, v in scores.items()}
         if trainer.is_global_zero:
-            pipeline.log_per_layer(trainer.logger, "layer_importance", self.scores)
+            pipeline.log_per_layer(trainer.logger, pipeline.IMPORTANCE_TAG, self.scores)
 
 
 class GQAPrune(L.Callback):
@@ -73,11 +85,12 @@ class GQAPrune(L.Callback):
         hf_model.to(device)
         scores = self.importance.scores if self.importance is not None else None
         windows = pipeline.taylor_windows(trainer.datamodule, self.settings, self.seed, device)
-        plan = pipeline.plan_stage(hf_model, scores, windows, self.settings, progress=True) if trainer.is_global_zero else None
+        plan = pipeline.plan_stage(hf_model, scores, windows, self.settings, pipeline.shows_progress(trainer)) \
+            if trainer.is_global_zero else None
         self.plan = trainer.strategy.broadcast(plan, src=0)
         pl_module.plan_digest = pipeline.plan_digest(self.plan)  # a resumed fit checks its checkpoint against it
         apply_plan(hf_model, self.plan, pipeline.compensation_windows(trainer.datamodule, self.settings, self.seed, device,
-                                                                      windows), progress=trainer.is_global_zero)
+                                                                      windows), progress=pipeline.shows_progress(trainer))
         if trainer.is_global_zero and self.out_dir is not None:
             write_json(self.out_dir / pipeline.PLAN_FILE, self.plan)
             pipeline.plot_rates(scores or {}, self.plan, self.out_dir / "pruning_rates.png")
@@ -87,7 +100,7 @@ class GQAPrune(L.Callback):
                 save_pretrained_model(hf_model, trainer.datamodule.tokenizer, self.out_dir / "model", overwrite=True,
                                       base_model=self.save_model_of)
         if trainer.is_global_zero:
-            pipeline.log_per_layer(trainer.logger, "pruning_rate",
+            pipeline.log_per_layer(trainer.logger, pipeline.RATE_TAG,
                                    {e["index"]: e["achieved_rate"] for e in self.plan["layers"]})
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

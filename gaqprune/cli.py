@@ -8,6 +8,7 @@ prunes in ``Callback.setup`` and then fine-tunes with LoRA in the same run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -67,7 +68,7 @@ class GaqpruneTrainer(L.Trainer):
         start, end = layer_range(job.pruning, num_layers)
         out_dir = pipeline.check_run_dir(job.run)
         device = self.strategy.root_device
-        progress = self.is_global_zero
+        progress = pipeline.shows_progress(self)
         # Fail on data problems before anything is computed or written.
         if not job.importance.skip_importance_analysis:
             datamodule.calibration_windows(job.importance.importance_samples, job.importance.importance_seq_len,
@@ -120,8 +121,8 @@ class GaqpruneTrainer(L.Trainer):
                 save_gguf(hf_model, datamodule.tokenizer, out_dir / "model.gguf", out_type=job.run.save_gguf,
                           overwrite=True, name=model_name(job.base_model), progress=progress)
         metrics.update(params=plan["totals"], seconds=clock.seconds)
-        self._log_prune_metrics(scores, plan, metrics)
-        if progress:
+        self._log_prune_layers(scores, plan)
+        if self.is_global_zero:
             print(pipeline.summary_table(plan, metrics))
         if job.finetune.finetune:
             from gaqprune.finetune import export_finetuned
@@ -142,19 +143,27 @@ class GaqpruneTrainer(L.Trainer):
                 os.environ.pop(PLAN_ENV, None)
             model.to(self.strategy.root_device)  # Lightning's teardown left it on the CPU (hours of eval for 8B)
             if eval_windows is not None:
-                metrics["ppl_after_finetune"] = perplexity(model.model, eval_windows.to(model.device),
-                                                           datamodule.eval_batch_size)
-                if progress:
+                metrics["ppl_after_finetune"] = perplexity(
+                    model.model, eval_windows.to(model.device), datamodule.eval_batch_size,
+                    progress="fine-tuned perplexity" if progress else None)
+                if self.is_global_zero:
                     print(f"perplexity after fine-tuning: {metrics['ppl_after_finetune']:.2f} (dense "
                           f"{metrics['ppl_before']:.2f} | pruned {metrics['ppl_after']:.2f})")
             if self.is_global_zero:
                 metrics["finetune_outputs"] = export_finetuned(
                     model, datamodule.tokenizer, out_dir, job.run.save_gguf, pruned_here=True,
-                    adapter_base=out_dir / "model" if job.run.save_model else None)
-                pipeline.plot_fit(model.history, out_dir / pipeline.FIT_PLOT)
+                    adapter_base=out_dir / "model" if job.run.save_model else None, progress=progress)
+                pipeline.plot_fit(model.history, out_dir / pipeline.FIT_PLOT,
+                                  references={"dense": metrics["ppl_before"]}  # on the windows validated
+                                  if "ppl_before" in metrics and self.limit_val_batches == 1.0 else None)
             metrics["seconds"] = clock.seconds
+        if self.is_global_zero:
+            settings = {k: v for part in (job.importance, job.pruning, job.run, job.finetune)
+                        for k, v in dataclasses.asdict(part).items()}
+            pipeline.log_run_results(self.logger, {"base_model": job.base_model, **settings}, metrics,
+                                     pipeline.summary_table(plan, metrics))
         write_json(out_dir / pipeline.METRICS_FILE, metrics)  # written last: marks the run as finished
-        if progress:
+        if self.is_global_zero:
             written = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir() if not p.name.startswith("."))
             print(f"results in {out_dir}/: {', '.join(written)}")
         return metrics
@@ -201,14 +210,10 @@ class GaqpruneTrainer(L.Trainer):
             log.info("resuming the interrupted fine-tune from %s", last)
         return str(last)
 
-    def _log_prune_metrics(self, scores: dict[int, float], plan: dict, metrics: dict) -> None:
-        if not self.is_global_zero:
-            return
-        pipeline.log_per_layer(self.logger, "prune/layer_importance", scores)
-        pipeline.log_per_layer(self.logger, "prune/layer_rate", {e["index"]: e["achieved_rate"] for e in plan["layers"]})
-        for key in ("ppl_before", "ppl_after"):
-            if key in metrics:
-                pipeline.log_per_layer(self.logger, f"prune/{key}", {0: metrics[key]})
+    def _log_prune_layers(self, scores: dict[int, float], plan: dict) -> None:
+        if self.is_global_zero:
+            pipeline.log_per_layer(self.logger, pipeline.IMPORTANCE_TAG, scores)
+            pipeline.log_per_layer(self.logger, pipeline.RATE_TAG, {e["index"]: e["achieved_rate"] for e in plan["layers"]})
 
 
 class GaqpruneCLI(LightningCLI):
@@ -311,12 +316,26 @@ class GaqpruneCLI(LightningCLI):
             root = Path(trainer_cfg.get("default_root_dir") or ".")
             name = self._settings(RunSettings).save_ckpt_log_name
             kwargs.setdefault("logger", TensorBoardLogger(root / "lightning_logs", name=name, default_hp_metric=False))
-        own_checkpoints = _configures_checkpoints(trainer_cfg.get("callbacks"))  # (before Lightning adds its default)
+        from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+        from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
+
+        # what the user configured, before Lightning adds its defaults
+        own_checkpoints = _configures_checkpoints(trainer_cfg.get("callbacks"))
+        own_bar = _configures(trainer_cfg.get("callbacks"), LightningProgressBar)
+        own_lr_monitor = _configures(trainer_cfg.get("callbacks"), LearningRateMonitor)
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except LIGHTNING_REFUSALS as err:
             raise GaqpruneError(f"--trainer settings rejected by Lightning: {err}") from None
         cfg = self.config[self.subcommand]
+        bar = trainer.progress_bar_callback
+        if isinstance(bar, RichProgressBar) and not own_bar:
+            from gaqprune.callbacks import ProgressBar  # Lightning's pick when rich is installed: see ProgressBar
+
+            trainer.callbacks[trainer.callbacks.index(bar)] = ProgressBar()
+        if self.subcommand in ("prune", "fit") and trainer.loggers and not own_lr_monitor:
+            # warm-up and cosine decay are part of every fine-tune: the learning rate per step in TensorBoard
+            trainer.callbacks.insert(0, LearningRateMonitor(logging_interval="step"))
         if self.subcommand in ("prune", "fit") and trainer.checkpoint_callback is not None and not own_checkpoints:
             # Lightning's default keeps its checkpoints in the logger's version_N folder, new for every run, so
             # --ckpt_path last never finds the previous one, and saves only at epoch ends. In the run folder instead,
@@ -385,7 +404,7 @@ class GaqpruneCLI(LightningCLI):
         run = self._settings(RunSettings)
         pruned_here = bool(self.config.fit.get("prune"))
         paths = export_finetuned(self.model, self.datamodule.tokenizer, pipeline.run_dir(run), run.save_gguf,
-                                 pruned_here=pruned_here,
+                                 pruned_here=pruned_here, progress=pipeline.shows_progress(self.trainer),
                                  adapter_base=pipeline.run_dir(run) / "model" if pruned_here and run.save_model else None)
         pipeline.plot_fit(self.model.history, pipeline.run_dir(run) / pipeline.FIT_PLOT)
         val_ppl = self.trainer.callback_metrics.get("val_ppl")
@@ -404,24 +423,28 @@ class GaqpruneCLI(LightningCLI):
                   f"{val_step} (of {steps})")
 
 
-def _configures_checkpoints(callbacks) -> bool:
-    """Whether --trainer.callbacks (or a config file) brings its own ModelCheckpoint (or a subclass): instantiated
+def _configures(callbacks, base: type) -> bool:
+    """Whether --trainer.callbacks (or a config file) brings its own ``base`` callback (or a subclass): instantiated
     callbacks, or their class_path before instantiation."""
     import importlib
 
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     for callback in callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []:
-        if isinstance(callback, ModelCheckpoint):
+        if isinstance(callback, base):
             return True
         module, _, name = str(getattr(callback, "class_path", "")).rpartition(".")
         try:
             cls = getattr(importlib.import_module(module or "lightning.pytorch.callbacks"), name) if name else None
         except (ImportError, AttributeError):
             continue
-        if isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
+        if isinstance(cls, type) and issubclass(cls, base):
             return True
     return False
+
+
+def _configures_checkpoints(callbacks) -> bool:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return _configures(callbacks, ModelCheckpoint)
 
 
 def _lightning_refusals() -> tuple[type[Exception], ...]:
@@ -681,8 +704,12 @@ def run(args: list[str] | None = None) -> GaqpruneCLI:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     # Lightning 2.6 on torch 2.10+: an internal deprecation, printed on every fit, nothing a user can act on
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
+    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub", "gguf"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not pipeline._launch_rank_is_zero():  # one set of model-loading bars, not one per rank
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 42" on every call
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)  # Lightning's product adverts
     interrupted = []

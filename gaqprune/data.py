@@ -21,6 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from gaqprune.errors import GaqpruneError
@@ -214,6 +215,7 @@ def token_streams(source: str, tokenizer, eval_fraction: float = 0.1) -> dict[st
     if cache.is_file():
         streams = torch.load(cache)
     else:
+        rank_zero_info(f"tokenizing {source} (once; cached in {cache.parent})")
         texts = source_texts(source)
         if isinstance(texts, str):
             streams = {"all": _tokenize(texts, tokenizer)}

@@ -52,7 +52,8 @@ def merge_lora(hf_model) -> int:
 
 
 def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str | None = None,
-                     adapter_base: str | Path | None = None, pruned_here: bool = False) -> dict[str, str]:
+                     adapter_base: str | Path | None = None, pruned_here: bool = False,
+                     progress: bool = True) -> dict[str, str]:
     """Save LoRA adapters (if any) and the merged model under ``out_dir`` (and as ``model_finetuned.gguf`` with
     ``gguf_type``); returns the paths written.
 
@@ -93,6 +94,6 @@ def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str |
         from gaqprune.gguf_export import save_gguf
 
         paths["gguf"] = str(save_gguf(hf_model, tokenizer, out_dir / "model_finetuned.gguf", out_type=gguf_type,
-                                      overwrite=True, progress=True))
+                                      overwrite=True, progress=progress))
     hf_model.train(was_training)
     return paths

@@ -377,12 +377,26 @@ def load_importance(path: str | os.PathLike, expected: dict) -> dict[int, float]
 # --------------------------------------------------------------------------- plot
 
 
+def scale_importance_axis(ax, values: list[float], log_scale: bool | None = None) -> bool:
+    """A log axis for importances whose magnitudes span more than 10x (None: decide; removal spans six orders, and
+    on a linear axis one outlier flattens every other layer), symmetric-log when some are zero or negative (linear
+    near zero so they stay visible); returns whether the axis is logarithmic."""
+    magnitudes = [abs(v) for v in values if v != 0]
+    if log_scale is None:
+        log_scale = len(magnitudes) > 1 and max(magnitudes) / min(magnitudes) > 10
+    if log_scale:
+        if min(values) > 0:
+            ax.set_yscale("log")
+        else:
+            ax.set_yscale("symlog", linthresh=min(magnitudes) if magnitudes else 1.0)
+    return log_scale
+
+
 def plot_layer_importance(scores: dict[int, float], path: str | os.PathLike, method: str,
                           log_scale: bool | None = None) -> None:
     """Bar chart of ``scores`` per layer, saved atomically as PNG.
 
-    ``log_scale`` None = automatic: a log axis when the magnitudes span more than two orders
-    (removal spans six); symmetric-log when some scores are zero or negative.
+    ``log_scale`` None = automatic (see ``scale_importance_axis``).
     """
     import matplotlib
 
@@ -393,18 +407,11 @@ def plot_layer_importance(scores: dict[int, float], path: str | os.PathLike, met
 
     layers = sorted(scores)
     values = [scores[layer] for layer in layers]
-    magnitudes = [abs(v) for v in values if v != 0]
-    if log_scale is None:
-        log_scale = len(magnitudes) > 1 and max(magnitudes) / min(magnitudes) > 100
     fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(layers) + 2), 3.5))
     try:
         colors = ["tab:blue" if v >= 0 else "tab:red" for v in values]
         ax.bar(layers, values, color=colors)
-        if log_scale:
-            if min(values) > 0:
-                ax.set_yscale("log")
-            else:  # linear near zero so zero and negative scores stay visible
-                ax.set_yscale("symlog", linthresh=min(magnitudes) if magnitudes else 1.0)
+        log_scale = scale_importance_axis(ax, values, log_scale)
         labels = {"removal": "PPL(skipped) - PPL(dense)", "activation": "mean |residual update|",
                   "block_influence": "1 - cos(input, output)"}
         ax.set_xlabel("decoder layer")

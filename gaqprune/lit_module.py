@@ -147,7 +147,10 @@ class LitCausalLM(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         self._eval_update(self.val_ppl, batch)
-        self.log("val_ppl", self.val_ppl, prog_bar=True, on_epoch=True, on_step=False)
+        # in a fit, logged by on_validation_end at the number of steps taken (Lightning would log it one step
+        # earlier, beside the loss of the step before the validation; the curve's start would share step 0)
+        self.log("val_ppl", self.val_ppl, prog_bar=True, on_epoch=True, on_step=False,
+                 logger=self.trainer.state.fn != "fit")
 
     def on_validation_epoch_end(self) -> None:
         """A fit's sanity check over the whole validation set (``--trainer.num_sanity_val_steps -1``, gaqprune's
@@ -166,9 +169,12 @@ class LitCausalLM(L.LightningModule):
             self.trainer.logger.log_metrics({"val_ppl": val_ppl}, step=self.trainer.global_step)
 
     def on_validation_end(self) -> None:
-        value = self.trainer.callback_metrics.get("val_ppl")
-        if not self.trainer.sanity_checking and value is not None:
-            self.history["val_ppl"].append((self.trainer.global_step, float(value)))
+        trainer = self.trainer
+        value = trainer.callback_metrics.get("val_ppl")
+        if not trainer.sanity_checking and value is not None:
+            self.history["val_ppl"].append((trainer.global_step, float(value)))
+            if trainer.state.fn == "fit" and trainer.logger is not None:
+                trainer.logger.log_metrics({"val_ppl": float(value)}, step=trainer.global_step)
 
     def test_step(self, batch, batch_idx):
         self._eval_update(self.test_ppl, batch)

@@ -74,6 +74,11 @@ def _launch_rank_is_zero() -> bool:
     return all(os.environ.get(var, "0") in ("", "0") for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
 
 
+def shows_progress(trainer) -> bool:
+    """Whether this process shows gaqprune's stage bars: rank 0, unless ``--trainer.enable_progress_bar false``."""
+    return trainer.is_global_zero and trainer.progress_bar_callback is not None
+
+
 _HELD: list = []  # the run-folder locks this process holds (released by release_run_dirs)
 
 
@@ -280,6 +285,9 @@ def plan_stage(hf_model, scores: dict[int, float], windows: torch.Tensor, settin
     return build_plan(hf_model, scores, windows, settings, progress=progress)
 
 
+IMPORTANCE_TAG, RATE_TAG = "prune/layer_importance", "prune/layer_rate"  # by `prune` and `fit --prune` alike
+
+
 def log_per_layer(logger, name: str, values: dict[int, float]) -> None:
     """One TensorBoard scalar per layer (step = layer index), when the logger is TensorBoard."""
     experiment = getattr(logger, "experiment", None) if logger is not None else None
@@ -289,43 +297,95 @@ def log_per_layer(logger, name: str, values: dict[int, float]) -> None:
         experiment.flush()  # `gaqprune prune` never closes the logger; keep the events readable right away
 
 
+RESULT_SCALARS = ("ppl_before", "ppl_after", "ppl_after_finetune")
+RESULT_PARAMS = ("achieved_ratio_selected", "achieved_ratio_decoder", "achieved_ratio_model", "model_params_after")
+
+
+def log_run_results(logger, settings: dict, metrics: dict, summary: str | None = None) -> None:
+    """A finished pruning run in TensorBoard: its settings (the CLI's flag names) with its results in the HParams
+    view (``prune/ppl_*``, achieved ratios, parameters left), every stage's seconds (``prune/seconds/<stage>``) and
+    the summary table as text, so the runs of a sweep compare side by side. Nothing without a TensorBoard logger."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if not isinstance(logger, TensorBoardLogger):
+        return
+    results = {f"prune/{k}": float(metrics[k]) for k in RESULT_SCALARS if k in metrics}
+    results.update({f"prune/{k}": float(metrics["params"][k]) for k in RESULT_PARAMS if k in metrics.get("params", {})})
+    logger.log_hyperparams(settings, metrics=results, step=0)
+    logger.log_metrics({f"prune/seconds/{k}": float(v) for k, v in metrics.get("seconds", {}).items()}, step=0)
+    if summary is not None:  # indented: a preformatted block in TensorBoard's markdown
+        logger.experiment.add_text("prune/summary", "\n".join("    " + line for line in summary.splitlines()))
+    logger.save()
+
+
 def plot_rates(scores: dict[int, float], plan: dict, path: Path) -> None:
-    """Importance vs achieved rate per layer, one picture."""
+    """The plan per layer, one picture: achieved rate (bars) against the target (ticks) and the rate bounds (dashed),
+    the fraction of KV groups and of MLP channels removed (markers), layers outside the range greyed, whole-layer
+    removals in red, and the layer importance that drove the rates (line, right axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from gaqprune.atomic import save_figure
+    from gaqprune.layer_importance import scale_importance_axis
 
-    layers = [entry["index"] for entry in plan["layers"]]
-    rates = [entry["achieved_rate"] if entry["selected"] else 0.0 for entry in plan["layers"]]
-    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.3), 3.5))
-    ax.bar(layers, rates, color="tab:orange", label="pruning rate")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("fraction of layer parameters removed")
-    ax.set_ylim(0, 1)
-    if scores:
-        ax2 = ax.twinx()
-        xs = sorted(scores)
-        values = [scores[i] for i in xs]
-        ax2.plot(xs, values, "o-", color="tab:blue", label="importance")
-        if min(values) > 0 and max(values) / min(values) > 100:
-            ax2.set_yscale("log")
-        ax2.set_ylabel("layer importance")
-    ax.set_title(f"gaqprune plan: {plan['totals'].get('achieved_ratio_selected', 0):.1%} of selected layers removed")
-    save_figure(fig, path)
-    plt.close(fig)
+    entries = plan["layers"]
+    chosen = [e for e in entries if e["selected"]]
+    xs = [e["index"] for e in chosen]
+    fig, ax = plt.subplots(figsize=(max(7.0, len(entries) * 0.32 + 2), 4))
+    try:
+        for e in entries:
+            if not e["selected"]:
+                ax.axvspan(e["index"] - 0.5, e["index"] + 0.5, color="0.92", lw=0)
+        ax.bar(xs, [e["achieved_rate"] for e in chosen], color=["tab:red" if e.get("removed_whole") else "tab:orange"
+                                                                 for e in chosen],
+               label="achieved rate (share of prunable parameters; red: layer removed)")
+        ax.plot(xs, [e["target_rate"] for e in chosen], "_", color="black", ms=12, mew=2, label="target rate")
+        ax.plot(xs, [1 - e["groups_after"] / e["groups_before"] for e in chosen], "^", color="tab:green", ms=5,
+                label="KV groups removed (fraction)")
+        ax.plot(xs, [1 - e["channels_after"] / e["channels_before"] for e in chosen], "v", color="tab:purple", ms=5,
+                label="MLP channels removed (fraction)")
+        settings = plan.get("settings", {})
+        for key, style in (("min_pruning_rate", "--"), ("max_pruning_rate", ":")):
+            if settings.get(key) is not None:
+                ax.axhline(settings[key], ls=style, color="0.45", lw=1, label=f"{key} {settings[key]:g}")
+        ax.set_xlim(-0.5, len(entries) - 0.5)
+        ax.set_xticks(range(len(entries)))
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("decoder layer (grey: outside --layer_start..--layer_end)")
+        ax.set_ylabel("fraction removed")
+        handles, labels = ax.get_legend_handles_labels()
+        if scores:
+            ax2 = ax.twinx()
+            layers = sorted(scores)
+            values = [scores[i] for i in layers]
+            handles += ax2.plot(layers, values, "o-", color="tab:blue", ms=3, lw=1)
+            log = scale_importance_axis(ax2, values)
+            labels.append("layer importance" + (" (log scale)" if log else ""))
+            ax2.set_ylabel("layer importance")
+        totals = plan["totals"]
+        ax.set_title(f"pruning plan: {totals.get('achieved_ratio_selected', 0):.1%} of the selected layers' prunable "
+                     f"parameters removed (target {totals.get('target_ratio', 0):.1%})", fontsize=10)
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False, bbox_to_anchor=(0.5, -0.02))
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
-def plot_fit(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    """Training loss and validation perplexity against the optimizer step, one picture (nothing without data)."""
+def plot_fit(history: dict[str, list[tuple[int, float]]], path: Path, references: dict[str, float] | None = None) -> None:
+    """Training loss and validation perplexity against the optimizer step, one picture (nothing without data);
+    ``references``: perplexities drawn as labelled horizontal lines (the dense model's, measured on the same
+    windows)."""
     if not history["train_loss"] and not history["val_ppl"]:
         return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from gaqprune.atomic import save_figure
 
@@ -344,12 +404,21 @@ def plot_fit(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
     if history["val_ppl"]:
         steps, values = zip(*history["val_ppl"])
         ppl_ax.plot(steps, values, "o-", color="tab:orange")
-        for step, value in (history["val_ppl"][0], history["val_ppl"][-1]):
-            ppl_ax.annotate(f"{value:.2f}", (step, value), textcoords="offset points", xytext=(0, 6), ha="center")
+        for (step, value), side in ((history["val_ppl"][0], "left"), (history["val_ppl"][-1], "right")):
+            ppl_ax.annotate(f"{value:.2f}", (step, value), textcoords="offset points", ha=side,
+                            xytext=(4 if side == "left" else -4, 6))
+        for (label, value), style in zip((references or {}).items(), ("--", ":", "-.")):
+            ppl_ax.axhline(value, ls=style, color="0.4", lw=1, label=f"{label} {value:.2f}")
+            values = (*values, value)
         if min(values) > 0 and max(values) / min(values) > 10:
             ppl_ax.set_yscale("log")
+        ppl_ax.margins(y=0.15)  # room for the annotations
+        if references:
+            ppl_ax.legend(fontsize=8)
     ppl_ax.set_xlabel("optimizer step")
     ppl_ax.set_ylabel("validation perplexity")
+    for ax in (loss_ax, ppl_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle("gaqprune fine-tune")
     fig.tight_layout()
     save_figure(fig, path)

@@ -273,7 +273,7 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = [EventAccumulator(str(f.parent)).Reload() for f in tmp_path.rglob("events.out.tfevents.*")]
+    events = [EventAccumulator(str(d)).Reload() for d in {f.parent for f in tmp_path.rglob("events.out.tfevents.*")}]
     distill = [e.value for ev in events if "train_distill_loss" in ev.Tags()["scalars"]
                for e in ev.Scalars("train_distill_loss")]
     assert len(distill) == 2 and all(v > 0 for v in distill)  # 16 windows / batch 8, one epoch
@@ -284,8 +284,12 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
     (log_dir,) = (tmp_path / "lightning_logs" / "one").glob("version_*")
     val = scalars(log_dir, "val_ppl")
     assert val[0] == (0, pytest.approx(metrics["ppl_after"], rel=1e-6)) and len(val) == 2, val
-    assert val[1][1] == pytest.approx(metrics["ppl_after_finetune"], rel=1e-6)  # the last validation, after training
+    # the last validation, after training, at the number of optimizer steps taken (16 windows / batch 8)
+    assert val[1] == (2, pytest.approx(metrics["ppl_after_finetune"], rel=1e-6))
+    assert [step for step, _ in scalars(log_dir, "lr-AdamW")] == [0, 1]  # the warm-up, step by step
+    assert scalars(log_dir, "prune/ppl_after_finetune") == [(0, pytest.approx(metrics["ppl_after_finetune"], rel=1e-6))]
     assert f"perplexity after fine-tuning: {metrics['ppl_after_finetune']:.2f}" in r.stdout
+    assert "layer importance (removal)" not in r.stderr and "perplexity:" not in r.stderr  # no bars: the flag said so
     assert plot_size(run_dir / "fit_curves.png")[0] > 600
     assert (run_dir / "model" / "config.json").is_file() and (run_dir / "model_finetuned" / "config.json").is_file()
     assert (run_dir / "lora_adapter" / "adapter_model.safetensors").is_file()
