@@ -308,13 +308,15 @@ class GaqpruneCLI(LightningCLI):
         """Lightning rejects impossible --trainer.* combinations (e.g. strategy fsdp on the CPU) with a ValueError
         while building the Trainer: a user mistake, reported in one line like every other one."""
         trainer_cfg = self._get(self.config_init, "trainer", default={})
-        if self.subcommand in ("prune", "fit") and trainer_cfg.get("logger") is None:
+        if trainer_cfg.get("logger") is None:
             # TensorBoard logs of a run go under its name (lightning_logs/<save_ckpt_log_name>/version_N), so a run
-            # renamed with --save_ckpt_log_name (a ratio sweep) does not mix its curves into another run's folder
+            # renamed with --save_ckpt_log_name (a ratio sweep) does not mix its curves into another run's folder;
+            # validate / test under lightning_logs/validate|test; no placeholder hp_metric of -1 anywhere
             from lightning.pytorch.loggers import TensorBoardLogger
 
             root = Path(trainer_cfg.get("default_root_dir") or ".")
-            name = self._settings(RunSettings).save_ckpt_log_name
+            name = self._settings(RunSettings).save_ckpt_log_name if self.subcommand in ("prune", "fit") \
+                else self.subcommand
             kwargs.setdefault("logger", TensorBoardLogger(root / "lightning_logs", name=name, default_hp_metric=False))
         from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
         from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar

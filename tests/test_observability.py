@@ -90,6 +90,17 @@ def test_a_prune_run_logs_its_settings_and_results_for_the_hparams_view(prune_ar
     assert "| layer | importance |" in events.Tensors("prune/summary/text_summary")[0].tensor_proto.string_val[0].decode()
 
 
+def test_validate_logs_under_its_own_name_without_a_placeholder_metric(prune_args, tiny_model_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    source = prune_args[prune_args.index("--data.source") + 1]
+    run(["validate", "--base_model", str(tiny_model_dir), "--data.source", source, "--data.max_seq_len", "32",
+         "--data.max_eval_windows", "2", "--trainer.enable_progress_bar", "false"])
+    (log_dir,) = Path("lightning_logs/validate").glob("version_*")
+    tags = EventAccumulator(str(log_dir)).Reload().Tags()["scalars"]
+    assert "val_ppl" in tags and "hp_metric" not in tags
+
+
 @pytest.mark.parametrize(("values", "scale"), [
     ([228.0, 30.0, 2.5], "log"),  # 91x: a linear axis flattens every layer but the outlier
     ([1.0, 5.0, 9.0], "linear"),
