@@ -359,11 +359,12 @@ def profile_hf_generate(hf_model, batch: int, prompt_len: int, vocab: int, devic
                 sync(device)
         averages = prof.key_averages()
         sort_device = "self_cuda_time_total" if is_cuda(device) else "self_cpu_time_total"
+        calls = sum(event.count for event in averages if event.key.startswith("aten::"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"HF generate, batch {batch}, prompt {prompt_len}, 8 new tokens\n\n"
+        path.write_text(f"HF generate, batch {batch}, prompt {prompt_len}, 8 new tokens: {calls} aten op calls\n\n"
                         + averages.table(sort_by=sort_device, row_limit=25) + "\n\n"
-                        + averages.table(sort_by="self_cpu_time_total", row_limit=25) + "\n")
-        print(f"  profile of HF generate written to {path}", flush=True)
+                        + averages.table(sort_by="self_cpu_time_total", row_limit=-1) + "\n")
+        print(f"  profile of HF generate ({calls} aten op calls) written to {path}", flush=True)
     except Exception as err:  # a diagnostic: never fail the benchmark
         print(f"  profiling HF generate {_failure(err)}", flush=True)
 
