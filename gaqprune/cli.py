@@ -122,13 +122,16 @@ class GaqpruneTrainer(L.Trainer):
                           overwrite=True, name=model_name(job.base_model), progress=progress)
         metrics.update(params=plan["totals"], seconds=clock.seconds)
         self._log_prune_layers(scores, plan)
+        logged = pipeline.result_values(metrics)  # now: a fine-tune can take hours (or fail)
+        if self.is_global_zero:
+            pipeline.log_results(self.loggers, logged)
         if self.is_global_zero:
             print(pipeline.summary_table(plan, metrics))
         if job.finetune.finetune:
             from gaqprune.finetune import export_finetuned
 
             self.fit_loop.max_epochs = job.finetune.finetune_epochs
-            if "ppl_after" in metrics and self.limit_val_batches == 1.0:  # measured on the windows the fit
+            if "ppl_after" in metrics and self._validates_everything():  # measured on the windows the fit
                 model.trainer = self  # validates on: its curve starts there (every rank decides alike: _join_finetune)
                 model.record_start(metrics["ppl_after"])
                 self.num_sanity_val_steps = 0
@@ -155,13 +158,13 @@ class GaqpruneTrainer(L.Trainer):
                     adapter_base=out_dir / "model" if job.run.save_model else None, progress=progress)
                 pipeline.plot_fit(model.history, out_dir / pipeline.FIT_PLOT,
                                   references={"dense": metrics["ppl_before"]}  # on the windows validated
-                                  if "ppl_before" in metrics and self.limit_val_batches == 1.0 else None)
+                                  if "ppl_before" in metrics and self._validates_everything() else None)
             metrics["seconds"] = clock.seconds
         if self.is_global_zero:
-            settings = {k: v for part in (job.importance, job.pruning, job.run, job.finetune)
-                        for k, v in dataclasses.asdict(part).items()}
-            pipeline.log_run_results(self.logger, {"base_model": job.base_model, **settings}, metrics,
-                                     pipeline.summary_table(plan, metrics))
+            settings = {**datamodule.hparams, **model.hparams, "base_model": job.base_model,
+                        **{k: v for part in (job.importance, job.pruning, job.run, job.finetune)
+                           for k, v in dataclasses.asdict(part).items()}}
+            pipeline.log_run_results(self.loggers, settings, metrics, logged, pipeline.summary_table(plan, metrics))
         write_json(out_dir / pipeline.METRICS_FILE, metrics)  # written last: marks the run as finished
         if self.is_global_zero:
             written = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir() if not p.name.startswith("."))
@@ -191,7 +194,7 @@ class GaqpruneTrainer(L.Trainer):
         apply_plan(model.model, plan, refit_windows, progress=False)
         model.plan_digest = pipeline.plan_digest(plan)
         self.fit_loop.max_epochs = job.finetune.finetune_epochs
-        if job.run.test_after_prune and self.limit_val_batches == 1.0:
+        if job.run.test_after_prune and self._validates_everything():
             self.num_sanity_val_steps = 0  # as rank 0, which measured the pruned model already (a collective)
         self.fit(model, datamodule=datamodule, ckpt_path=self._resumable(model, job))
         return {}
@@ -209,6 +212,11 @@ class GaqpruneTrainer(L.Trainer):
         if self.is_global_zero:
             log.info("resuming the interrupted fine-tune from %s", last)
         return str(last)
+
+    def _validates_everything(self) -> bool:
+        """Whether the fit validates on all the evaluation windows (``limit_val_batches`` 1.0; the integer 1 is one
+        batch), the ones ``--test_after_prune`` measured."""
+        return isinstance(self.limit_val_batches, float) and self.limit_val_batches == 1.0
 
     def _log_prune_layers(self, scores: dict[int, float], plan: dict) -> None:
         if self.is_global_zero:
@@ -318,7 +326,7 @@ class GaqpruneCLI(LightningCLI):
             name = self._settings(RunSettings).save_ckpt_log_name if self.subcommand in ("prune", "fit") \
                 else self.subcommand
             kwargs.setdefault("logger", TensorBoardLogger(root / "lightning_logs", name=name, default_hp_metric=False))
-        from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+        from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, TQDMProgressBar
         from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 
         # what the user configured, before Lightning adds its defaults
@@ -331,8 +339,8 @@ class GaqpruneCLI(LightningCLI):
             raise GaqpruneError(f"--trainer settings rejected by Lightning: {err}") from None
         cfg = self.config[self.subcommand]
         bar = trainer.progress_bar_callback
-        if isinstance(bar, RichProgressBar) and not own_bar:
-            from gaqprune.callbacks import ProgressBar  # Lightning's pick when rich is installed: see ProgressBar
+        if type(bar) in (RichProgressBar, TQDMProgressBar) and not own_bar:
+            from gaqprune.callbacks import ProgressBar  # Lightning's stock pick (Rich when installed): see ProgressBar
 
             trainer.callbacks[trainer.callbacks.index(bar)] = ProgressBar()
         if self.subcommand in ("prune", "fit") and trainer.loggers and not own_lr_monitor:

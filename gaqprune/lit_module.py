@@ -147,34 +147,39 @@ class LitCausalLM(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         self._eval_update(self.val_ppl, batch)
-        # in a fit, logged by on_validation_end at the number of steps taken (Lightning would log it one step
+        # in a fit, logged by on_validation_epoch_end at the number of steps taken (Lightning would log it one step
         # earlier, beside the loss of the step before the validation; the curve's start would share step 0)
         self.log("val_ppl", self.val_ppl, prog_bar=True, on_epoch=True, on_step=False,
                  logger=self.trainer.state.fn != "fit")
 
     def on_validation_epoch_end(self) -> None:
-        """A fit's sanity check over the whole validation set (``--trainer.num_sanity_val_steps -1``, gaqprune's
-        default) measures the model before training: logged as ``val_ppl`` at the fit's first step, so the curve
-        starts where pruning left the model. Lightning itself logs nothing during a sanity check."""
+        """Every validation's perplexity joins the history (and, in a fit, every logger at the current step) here,
+        before ModelCheckpoint saves in ``on_validation_end``, so a checkpoint's history includes the validation that
+        triggered it. A fit's sanity check over the whole validation set (``--trainer.num_sanity_val_steps -1``,
+        gaqprune's default) measures the model before training: recorded as the curve's start, at the fit's first
+        step. Other sanity checks are not measurements of anything and are not recorded."""
         trainer = self.trainer
-        if trainer.sanity_checking and trainer.global_step == 0 and trainer.num_sanity_val_batches == trainer.num_val_batches:
-            # (a fit resumed from an epoch's end sanity-checks a trained model: not a start, not recorded)
-            self.record_start(float(self.val_ppl.compute()))  # a collective under DDP: every rank is here
+        if not self.val_ppl.update_called:
+            return
+        if trainer.sanity_checking:
+            if trainer.global_step == 0 and trainer.num_sanity_val_batches == trainer.num_val_batches:
+                # (a fit resumed from an epoch's end sanity-checks a trained model: not a start, not recorded)
+                self.record_start(float(self.val_ppl.compute()))  # a collective under DDP: every rank is here
+            return
+        value = float(self.val_ppl.compute())  # (cached: Lightning's own epoch-end logging reuses it)
+        self.history["val_ppl"].append((trainer.global_step, value))
+        if trainer.state.fn == "fit":
+            self._log_to_all({"val_ppl": value})
 
     def record_start(self, val_ppl: float) -> None:
         """The validation perplexity before training: logged at the fit's first step and kept for the summary."""
         self.val_ppl_start = val_ppl
         self.history["val_ppl"].append((self.trainer.global_step, val_ppl))
-        if self.trainer.logger is not None:
-            self.trainer.logger.log_metrics({"val_ppl": val_ppl}, step=self.trainer.global_step)
+        self._log_to_all({"val_ppl": val_ppl})
 
-    def on_validation_end(self) -> None:
-        trainer = self.trainer
-        value = trainer.callback_metrics.get("val_ppl")
-        if not trainer.sanity_checking and value is not None:
-            self.history["val_ppl"].append((trainer.global_step, float(value)))
-            if trainer.state.fn == "fit" and trainer.logger is not None:
-                trainer.logger.log_metrics({"val_ppl": float(value)}, step=trainer.global_step)
+    def _log_to_all(self, metrics: dict[str, float]) -> None:
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self.trainer.global_step)
 
     def test_step(self, batch, batch_idx):
         self._eval_update(self.test_ppl, batch)

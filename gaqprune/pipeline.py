@@ -301,21 +301,48 @@ RESULT_SCALARS = ("ppl_before", "ppl_after", "ppl_after_finetune")
 RESULT_PARAMS = ("achieved_ratio_selected", "achieved_ratio_decoder", "achieved_ratio_model", "model_params_after")
 
 
-def log_run_results(logger, settings: dict, metrics: dict, summary: str | None = None) -> None:
-    """A finished pruning run in TensorBoard: its settings (the CLI's flag names) with its results in the HParams
-    view (``prune/ppl_*``, achieved ratios, parameters left), every stage's seconds (``prune/seconds/<stage>``) and
-    the summary table as text, so the runs of a sweep compare side by side. Nothing without a TensorBoard logger."""
-    from lightning.pytorch.loggers import TensorBoardLogger
+def result_values(metrics: dict) -> dict[str, float]:
+    """A pruning run's results as logger scalars: ``prune/ppl_*``, the achieved ratios, the parameters left."""
+    values = {f"prune/{k}": float(metrics[k]) for k in RESULT_SCALARS if k in metrics}
+    values.update({f"prune/{k}": float(v) for k, v in metrics.get("params", {}).items() if k in RESULT_PARAMS})
+    return values
 
-    if not isinstance(logger, TensorBoardLogger):
-        return
-    results = {f"prune/{k}": float(metrics[k]) for k in RESULT_SCALARS if k in metrics}
-    results.update({f"prune/{k}": float(metrics["params"][k]) for k in RESULT_PARAMS if k in metrics.get("params", {})})
-    logger.log_hyperparams(settings, metrics=results, step=0)
-    logger.log_metrics({f"prune/seconds/{k}": float(v) for k, v in metrics.get("seconds", {}).items()}, step=0)
-    if summary is not None:  # indented: a preformatted block in TensorBoard's markdown
-        logger.experiment.add_text("prune/summary", "\n".join("    " + line for line in summary.splitlines()))
-    logger.save()
+
+def log_results(loggers, values: dict[str, float]) -> None:
+    """Results (not curves) at step 0, in every logger."""
+    for logger in loggers:
+        logger.log_metrics(values, step=0)
+
+
+def log_run_results(loggers, settings: dict, metrics: dict, logged: dict[str, float],
+                    summary: str | None = None) -> None:
+    """A finished pruning run: the results not ``logged`` yet and every stage's seconds (``prune/seconds/<stage>``) in
+    every logger; its settings (the CLI's flag names, the model's and the data's hyperparameters) in every logger's
+    hyperparameters (``hparams.yaml``); and in TensorBoard an HParams session over all the results, where the runs of
+    a sweep compare side by side, and the summary table as text."""
+    from lightning.pytorch.core.saving import save_hparams_to_yaml
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.tensorboard.summary import hparams
+
+    values = result_values(metrics)
+    log_results(loggers, {k: v for k, v in values.items() if k not in logged}
+                | {f"prune/seconds/{k}": float(v) for k, v in metrics.get("seconds", {}).items()})
+    # no None (TensorBoard would turn a column that is a number in other runs into text), no lists (not hparams)
+    params = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in settings.items()
+              if v is not None and not k.startswith("_")}
+    for logger in loggers:
+        if not isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(params)
+            continue
+        logger.hparams.update(params)  # (its log_hyperparams would log the results a second time)
+        writer = logger.experiment._get_file_writer()
+        for proto in hparams(params, values):
+            writer.add_summary(proto, 0)
+        if summary is not None:  # indented: a preformatted block in TensorBoard's markdown
+            logger.experiment.add_text("prune/summary", "\n".join("    " + line for line in summary.splitlines()))
+        logger.experiment.flush()
+        if logger.log_dir and Path(logger.log_dir).is_dir():  # a fit wrote it first with only its own hyperparameters
+            save_hparams_to_yaml(Path(logger.log_dir) / logger.NAME_HPARAMS_FILE, logger.hparams)
 
 
 def plot_rates(scores: dict[int, float], plan: dict, path: Path) -> None:
@@ -339,7 +366,7 @@ def plot_rates(scores: dict[int, float], plan: dict, path: Path) -> None:
             if not e["selected"]:
                 ax.axvspan(e["index"] - 0.5, e["index"] + 0.5, color="0.92", lw=0)
         ax.bar(xs, [e["achieved_rate"] for e in chosen], color=["tab:red" if e.get("removed_whole") else "tab:orange"
-                                                                 for e in chosen],
+                                                                 for e in chosen] or "tab:orange",
                label="achieved rate (share of prunable parameters; red: layer removed)")
         ax.plot(xs, [e["target_rate"] for e in chosen], "_", color="black", ms=12, mew=2, label="target rate")
         ax.plot(xs, [1 - e["groups_after"] / e["groups_before"] for e in chosen], "^", color="tab:green", ms=5,

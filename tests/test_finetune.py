@@ -135,13 +135,17 @@ def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
     assert fit_metrics["val_ppl_start"] == pytest.approx(dense_val_ppl(tiny_model_dir), rel=1e-5)
     assert plot_size(tmp_path / "prune_log" / "a" / "fit_curves.png")[0] > 600  # loss and perplexity side by side
     r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "4", "--save_ckpt_log_name", "b",
-             "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt), "--save_gguf", "f16", cwd=tmp_path)
+             "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt), "--save_gguf", "f16",
+             "--trainer.val_check_interval", "2", cwd=tmp_path)  # (checkpoints then save when a validation ends)
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = sorted(tmp_path.rglob("*step=4.ckpt"))
     assert resumed, list(tmp_path.rglob("*.ckpt"))
     assert (tmp_path / "prune_log" / "b" / "model_finetuned" / "config.json").is_file()
     fit_metrics = json.loads((tmp_path / "prune_log" / "b" / "fit_metrics.json").read_text())
     assert fit_metrics["steps"] == 4 and fit_metrics["val_ppl"] > 1  # the epoch ended: validated
+    # the checkpoint the epoch-end validation triggered holds that validation in its history (a resume's curve)
+    history = torch.load(resumed[-1], weights_only=False)["gaqprune_history"]["history"]["val_ppl"]
+    assert history[-1] == (4, pytest.approx(fit_metrics["val_ppl"], rel=1e-6)), history
     assert (tmp_path / "prune_log" / "b" / "model_finetuned.gguf").stat().st_size > 6_000_000 * 2  # f16 weights
     # validating the fit's checkpoint measures the adapters it holds (not the base model without them)
     r = subprocess.run([sys.executable, "-m", "gaqprune.cli", "validate", "--base_model", str(tiny_model_dir),
@@ -330,7 +334,7 @@ def test_a_resumed_sanity_check_is_not_a_start(tiny_model_dir):
     lit = LitCausalLM(base_model=str(tiny_model_dir))
 
     class Trainer:
-        sanity_checking, num_sanity_val_batches, num_val_batches, logger = True, [2], [2], None
+        sanity_checking, num_sanity_val_batches, num_val_batches, loggers = True, [2], [2], []
 
     lit._trainer = Trainer()
     lit.val_ppl.update(torch.tensor(20.0, dtype=torch.float64), torch.tensor(10))

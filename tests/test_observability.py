@@ -26,10 +26,13 @@ def prune_args(tmp_path, monkeypatch, tiny_model_dir) -> list[str]:
 def test_default_bars_are_tqdm_the_lr_is_monitored_and_stage_bars_show(prune_args, capsys):
     from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, TQDMProgressBar
 
-    cli = run([*prune_args, "--save_ckpt_log_name", "bars"])
+    from gaqprune.callbacks import ProgressBar
+
+    cli = run([*prune_args, "--save_ckpt_log_name", "bars"])  # (rich or not, the stock bar is replaced)
     bar = cli.trainer.progress_bar_callback
-    # tqdm (lines in a log file, like the stage bars), never Lightning's Rich pick
+    # tqdm (lines in a log file, like the stage bars), never Lightning's Rich pick; gaqprune's (no v_num)
     assert isinstance(bar, TQDMProgressBar) and not isinstance(bar, RichProgressBar)
+    assert type(bar) is ProgressBar
     assert sum(isinstance(c, LearningRateMonitor) for c in cli.trainer.callbacks) == 1
     err = capsys.readouterr().err
     assert "layer importance (removal)" in err and "surgery" in err
@@ -84,6 +87,9 @@ def test_a_prune_run_logs_its_settings_and_results_for_the_hparams_view(prune_ar
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     assert start.hparams["pruning_ratio"].number_value == pytest.approx(0.3)
     assert start.hparams["base_model"].string_value.endswith("tiny-llama")
+    assert start.hparams["lora_r"].number_value == 8  # the model's hyperparameters too (a learning-rate sweep)
+    assert "layer_end" not in start.hparams  # unset: no "None" text column
+    assert "pruning_ratio: 0.3" in (log_dir / "hparams.yaml").read_text()
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert {"prune/ppl_before", "prune/ppl_after", "prune/model_params_after"} <= {
         m.name.tag for m in experiment.metric_infos}
@@ -99,6 +105,42 @@ def test_validate_logs_under_its_own_name_without_a_placeholder_metric(prune_arg
     (log_dir,) = Path("lightning_logs/validate").glob("version_*")
     tags = EventAccumulator(str(log_dir)).Reload().Tags()["scalars"]
     assert "val_ppl" in tags and "hp_metric" not in tags
+
+
+def test_every_logger_gets_val_ppl_at_the_steps_taken(prune_args, tiny_model_dir):
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Path("loggers.yaml").write_text(
+        "trainer:\n  logger:\n"
+        "    - class_path: lightning.pytorch.loggers.CSVLogger\n      init_args: {save_dir: csv}\n"
+        "    - class_path: lightning.pytorch.loggers.TensorBoardLogger\n      init_args: {save_dir: tb}\n")
+    source = prune_args[prune_args.index("--data.source") + 1]
+    run(["fit", "--config", "loggers.yaml", "--base_model", str(tiny_model_dir), "--data.source", source,
+         "--data.max_seq_len", "32", "--data.max_eval_windows", "4", "--data.batch_size", "4", "--finetune_samples", "16",
+         "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
+         "--save_ckpt_log_name", "two_loggers"])
+    history = json.loads(Path("prune_log/two_loggers/fit_metrics.json").read_text())
+    (metrics_csv,) = Path("csv").rglob("metrics.csv")
+    rows = [row for row in csv.DictReader(metrics_csv.open()) if row.get("val_ppl")]
+    assert [int(row["step"]) for row in rows] == [0, 2, 4]  # before training, then every 2 optimizer steps
+    assert float(rows[-1]["val_ppl"]) == pytest.approx(history["val_ppl"], rel=1e-6)
+    (tb_dir,) = {f.parent for f in Path("tb").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(tb_dir)).Reload()
+    assert [e.step for e in events.Scalars("val_ppl")] == [0, 2, 4]
+
+
+def test_pruning_results_are_logged_before_the_fine_tune(prune_args):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with pytest.raises(RuntimeError, match="simulated failure before training"):
+        run([*prune_args, "--save_ckpt_log_name", "early", "--test_after_prune", "true", "--data.max_eval_windows", "2",
+             "--finetune", "true", "--finetune_samples", "8", "--trainer.callbacks+=interrupt.FailAtStart"])
+    (log_dir,) = Path("lightning_logs/early").glob("version_*")
+    tags = EventAccumulator(str(log_dir)).Reload().Tags()["scalars"]
+    assert {"prune/ppl_before", "prune/ppl_after", "prune/achieved_ratio_selected"} <= set(tags)
+    assert not Path("prune_log/early/metrics.json").exists()  # the run did not finish
 
 
 @pytest.mark.parametrize(("values", "scale"), [
@@ -135,3 +177,14 @@ def test_fit_curves_draw_the_dense_reference(tmp_path, monkeypatch):
     assert [tuple(line.get_ydata()) for line in ppl_ax.lines[1:]] == [(300.0, 300.0)]
     assert ppl_ax.get_legend().get_texts()[0].get_text() == "dense 300.00"
     assert (tmp_path / "fit.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(("limit", "everything"), [(1.0, True), (1, False), (0.5, False), (4, False)])
+def test_only_a_fraction_of_one_validates_every_window(limit, everything):
+    # Lightning reads the integer 1 as one batch: the fit's curve must not then start at (or be drawn against) the
+    # perplexity --test_after_prune measured on all the windows
+    from gaqprune.cli import GaqpruneTrainer
+
+    trainer = GaqpruneTrainer(limit_val_batches=limit, logger=False, enable_checkpointing=False,
+                              enable_progress_bar=False, enable_model_summary=False)
+    assert trainer._validates_everything() is everything
