@@ -11,9 +11,11 @@
 #      projections + CUDA graph, HF generate with its dynamic and its static cache, both eager; plus a torch.profiler
 #      table of HF generate and the CUDA allocator's state per model and batch)
 #   5. inference_compiled: decode batch 16 and 1 with the fused step through torch.compile + CUDA graph (no prefill)
+#   0. gemm: one Llama-3-8B MLP at decode batches 1, 16, 64, dense width vs pruned widths aligned to 256 / 128 / 64 /
+#      32 / nothing (does --channel_multiple 64 decode as fast as 128 or 256?); seconds
 #   6. inference_hf_compiled (not in the default list): decode batch 16 with HF generate's own torch.compile of a
 #      static cache (what a transformers user gets); two compiles of the whole model, so only when time is left
-# GPU_CHECK_STEPS (default: the first five) picks steps by name, e.g. GPU_CHECK_STEPS="inference inference_compiled".
+# GPU_CHECK_STEPS (default: gemm and steps 1-5) picks steps by name, e.g. GPU_CHECK_STEPS="inference inference_compiled".
 # A global budget (GPU_CHECK_BUDGET_S, default 600 s) caps the per-step timeouts so the whole script ends in time;
 # each step keeps back what the steps after it need (a slow earlier step shortens or skips the ones before it).
 # GPU_CHECK_SMOKE=1 runs the same steps on a tiny random model on the CPU (tests this script, not the GPU).
@@ -26,7 +28,7 @@ export TRANSFORMERS_VERBOSITY=error
 RES="${OUT:-$(mktemp -d /tmp/gaqprune-gpu-check.XXXXXX)}"
 mkdir -p "$RES"
 BUDGET="${GPU_CHECK_BUDGET_S:-600}"
-STEPS=" ${GPU_CHECK_STEPS:-stages_standard stages_precise taylor inference inference_compiled} "
+STEPS=" ${GPU_CHECK_STEPS:-gemm stages_standard stages_precise taylor inference inference_compiled} "
 T0=$(date +%s)
 declare -A STATUS
 
@@ -62,16 +64,20 @@ if [[ "${GPU_CHECK_SMOKE:-0}" == 1 ]]; then  # test this script's plumbing on a 
     M=(--model tiny --device cpu --dtype float32)
     INF=(--prefill 1x128 --decode_batch 2 --prompt 32 --eager_steps 4)
     COMPILED=(--decode_batch 2 --prompt 32 --eager_steps 4 --paths compiled-eager)
+    GEMM=(--device cpu --dtype float32 --hidden 256 --intermediate 1024 --batches 1 16 --calls 3)
     HF_COMPILED=(--decode_batch 2 --prompt 32 --eager_steps 4 --paths hf-static)  # hf-compiled is CUDA-only
 else
     COMPILED=(--decode_batch 16 1 --paths compiled-graph)
     HF_COMPILED=(--decode_batch 16 --paths hf-compiled)
+    GEMM=(--device cuda --dtype bfloat16)
 fi
 reserve() {  # budget the selected steps after this one need: reserve NAME:SECONDS ...
     local total=0 item
     for item in "$@"; do [[ "$STEPS" == *" ${item%%:*} "* ]] && total=$((total + ${item##*:})); done
     echo $total
 }
+step gemm 60 "$(reserve inference:200 inference_compiled:240 inference_hf_compiled:240)" benchmarks/gemm_alignment.py \
+    "${GEMM[@]}" --out "$RES/gemm.json"
 step stages_standard 150 "$(reserve inference:200 inference_compiled:240 inference_hf_compiled:240)" benchmarks/stages.py "${M[@]}" \
     --scheme standard --save_dir /tmp --out "$RES/stages_standard.json"
 step stages_precise 100 "$(reserve inference:200 inference_compiled:240 inference_hf_compiled:240)" benchmarks/stages.py "${M[@]}" \
@@ -87,7 +93,7 @@ step inference_hf_compiled 300 0 benchmarks/inference.py "${M[@]}" --prune plan 
 
 echo
 echo "================ gpu_check summary (wall $(($(date +%s) - T0)) s; results in $RES) ================"
-for name in stages_standard stages_precise taylor inference inference_compiled inference_hf_compiled; do echo "$name: ${STATUS[$name]:-not run}"; done
+for name in gemm stages_standard stages_precise taylor inference inference_compiled inference_hf_compiled; do echo "$name: ${STATUS[$name]:-not run}"; done
 python3 - "$RES" <<'EOF' || echo "summary FAILED"
 import json, sys
 from pathlib import Path
@@ -101,6 +107,13 @@ def get(name):
 
 
 summary = {}
+g = get("gemm")
+if g:
+    for b, sec in g["seconds"].items():
+        print(f"gemm batch {b}: MLP speed-up vs dense (ideal): " + ", ".join(
+            f"{name} {sec['dense'] / s:.3f}x ({g['widths']['dense'] / g['widths'][name]:.3f}x)"
+            for name, s in sec.items() if name != "dense"))
+    summary["gemm"] = g
 for scheme, target in (("standard", 30), ("precise", 90)):
     s = get(f"stages_{scheme}")
     if s:
