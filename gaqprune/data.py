@@ -4,7 +4,8 @@ A source gives two disjoint parts: ``train`` (calibration for importance/Taylor,
 and ``eval`` (perplexity). Sources:
 
 * ``embedded``: the offline Wikipedia sample (split by article, see ``gaqprune.corpus``);
-* ``wikitext2`` / ``ptb`` / ``c4``: the HF datasets used by LLM-Pruner (train vs test/validation);
+* ``wikitext2`` / ``ptb`` / ``c4``: the HF datasets used by LLM-Pruner (train vs test/validation); ``c4`` is one
+  shard per split, as LLM-Pruner's calibration and the SparseGPT/Wanda c4 perplexity use it (``C4``);
 * any hub dataset id with a ``text`` column (``train`` vs ``test``/``validation`` split);
 * a local ``.txt`` / ``.jsonl`` file: its token stream is cut at ``eval_fraction`` (default 0.1,
   the tail is evaluation); ``eval_fraction 1.0`` evaluates the whole file.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 
 import lightning as L
@@ -33,6 +35,12 @@ HF_PRESETS = {
     "ptb": ("ptb_text_only", "penn_treebank", "train", "validation", "sentence"),  # as LLM-Pruner evaluates it
     "c4": ("allenai/c4", "en", "train", "validation", "text"),
 }
+# c4's shards are large (356k training documents, 45k validation ones): LLM-Pruner calibrates on documents drawn at
+# random from the first training shard, and the c4 perplexity papers report (SparseGPT, Wanda; LLM-Pruner reports
+# none) is the first 1,100 validation documents joined by spaces. Tokenizing whole shards would take minutes and
+# tens of GB for no use: a fixed random draw of training documents (about 8M tokens, far more than calibration or
+# a fine-tune of this tool's sizes need) and those evaluation documents.
+C4 = {"train_docs": 20_000, "seed": 0, "eval_docs": 1_100, "eval_separator": " "}
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json")
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task{input_clause}. Write a response that appropriately completes "
@@ -166,7 +174,12 @@ def _hf_texts(source: str) -> tuple[list[str], list[str]]:
         ) from None
     if column not in ds[train_split].column_names:
         raise GaqpruneError(f"--data.source {source!r} has no {column!r} column (has {ds[train_split].column_names})")
-    return list(ds[train_split][column]), list(ds[eval_split][column])
+    train, evaluation = ds[train_split], ds[eval_split]
+    if source == "c4":
+        if len(train) > C4["train_docs"]:  # in shard order, so the joined text does not depend on the draw's order
+            train = train.select(sorted(random.Random(C4["seed"]).sample(range(len(train)), C4["train_docs"])))
+        evaluation = evaluation.select(range(min(len(evaluation), C4["eval_docs"])))
+    return list(train[column]), list(evaluation[column])
 
 
 def source_texts(source: str) -> tuple[str, str] | str:
@@ -179,8 +192,8 @@ def source_texts(source: str) -> tuple[str, str] | str:
     if _is_local(source):
         return _read_local(Path(source).expanduser())
     train, evaluation = _hf_texts(source)
-    # wikitext/ptb lines are already split; LLM-Pruner joins them with blank lines.
-    return "\n\n".join(train), "\n\n".join(evaluation)
+    # wikitext/ptb lines are already split; LLM-Pruner joins them with blank lines (c4's evaluation: see C4)
+    return "\n\n".join(train), (C4["eval_separator"] if source == "c4" else "\n\n").join(evaluation)
 
 
 def _tokenize(text: str, tokenizer) -> torch.Tensor:
@@ -203,7 +216,7 @@ def _source_key(source: str) -> str:
                                 else f"--data.source {source!r} is not a file; give a .txt/.jsonl file or a dataset name")
         st = p.stat()
         return f"file:{p}:{st.st_size}:{int(st.st_mtime)}"
-    return f"source:{source}"
+    return f"source:{source}" + (f":{json.dumps(C4, sort_keys=True)}" if source == "c4" else "")  # (its cut)
 
 
 def token_streams(source: str, tokenizer, eval_fraction: float = 0.1) -> dict[str, torch.Tensor]:

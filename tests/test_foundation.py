@@ -79,6 +79,27 @@ def test_ptb_is_evaluated_on_its_validation_split(monkeypatch):
     assert source_texts("ptb") == ("train a\n\ntrain b", "validation a\n\nvalidation b")
 
 
+def test_c4_is_a_fixed_draw_of_training_documents_and_the_papers_validation_documents(monkeypatch):
+    # tokenizing c4's whole shards took minutes and tens of GB; its perplexity in the papers is the first 1,100
+    # validation documents joined by spaces (SparseGPT, Wanda)
+    import datasets
+
+    from gaqprune.data import C4, source_texts
+
+    splits = {"train": datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(C4["train_docs"] + 5000)]}),
+              "validation": datasets.Dataset.from_dict({"text": [f"v{i}" for i in range(3000)]})}
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or splits)
+    train, evaluation = source_texts("c4")
+    assert calls[0][1]["data_files"] == {"train": "en/c4-train.00000-of-01024.json.gz",
+                                         "validation": "en/c4-validation.00000-of-00008.json.gz"}
+    drawn = [int(doc[1:]) for doc in train.split("\n\n")]
+    assert len(set(drawn)) == C4["train_docs"] and drawn == sorted(drawn)  # distinct documents, in shard order
+    assert drawn[-1] > C4["train_docs"]  # drawn from the whole shard, not its head
+    assert evaluation == " ".join(f"v{i}" for i in range(1100))
+    assert source_texts("c4") == (train, evaluation)  # the same draw every time (the token cache relies on it)
+
+
 def test_padded_eval_sampler_counts_every_window_once():
     from torch.utils.data import DataLoader
 
