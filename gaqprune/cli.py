@@ -125,7 +125,6 @@ class GaqpruneTrainer(L.Trainer):
         logged = pipeline.result_values(metrics)  # now: a fine-tune can take hours (or fail)
         if self.is_global_zero:
             pipeline.log_results(self.loggers, logged)
-        if self.is_global_zero:
             print(pipeline.summary_table(plan, metrics))
         if job.finetune.finetune:
             from gaqprune.finetune import export_finetuned
