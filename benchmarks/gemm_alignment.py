@@ -30,29 +30,35 @@ def widths(dense: int, fraction: float) -> dict[str, int]:
     return {"dense": dense, "x256": base, "x128": base - 128, "x64": base - 64, "x32": base - 32, "odd": base - 1}
 
 
-def mlp_seconds(hidden: int, width: int, batch: int, device: str, dtype: torch.dtype, calls: int) -> float:
-    """Seconds per MLP (gate, up: width x hidden; down: hidden x width) on ``batch`` tokens, averaged over ``calls``."""
-    gen = torch.Generator(device="cpu").manual_seed(width)
-    gate, up = (torch.randn(width, hidden, generator=gen).to(device, dtype) * 0.02 for _ in range(2))
-    down = torch.randn(hidden, width, generator=gen).to(device, dtype) * 0.02
-    x = torch.randn(batch, hidden, generator=gen).to(device, dtype)
+def mlp_seconds(hidden: int, width: int, batches: list[int], device: str, dtype: torch.dtype,
+                calls: int) -> dict[int, float]:
+    """Seconds per MLP (gate, up: width x hidden; down: hidden x width) on each of ``batches`` tokens, averaged over
+    ``calls`` back-to-back calls (weights made once per width, on the device)."""
+    gen = torch.Generator(device=device).manual_seed(width)
+    gate, up, down = (torch.randn(shape, generator=gen, device=device, dtype=dtype) * 0.02
+                      for shape in ((width, hidden), (width, hidden), (hidden, width)))
 
-    def mlp():
+    def mlp(x: torch.Tensor) -> None:
         for _ in range(calls):
             h = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
             h @ down.T
 
-    with torch.no_grad():
-        mlp()  # warm-up (cuBLAS heuristics, allocator)
-        if is_cuda(device):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            sync(device)
-            start.record()
-            mlp()
-            end.record()
-            sync(device)
-            return start.elapsed_time(end) / 1000 / calls
-        return timed(device, mlp)[1] / calls
+    seconds = {}
+    for batch in batches:
+        x = torch.randn(batch, hidden, generator=gen, device=device, dtype=dtype)
+        with torch.no_grad():
+            mlp(x)  # warm-up (cuBLAS heuristics, allocator)
+            if is_cuda(device):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                sync(device)
+                start.record()
+                mlp(x)
+                end.record()
+                sync(device)
+                seconds[batch] = start.elapsed_time(end) / 1000 / calls
+            else:
+                seconds[batch] = timed(device, mlp, x)[1] / calls
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = args.batches or [1, 16, 64]
     calls = args.calls or (200 if cuda else 3)
     shapes = widths(args.intermediate, args.fraction)
-    seconds = {b: {name: mlp_seconds(args.hidden, w, b, args.device, dtype, calls) for name, w in shapes.items()}
-               for b in batches}
+    by_width = {name: mlp_seconds(args.hidden, w, batches, args.device, dtype, calls) for name, w in shapes.items()}
+    seconds = {b: {name: by_width[name][b] for name in shapes} for b in batches}
     bytes_per = torch.tensor([], dtype=dtype).element_size()
     rows = []
     for b in batches:
