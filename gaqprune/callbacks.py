@@ -58,7 +58,7 @@ class LayerImportance(L.Callback):
         scores = trainer.strategy.broadcast(scores, src=0)
         self.scores = {int(k): float(v) for k, v in scores.items()}
         if trainer.is_global_zero:
-            pipeline.log_per_layer(trainer.logger, pipeline.IMPORTANCE_TAG, self.scores)
+            pipeline.log_per_layer(trainer.loggers, pipeline.IMPORTANCE_TAG, self.scores)
 
 
 class GQAPrune(L.Callback):
@@ -100,7 +100,7 @@ class GQAPrune(L.Callback):
                 save_pretrained_model(hf_model, trainer.datamodule.tokenizer, self.out_dir / "model", overwrite=True,
                                       base_model=self.save_model_of)
         if trainer.is_global_zero:
-            pipeline.log_per_layer(trainer.logger, pipeline.RATE_TAG,
+            pipeline.log_per_layer(trainer.loggers, pipeline.RATE_TAG,
                                    {e["index"]: e["achieved_rate"] for e in self.plan["layers"]})
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

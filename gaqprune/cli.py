@@ -219,8 +219,8 @@ class GaqpruneTrainer(L.Trainer):
 
     def _log_prune_layers(self, scores: dict[int, float], plan: dict) -> None:
         if self.is_global_zero:
-            pipeline.log_per_layer(self.logger, pipeline.IMPORTANCE_TAG, scores)
-            pipeline.log_per_layer(self.logger, pipeline.RATE_TAG, {e["index"]: e["achieved_rate"] for e in plan["layers"]})
+            pipeline.log_per_layer(self.loggers, pipeline.IMPORTANCE_TAG, scores)
+            pipeline.log_per_layer(self.loggers, pipeline.RATE_TAG, {e["index"]: e["achieved_rate"] for e in plan["layers"]})
 
 
 class GaqpruneCLI(LightningCLI):

@@ -288,13 +288,15 @@ def plan_stage(hf_model, scores: dict[int, float], windows: torch.Tensor, settin
 IMPORTANCE_TAG, RATE_TAG = "prune/layer_importance", "prune/layer_rate"  # by `prune` and `fit --prune` alike
 
 
-def log_per_layer(logger, name: str, values: dict[int, float]) -> None:
-    """One TensorBoard scalar per layer (step = layer index), when the logger is TensorBoard."""
-    experiment = getattr(logger, "experiment", None) if logger is not None else None
-    if hasattr(experiment, "add_scalar"):
-        for layer, value in sorted(values.items()):
-            experiment.add_scalar(name, value, global_step=layer)
-        experiment.flush()  # `gaqprune prune` never closes the logger; keep the events readable right away
+def log_per_layer(loggers, name: str, values: dict[int, float]) -> None:
+    """One scalar per layer (step = layer index) in every TensorBoard logger (other loggers would mix layer indices
+    into their step column)."""
+    for logger in loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_scalar"):
+            for layer, value in sorted(values.items()):
+                experiment.add_scalar(name, value, global_step=layer)
+            experiment.flush()  # `gaqprune prune` never closes the logger; keep the events readable right away
 
 
 RESULT_SCALARS = ("ppl_before", "ppl_after", "ppl_after_finetune")

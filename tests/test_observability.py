@@ -188,3 +188,15 @@ def test_only_a_fraction_of_one_validates_every_window(limit, everything):
     trainer = GaqpruneTrainer(limit_val_batches=limit, logger=False, enable_checkpointing=False,
                               enable_progress_bar=False, enable_model_summary=False)
     assert trainer._validates_everything() is everything
+
+
+def test_per_layer_scalars_reach_a_tensorboard_logger_that_is_not_the_first(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gaqprune import pipeline
+
+    tb = TensorBoardLogger(tmp_path / "tb", name="run")
+    pipeline.log_per_layer([CSVLogger(tmp_path / "csv"), tb], pipeline.RATE_TAG, {0: 0.2, 1: 0.35})
+    events = EventAccumulator(tb.log_dir).Reload()
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars(pipeline.RATE_TAG)] == [(0, 0.2), (1, 0.35)]
