@@ -110,12 +110,19 @@ def _converted_gguf_dir(gguf: Path) -> Path:
 
     from gaqprune.atomic import atomic_dir
 
-    _check_gguf_architecture(gguf)
-    log.info("converting %s to safetensors (once) in %s", gguf, target)
-    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    log.info("converting %s to safetensors (once; about 15 s for the embedded model) in %s", gguf, target)
+    try:
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (KeyError, OSError, ValueError):
+        _check_gguf_architecture(gguf)  # says why in one line ('deci', an architecture transformers cannot read)
+        raise
     check_architecture(config, str(gguf))
+    log.info("building the tokenizer from the GGUF vocabulary")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    log.info("reading and de-quantizing the weights")
+    # config= spares transformers a second parse of the file's metadata (a third of the load time)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, config=config,
+                                                     dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild it from a clean config and copy the weights.
     config_dict = quantized.config.to_dict()
     config_dict.pop("quantization_config", None)
