@@ -318,16 +318,15 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None, 
     if refit:
         stream = compensation.capture_layer_inputs(hf_model, calib_windows, settings.get("taylor_batch_size", 4))
         dense = stream if mode == "residual" else None  # the same list until the first layer differs
-    bar = tqdm(list(zip(plan["layers"], layers)), desc="surgery" + (f" + {mode} refit" if refit else ""),
-               unit="layer", disable=not progress, leave=False)
-    for entry, layer in bar:
+    bar = tqdm(total=len(layers), desc="surgery" + (f" + {mode} refit" if refit else ""), unit="layer",
+               disable=not progress, leave=False)
+    for entry, layer in zip(plan["layers"], layers):
         g_changed, c_changed = _width_changes(entry)
         needed = refit and entry["index"] < changed[-1]  # the streams are needed up to the last refit layer
         if entry["removed_whole"]:
             if dense is not None and needed:
                 dense = compensation.run_layer(layer, dense)  # removed below; the pruned stream skips it
-            continue
-        if refit and (g_changed or c_changed):
+        elif refit and (g_changed or c_changed):
             mid = out = None
             if dense is not None:
                 mid, out = compensation.run_dense_layer(layer, dense)
@@ -345,12 +344,15 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None, 
                 stream = compensation.run_layer(layer, stream)
                 if dense is not None:
                     dense = out
-            continue
-        surgery.keep_units(layer, units.ATTENTION, entry["kept_groups"])
-        surgery.keep_units(layer, units.MLP, entry["kept_channels"])
-        if needed:
-            advanced = compensation.run_layer(layer, stream)
-            if dense is not None:
-                dense = advanced if dense is stream else compensation.run_layer(layer, dense)
-            stream = advanced
+        else:
+            surgery.keep_units(layer, units.ATTENTION, entry["kept_groups"])
+            surgery.keep_units(layer, units.MLP, entry["kept_channels"])
+            if needed:
+                advanced = compensation.run_layer(layer, stream)
+                if dense is not None:
+                    dense = advanced if dense is stream else compensation.run_layer(layer, dense)
+                stream = advanced
+        bar.update()
+    bar.refresh()  # the layers after the last refit take no time: draw 100 % (a log file keeps the last state drawn)
+    bar.close()
     surgery.remove_layers(hf_model, plan["removed_layers"])  # also syncs a per-layer config with the new shapes
