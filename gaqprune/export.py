@@ -173,6 +173,7 @@ def save_pretrained_model(hf_model, tokenizer, out_dir: str | os.PathLike, overw
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         hf_model.save_pretrained(tmp, max_shard_size=max_shard_size)
         config.save_pretrained(tmp)  # replaces the config.json written from the in-memory config
+        _enable_generation_cache(tmp)
         for name in (CONFIG_FILE, MODELING_FILE):
             if pruned:
                 shutil.copyfile(REMOTE_CODE_DIR / name, tmp / name)
@@ -181,6 +182,20 @@ def save_pretrained_model(hf_model, tokenizer, out_dir: str | os.PathLike, overw
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return out_dir
+
+
+def _enable_generation_cache(folder: Path) -> None:
+    """Make the written ``generation_config.json`` decode with a KV cache, as ``config.json`` does: one written from
+    a model whose config had ``use_cache`` off (gaqprune's loader turns it off for training) would make ``generate``
+    recompute every position at every step and ignore ``cache_implementation``."""
+    from transformers import GenerationConfig
+
+    if not (folder / "generation_config.json").is_file():
+        return
+    generation = GenerationConfig.from_pretrained(folder)
+    if generation.use_cache is False:
+        generation.use_cache = True
+        generation.save_pretrained(folder)
 
 
 def _read_config_json(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -259,6 +259,20 @@ def test_dense_model_saves_as_plain_llama(tmp_path):
     assert torch.equal(logits_of(reloaded, ids), logits_of(model, ids))
 
 
+def test_saved_generation_config_decodes_with_a_cache(tmp_path):
+    # A model whose generation config had the cache off (a checkpoint saved from a training setup, as gaqprune's
+    # loader leaves the config) must still save as a model that generates with a KV cache, like its config.json.
+    from transformers import GenerationConfig
+
+    model = prune(tiny_llama())
+    model.config.use_cache = False
+    model.generation_config = GenerationConfig(use_cache=False, bos_token_id=1, eos_token_id=2)
+    ckpt = export.save_pretrained_model(model, None, tmp_path / "pruned")
+    saved = json.loads((ckpt / "generation_config.json").read_text())
+    assert saved["use_cache"] is True and saved["eos_token_id"] == 2
+    assert read_config(ckpt)["use_cache"] is True
+
+
 def test_bf16_and_tied_embeddings_are_preserved(tmp_path):
     from safetensors import safe_open
 
