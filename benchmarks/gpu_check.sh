@@ -11,15 +11,22 @@
 #      projections + CUDA graph, HF generate with its dynamic and its static cache, both eager; plus a torch.profiler
 #      table of HF generate and the CUDA allocator's state per model and batch)
 #   5. inference_compiled: decode batch 16 and 1 with the fused step through torch.compile + CUDA graph (no prefill)
+#   0. cli: the `gaqprune` CLI end to end on the GPU (benchmarks/cli_smoke.py: prune with --save_gguf, reload through
+#      remote code, validate, a bf16-mixed LoRA fit, `fit --prune` under a one-device DDP / NCCL) on a tiny random
+#      model; about a minute. Needs jsonargparse + gguf, which the image lacks: carry them as wheels (see below)
 #   0. gemm: one Llama-3-8B MLP at decode batches 1, 16, 64, dense width vs pruned widths aligned to 256 / 128 / 64 /
 #      32 / nothing (does --channel_multiple 64 decode as fast as 128 or 256?); seconds
 #   6. inference_hf_compiled (not in the default list): decode batch 16 with HF generate's own torch.compile of a
 #      static cache (what a transformers user gets); two compiles of the whole model, so only when time is left
-# GPU_CHECK_STEPS (default: gemm and steps 1-5) picks steps by name, e.g. GPU_CHECK_STEPS="inference inference_compiled".
+# GPU_CHECK_STEPS (default: cli, gemm and steps 1-5) picks steps by name, e.g. GPU_CHECK_STEPS="inference inference_compiled".
 # A global budget (GPU_CHECK_BUDGET_S, default 600 s) caps the per-step timeouts so the whole script ends in time;
 # each step keeps back what the steps after it need (a slow earlier step shortens or skips the ones before it).
 # GPU_CHECK_SMOKE=1 runs the same steps on a tiny random model on the CPU (tests this script, not the GPU).
-# Needs only torch, transformers, lightning, torchmetrics, safetensors (no datasets / jsonargparse / gguf, no internet).
+# The benchmark steps need only torch, transformers, lightning, torchmetrics, safetensors (no datasets / jsonargparse /
+# gguf, no internet). The cli step needs jsonargparse[signatures] and gguf: download their wheels here once
+# (benchmarks/README.md, "GPU check") into .whl/, carry it, and start the device command with
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
+#   export PYTHONPATH=/tmp/site;
 set -u
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -28,7 +35,7 @@ export TRANSFORMERS_VERBOSITY=error
 RES="${OUT:-$(mktemp -d /tmp/gaqprune-gpu-check.XXXXXX)}"
 mkdir -p "$RES"
 BUDGET="${GPU_CHECK_BUDGET_S:-600}"
-STEPS=" ${GPU_CHECK_STEPS:-gemm stages_standard stages_precise taylor inference inference_compiled} "
+STEPS=" ${GPU_CHECK_STEPS:-cli gemm stages_standard stages_precise taylor inference inference_compiled} "
 T0=$(date +%s)
 declare -A STATUS
 
@@ -36,7 +43,7 @@ step() {  # step NAME TIMEOUT_S RESERVE_S SCRIPT ARGS...  (RESERVE_S: budget kep
     local name=$1 limit=$2 reserve=$3
     shift 3
     if [[ "$STEPS" != *" $name "* ]]; then
-        STATUS[$name]="not selected"
+        STATUS[$name]="${STATUS[$name]:-not selected}"
         return
     fi
     local left=$((BUDGET - ($(date +%s) - T0) - reserve))
@@ -62,11 +69,13 @@ M=(--model llama3-8b --device cuda --dtype bfloat16)
 INF=()
 if [[ "${GPU_CHECK_SMOKE:-0}" == 1 ]]; then  # test this script's plumbing on a CPU: tiny random model, small shapes
     M=(--model tiny --device cpu --dtype float32)
+    CLI=(--device cpu)
     INF=(--prefill 1x128 --decode_batch 2 --prompt 32 --eager_steps 4)
     COMPILED=(--decode_batch 2 --prompt 32 --eager_steps 4 --paths compiled-eager)
     GEMM=(--device cpu --dtype float32 --hidden 256 --intermediate 1024 --batches 1 16 --calls 3)
     HF_COMPILED=(--decode_batch 2 --prompt 32 --eager_steps 4 --paths hf-static)  # hf-compiled is CUDA-only
 else
+    CLI=(--device cuda)
     COMPILED=(--decode_batch 16 1 --paths compiled-graph)
     HF_COMPILED=(--decode_batch 16 --paths hf-compiled)
     GEMM=(--device cuda --dtype bfloat16)
@@ -76,6 +85,13 @@ reserve() {  # budget the selected steps after this one need: reserve NAME:SECON
     for item in "$@"; do [[ "$STEPS" == *" ${item%%:*} "* ]] && total=$((total + ${item##*:})); done
     echo $total
 }
+if [[ "$STEPS" == *" cli "* ]] && ! python3 -c "import jsonargparse, gguf" 2>/dev/null; then
+    echo "=== cli: SKIPPED (jsonargparse / gguf missing: carry their wheels, see the header)"
+    STATUS[cli]="skipped (no jsonargparse / gguf)"
+    STEPS="${STEPS/ cli / }"
+fi
+step cli 150 "$(reserve gemm:60 inference:200 inference_compiled:240 inference_hf_compiled:240)" benchmarks/cli_smoke.py \
+    "${CLI[@]}" --out /tmp/gaqprune-cli-smoke --report "$RES/cli"
 step gemm 60 "$(reserve inference:200 inference_compiled:240 inference_hf_compiled:240)" benchmarks/gemm_alignment.py \
     "${GEMM[@]}" --out "$RES/gemm.json"
 step stages_standard 150 "$(reserve inference:200 inference_compiled:240 inference_hf_compiled:240)" benchmarks/stages.py "${M[@]}" \
@@ -93,7 +109,7 @@ step inference_hf_compiled 300 0 benchmarks/inference.py "${M[@]}" --prune plan 
 
 echo
 echo "================ gpu_check summary (wall $(($(date +%s) - T0)) s; results in $RES) ================"
-for name in gemm stages_standard stages_precise taylor inference inference_compiled inference_hf_compiled; do echo "$name: ${STATUS[$name]:-not run}"; done
+for name in cli gemm stages_standard stages_precise taylor inference inference_compiled inference_hf_compiled; do echo "$name: ${STATUS[$name]:-not run}"; done
 python3 - "$RES" <<'EOF' || echo "summary FAILED"
 import json, sys
 from pathlib import Path
@@ -107,6 +123,12 @@ def get(name):
 
 
 summary = {}
+c = get("cli/cli_smoke")
+if c:
+    print("cli on " + c["device"] + ": " + ", ".join(f"{k} rc {v['rc']} {v['seconds']} s" for k, v in c["steps"].items())
+          + (" | all checks passed" if not c["failures"] else f" | FAILED {c['failures']}"))
+    summary["cli"] = {k: {"rc": v["rc"], "seconds": v["seconds"]} for k, v in c["steps"].items()}
+    summary["cli_failures"] = c["failures"]
 g = get("gemm")
 if g:
     for b, sec in g["seconds"].items():
