@@ -161,26 +161,28 @@ def prune(model, tokenizer, *, data: str | os.PathLike = EMBEDDED, seed: int = 4
 
 
 def _adopt_pruned_class(model) -> None:
-    """Turn an in-memory pruned ``LlamaForCausalLM`` into the ``GaqpruneLlamaForCausalLM`` a saved one loads as: its
-    config records the per-layer shapes, and the class ships its code, so any ``save_pretrained`` writes a loadable
-    checkpoint. (The subclass only builds layers from the config; the modules are already the right shapes.)"""
-    from transformers import LlamaForCausalLM
-
-    from gaqprune.export import PRUNED_MODEL_TYPE, build_config, register_pruned_classes
-    from gaqprune.remote_code.modeling_gaqprune_llama import GaqpruneLlamaForCausalLM
+    """Turn an in-memory pruned ``LlamaForCausalLM`` (``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``) into the
+    ``Gaqprune*ForCausalLM`` a saved one loads as: its config records the per-layer shapes, and the class ships its
+    code, so any ``save_pretrained`` writes a loadable checkpoint. (The subclass only builds layers from the config;
+    the modules are already the right shapes.)"""
+    from gaqprune.export import PRUNED_FAMILIES, build_config, pruned_classes, register_pruned_classes
 
     old = model.config
-    if type(model) is not LlamaForCausalLM:  # a gaqprune checkpoint keeps its config in step (sync_layer_config);
-        return  # Mistral modules read Mistral-only config fields; subclasses are someone's own: gaqprune.save_pretrained
+    stock = {family[3]: pruned_type for pruned_type, family in PRUNED_FAMILIES.items()}
+    pruned_type = stock.get(type(model).__name__)
+    if pruned_type is None or type(model).__module__.split(".")[0] != "transformers":
+        # a gaqprune checkpoint keeps its config in step (sync_layer_config); Mistral modules read Mistral-only
+        # config fields; subclasses are someone's own: gaqprune.save_pretrained handles all of them
+        return
     config = build_config(model)
-    if config.model_type != PRUNED_MODEL_TYPE:
+    if config.model_type != pruned_type:
         return  # nothing changed shape
     config._attn_implementation = old._attn_implementation
     config.use_cache = old.use_cache
     for module in model.modules():
         if getattr(module, "config", None) is old:
             module.config = config
-    model.__class__ = GaqpruneLlamaForCausalLM
+    model.__class__ = pruned_classes(pruned_type)[1]
     register_pruned_classes()
 
 

@@ -3,8 +3,8 @@
 A pruned model's layers differ in shape, which a stock ``LlamaConfig`` cannot express. The saved
 folder therefore holds, next to safetensors weights, tokenizer and generation config:
 
-- ``config.json`` with ``model_type: gaqprune_llama``: the original global head counts and MLP
-  width (still valid Llama values) plus each layer's own ``num_attention_heads``,
+- ``config.json`` with ``model_type: gaqprune_llama`` (``gaqprune_qwen2`` / ``gaqprune_qwen3`` for Qwen2 / Qwen3):
+  the original global head counts and MLP width (still valid values) plus each layer's own ``num_attention_heads``,
   ``num_key_value_heads`` and ``intermediate_size`` in transformers' ``per_layer_config`` schema,
   ``gaqprune_version`` and ``gaqprune_base_model``;
 - ``configuration_gaqprune_llama.py`` / ``modeling_gaqprune_llama.py`` (from
@@ -12,7 +12,7 @@ folder therefore holds, next to safetensors weights, tokenizer and generation co
   ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` without gaqprune.
 
 ``load_pruned`` is gaqprune's own loader for these folders (no remote code executed). A dense
-model (every layer at the global shape) is saved as a plain Llama/Mistral checkpoint instead.
+model (every layer at the global shape) is saved as a plain Llama / Mistral / Qwen2 / Qwen3 checkpoint instead.
 """
 
 from __future__ import annotations
@@ -35,12 +35,33 @@ PRUNED_MODEL_TYPE = "gaqprune_llama"  # == GaqpruneLlamaConfig.model_type (asser
 REMOTE_CODE_DIR = Path(__file__).resolve().parent / "remote_code"
 CONFIG_FILE = "configuration_gaqprune_llama.py"
 MODELING_FILE = "modeling_gaqprune_llama.py"
-AUTO_MAP = {
-    "AutoConfig": f"{Path(CONFIG_FILE).stem}.GaqpruneLlamaConfig",
-    "AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.GaqpruneLlamaForCausalLM",
+# Pruned model type -> (its config class, its model class, the stock ones a dense copy saves as, the model types
+# saved as it). Mistral without a sliding window is the same network as Llama; Qwen2 adds q/k/v biases; Qwen3
+# per-head q/k norms (over head_dim, untouched by removing heads).
+PRUNED_FAMILIES: dict[str, tuple[str, str, str, str, tuple[str, ...]]] = {
+    PRUNED_MODEL_TYPE: ("GaqpruneLlamaConfig", "GaqpruneLlamaForCausalLM", "LlamaConfig", "LlamaForCausalLM",
+                        ("llama", "mistral")),
+    "gaqprune_qwen2": ("GaqpruneQwen2Config", "GaqpruneQwen2ForCausalLM", "Qwen2Config", "Qwen2ForCausalLM", ("qwen2",)),
+    "gaqprune_qwen3": ("GaqpruneQwen3Config", "GaqpruneQwen3ForCausalLM", "Qwen3Config", "Qwen3ForCausalLM", ("qwen3",)),
 }
-# Model types whose pruned form is a gaqprune_llama (Mistral without a sliding window is the same network).
-PRUNABLE_MODEL_TYPES = ("llama", "mistral", PRUNED_MODEL_TYPE)
+# Every model type gaqprune saves -> the pruned model type its pruned form gets.
+PRUNED_TYPE_OF = {source: pruned for pruned, family in PRUNED_FAMILIES.items() for source in (*family[4], pruned)}
+PRUNABLE_MODEL_TYPES = tuple(PRUNED_TYPE_OF)
+
+
+def auto_map(pruned_type: str = PRUNED_MODEL_TYPE) -> dict[str, str]:
+    """The ``auto_map`` of a pruned checkpoint: stock transformers' Auto classes -> the shipped remote code."""
+    config_class, model_class = PRUNED_FAMILIES[pruned_type][:2]
+    return {"AutoConfig": f"{Path(CONFIG_FILE).stem}.{config_class}",
+            "AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{model_class}"}
+
+
+def pruned_classes(pruned_type: str = PRUNED_MODEL_TYPE):
+    """gaqprune's own (config class, model class) of a pruned model type (the files shipped as remote code)."""
+    from gaqprune.remote_code import configuration_gaqprune_llama, modeling_gaqprune_llama
+
+    config_class, model_class = PRUNED_FAMILIES[pruned_type][:2]
+    return getattr(configuration_gaqprune_llama, config_class), getattr(modeling_gaqprune_llama, model_class)
 # Keys of the source config that must not leak into the written one.
 _DROPPED_KEYS = ("per_layer_config", "auto_map", "architectures", "model_type", "transformers_version", "_name_or_path")
 
@@ -72,16 +93,32 @@ def _checked_layer_shapes(hf_model) -> list[dict[str, int]]:
                 f"o in {o.in_features}, gate {mlp.gate_proj.out_features}, up {mlp.up_proj.out_features}, "
                 f"down in {mlp.down_proj.in_features}, head_dim {head_dim}); it cannot be saved"
             )
-        # Llama's config has one bias switch for all of q/k/v/o and one for gate/up/down.
-        for module, names, flag in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj"), "attention_bias"),
-                                    (mlp, ("gate_proj", "up_proj", "down_proj"), "mlp_bias")):
-            wrong = [n for n in names if (getattr(module, n).bias is not None) != bool(getattr(config, flag, False))]
-            if wrong:
-                raise GaqpruneError(
-                    f"layer {index}: {', '.join(wrong)} bias presence disagrees with config.{flag}="
-                    f"{getattr(config, flag, False)}; a Llama checkpoint cannot express that"
-                )
+        expected = _expected_biases(config)
+        wrong = [n for n, module in (*((n, attn) for n in _ATTENTION), *((n, mlp) for n in _MLP))
+                 if (getattr(module, n).bias is not None) != expected[n][0]]
+        if wrong:
+            raise GaqpruneError(
+                f"layer {index}: {', '.join(wrong)} bias presence disagrees with {expected[wrong[0]][1]}; a "
+                f"{config.model_type} checkpoint cannot express that"
+            )
     return layer_shapes(hf_model)
+
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _expected_biases(config) -> dict[str, tuple[bool, str]]:
+    """Whether each projection of a layer carries a bias in ``config``'s family (what its checkpoint can express),
+    and what says so."""
+    if PRUNED_TYPE_OF.get(config.model_type) == "gaqprune_qwen2":
+        return {name: (name in _ATTENTION[:3], "Qwen2's layout (q/k/v biases only)") for name in (*_ATTENTION, *_MLP)}
+    # Llama / Mistral / Qwen3: one switch for all of q/k/v/o and one for gate/up/down (Qwen3 has none for the MLP)
+    out = {}
+    for names, flag in ((_ATTENTION, "attention_bias"), (_MLP, "mlp_bias")):
+        value = bool(getattr(config, flag, False))
+        out.update(dict.fromkeys(names, (value, f"config.{flag}={value}")))
+    return out
 
 
 def check_prunable_to_disk(config, base_model: str | None = None) -> None:
@@ -112,11 +149,10 @@ def _param_dtype(hf_model) -> torch.dtype:
 
 
 def build_config(hf_model, base_model: str | None = None):
-    """The config to write for ``hf_model``: a plain one if every layer is full size, else a gaqprune_llama one."""
-    from transformers import LlamaConfig
+    """The config to write for ``hf_model``: a plain one if every layer is full size, else a gaqprune_* one."""
+    import transformers
 
     import gaqprune
-    from gaqprune.remote_code.configuration_gaqprune_llama import GaqpruneLlamaConfig
 
     config = hf_model.config
     model_type = getattr(config, "model_type", None)
@@ -135,13 +171,15 @@ def build_config(hf_model, base_model: str | None = None):
     values["gaqprune_base_model"] = _base_model_name(hf_model, base_model)
     dense = all(shape == _global_shape(config) for shape in shapes)
 
+    pruned_type = PRUNED_TYPE_OF[model_type]
     if dense:  # stock transformers loads it as it is: no remote code, no auto_map
         if model_type == "mistral":
             out = type(config)(**values)
             out.architectures = list(config.architectures or [type(hf_model).__name__])
-        else:
-            out = LlamaConfig(**values)
-            out.architectures = ["LlamaForCausalLM"]
+        else:  # llama / qwen2 / qwen3, or a pruned checkpoint's family, whose layers are all full size again
+            stock_config, stock_model = PRUNED_FAMILIES[pruned_type][2:4]
+            out = getattr(transformers, stock_config)(**values)
+            out.architectures = [stock_model]
         return out
 
     if model_type == "mistral":
@@ -150,9 +188,10 @@ def build_config(hf_model, base_model: str | None = None):
         values["gaqprune_source_model_type"] = "mistral"
     # Layers equal to the global shape need no override; the config still writes every layer explicitly.
     overrides = {index: shape for index, shape in enumerate(shapes) if shape != _global_shape(config)}
-    out = GaqpruneLlamaConfig(**values, per_layer_config=overrides)
-    out.architectures = ["GaqpruneLlamaForCausalLM"]
-    out.auto_map = dict(AUTO_MAP)
+    config_class, model_class = pruned_classes(pruned_type)
+    out = config_class(**values, per_layer_config=overrides)
+    out.architectures = [model_class.__name__]
+    out.auto_map = auto_map(pruned_type)
     return out
 
 
@@ -160,7 +199,7 @@ def save_pretrained_model(hf_model, tokenizer, out_dir: str | os.PathLike, overw
                           max_shard_size: str = "2GB", base_model: str | None = None) -> Path:
     """Save ``hf_model`` (+ ``tokenizer``) to ``out_dir`` atomically so it reloads bit-exactly in a fresh process.
 
-    Pruned models get a ``gaqprune_llama`` config with per-layer shapes and the remote code stock
+    Pruned models get a ``gaqprune_*`` config with per-layer shapes and the remote code stock
     transformers needs (``trust_remote_code=True``); dense ones stay plain checkpoints. Weights are
     safetensors in the model's dtype, sharded above ``max_shard_size``. An existing ``out_dir`` is
     refused unless ``overwrite``; an interrupted save leaves no ``out_dir`` behind.
@@ -168,7 +207,7 @@ def save_pretrained_model(hf_model, tokenizer, out_dir: str | os.PathLike, overw
     if any("lora_" in name for name, _ in hf_model.named_parameters()):
         raise GaqpruneError("the model still has LoRA adapter weights; merge them (merge_and_unload) before saving")
     config = build_config(hf_model, base_model)
-    pruned = config.model_type == PRUNED_MODEL_TYPE
+    pruned = config.model_type in PRUNED_FAMILIES
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         hf_model.save_pretrained(tmp, max_shard_size=max_shard_size)
@@ -222,53 +261,53 @@ def is_pruned_checkpoint(path: str | os.PathLike) -> bool:
     """True if ``path`` (a folder or hub id) holds a model saved by gaqprune with per-layer shapes (reads config.json
     only)."""
     data = _read_config_json(path)
-    return data is not None and data.get("model_type") == PRUNED_MODEL_TYPE
+    return data is not None and data.get("model_type") in PRUNED_FAMILIES
 
 
 def register_pruned_classes() -> None:
     """Make a pruned model in this process behave like one loaded through ``trust_remote_code``: HF's own
     ``save_pretrained`` (a Trainer's, ``push_to_hub``) ships the modeling code with it, and peft's default LoRA
-    targets know ``gaqprune_llama`` (else ``LoraConfig()`` without ``target_modules`` fails on a pruned model)."""
-    from gaqprune.remote_code.configuration_gaqprune_llama import GaqpruneLlamaConfig
-    from gaqprune.remote_code.modeling_gaqprune_llama import GaqpruneLlamaForCausalLM
-
-    GaqpruneLlamaConfig.register_for_auto_class("AutoConfig")
-    GaqpruneLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    targets know ``gaqprune_*`` (else ``LoraConfig()`` without ``target_modules`` fails on a pruned model)."""
+    for pruned_type in PRUNED_FAMILIES:
+        config_class, model_class = pruned_classes(pruned_type)
+        config_class.register_for_auto_class("AutoConfig")
+        model_class.register_for_auto_class("AutoModelForCausalLM")
     try:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as targets
     except ImportError:
         return
-    targets.setdefault(PRUNED_MODEL_TYPE, list(targets.get("llama", ["q_proj", "v_proj"])))
+    for pruned_type, family in PRUNED_FAMILIES.items():
+        targets.setdefault(pruned_type, list(targets.get(family[4][0], ["q_proj", "v_proj"])))
 
 
 def load_pruned_config(path: str | os.PathLike) -> GaqpruneLlamaConfig:
-    """The ``GaqpruneLlamaConfig`` of a pruned checkpoint, built with gaqprune's copy of the class (no remote code)."""
-    from gaqprune.remote_code.configuration_gaqprune_llama import GaqpruneLlamaConfig
-
+    """The ``Gaqprune*Config`` of a pruned checkpoint, built with gaqprune's copy of the class (no remote code)."""
     if not is_pruned_checkpoint(path):
         raise GaqpruneError(
-            f"{str(path)!r} is not a pruned gaqprune checkpoint (its config.json model_type is not {PRUNED_MODEL_TYPE!r})"
+            f"{str(path)!r} is not a pruned gaqprune checkpoint (its config.json model_type is not one of "
+            f"{', '.join(PRUNED_FAMILIES)})"
         )
+    config_class, _ = pruned_classes(_read_config_json(path)["model_type"])
     try:
-        return GaqpruneLlamaConfig.from_pretrained(str(path))
+        return config_class.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         raise GaqpruneError(f"{str(path)!r}: config.json could not be read: {str(err).splitlines()[0]}") from None
 
 
 def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None):
-    """Load a pruned checkpoint with gaqprune's own model class (a ``LlamaForCausalLM`` subclass), in eval mode.
+    """Load a pruned checkpoint with gaqprune's own model class (a ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` /
+    ``Qwen3ForCausalLM`` subclass), in eval mode.
 
     ``dtype=None`` keeps the saved dtype. Every weight must match the recorded per-layer shapes:
     a missing, unexpected or mis-sized tensor is an error, not a silently re-initialised weight.
     """
     from gaqprune.models import resolve_dtype
-    from gaqprune.remote_code.modeling_gaqprune_llama import GaqpruneLlamaForCausalLM
 
     config = load_pruned_config(path)
+    _, model_class = pruned_classes(config.model_type)
     torch_dtype = "auto" if dtype is None else resolve_dtype(dtype)
     try:
-        model, info = GaqpruneLlamaForCausalLM.from_pretrained(str(path), config=config, dtype=torch_dtype,
-                                                              output_loading_info=True)
+        model, info = model_class.from_pretrained(str(path), config=config, dtype=torch_dtype, output_loading_info=True)
     except (OSError, RuntimeError, ValueError) as err:  # e.g. a weight whose size disagrees with per_layer_config
         raise GaqpruneError(f"{str(path)!r} could not be loaded: {str(err).splitlines()[0]}") from None
     problems = {key: value for key, value in info.items() if value}

@@ -194,9 +194,10 @@ def check_supported(config, tokenizer, tokenizer_pre_name: str | None = None) ->
 
 
 def _check_config(config) -> None:
-    from gaqprune.export import PRUNABLE_MODEL_TYPES
+    from gaqprune.export import PRUNED_MODEL_TYPE, PRUNED_TYPE_OF
 
-    if getattr(config, "model_type", None) not in PRUNABLE_MODEL_TYPES:
+    if PRUNED_TYPE_OF.get(getattr(config, "model_type", None)) != PRUNED_MODEL_TYPE:  # Qwen2's q/k/v biases and
+        # Qwen3's q/k norms have no place in llama.cpp's 'deci' layers
         raise GaqpruneError(f"cannot write a {config.model_type!r} model as GGUF; llama and mistral layouts only")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise GaqpruneError(f"GGUF 'deci' layers use SiLU; this model's hidden_act is {config.hidden_act!r}")

@@ -39,8 +39,9 @@ def model_origin(base_model: str) -> str:
     """What a saved model records as the model it was pruned from (``gaqprune_base_model``, the distillation
     teacher's default): ``model_name``, a local path made absolute."""
     return model_name(base_model) if base_model == EMBEDDED else absolute_if_local(base_model)
-# Model types whose decoder layers have the q/k/v/o + gate/up/down layout that gaqprune prunes.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gaqprune_llama")
+# Model types whose decoder layers have the q/k/v/o + gate/up/down layout that gaqprune prunes (== export's
+# PRUNABLE_MODEL_TYPES, asserted in tests; export imports torch-heavy code lazily, so the list is spelled out here).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gaqprune_llama", "gaqprune_qwen2", "gaqprune_qwen3")
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "32": torch.float32, "32-true": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "bf16-true": torch.bfloat16,
@@ -84,7 +85,7 @@ def _file_key(path: Path) -> str:
 
 
 def _check_gguf_architecture(path: Path) -> None:
-    """transformers reads llama / mistral GGUF files; refuse others (gaqprune's own 'deci' export included) in a line."""
+    """Say in a line why transformers cannot read a GGUF file: gaqprune's own 'deci' export, another architecture."""
     from gguf import GGUFReader
 
     try:
@@ -97,7 +98,8 @@ def _check_gguf_architecture(path: Path) -> None:
             "writes pruned models); transformers cannot read it: give the run's model/ folder instead"
         )
     if arch not in SUPPORTED_MODEL_TYPES:
-        raise GaqpruneError(f"--base_model {str(path)!r} is a {arch!r} GGUF file; gaqprune reads llama and mistral ones")
+        raise GaqpruneError(f"--base_model {str(path)!r} is a {arch!r} GGUF file; gaqprune reads "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES[:4])} ones")
 
 
 def _converted_gguf_dir(gguf: Path) -> Path:
@@ -169,7 +171,7 @@ def check_architecture(config, where: str) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise GaqpruneError(
             f"--base_model {where!r} is a {model_type!r} model; gaqprune prunes Llama-family models "
-            f"with grouped-query attention ({', '.join(SUPPORTED_MODEL_TYPES[:2])})"
+            f"with grouped-query attention ({', '.join(SUPPORTED_MODEL_TYPES[:4])})"
         )
 
 

@@ -1,4 +1,5 @@
-"""Config of a Llama whose decoder layers differ in shape (written by gaqprune, loads with transformers alone).
+"""Configs of Llama-layout models whose decoder layers differ in shape (written by gaqprune, load with transformers
+alone): ``gaqprune_llama`` (pruned Llama / Mistral), ``gaqprune_qwen2`` and ``gaqprune_qwen3``.
 
 Stock ``LlamaConfig`` describes every layer with the same ``num_attention_heads``,
 ``num_key_value_heads`` and ``intermediate_size``. A pruned model keeps those global fields at
@@ -21,17 +22,15 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from transformers import LlamaConfig
+from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
 # The per-layer fields structured pruning changes; everything else is shared by all layers.
 PER_LAYER_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 _OVERRIDES = "_gaqprune_layer_overrides"  # where the overrides live in __dict__ (never a public attribute)
 
 
-class GaqpruneLlamaConfig(LlamaConfig):
-    """``LlamaConfig`` plus per-layer head counts and MLP widths in ``per_layer_config``."""
-
-    model_type = "gaqprune_llama"
+class PerLayerShapes:
+    """Per-layer head counts and MLP widths in ``per_layer_config``, mixed into a stock config class."""
 
     @property
     def per_layer_config(self) -> list[LlamaConfig]:
@@ -67,6 +66,24 @@ class GaqpruneLlamaConfig(LlamaConfig):
         d["per_layer_config"] = {str(index).zfill(width): shape for index, shape in enumerate(shapes)}
 
 
+class GaqpruneLlamaConfig(PerLayerShapes, LlamaConfig):
+    """``LlamaConfig`` plus per-layer head counts and MLP widths in ``per_layer_config`` (pruned Llama / Mistral)."""
+
+    model_type = "gaqprune_llama"
+
+
+class GaqpruneQwen2Config(PerLayerShapes, Qwen2Config):
+    """``Qwen2Config`` plus per-layer head counts and MLP widths in ``per_layer_config``."""
+
+    model_type = "gaqprune_qwen2"
+
+
+class GaqpruneQwen3Config(PerLayerShapes, Qwen3Config):
+    """``Qwen3Config`` plus per-layer head counts and MLP widths in ``per_layer_config``."""
+
+    model_type = "gaqprune_qwen3"
+
+
 def _checked_overrides(config: LlamaConfig, value: dict[int | str, dict[str, Any]]) -> dict[int, dict[str, int]]:
     """Validate ``per_layer_config`` overrides and return them keyed by int layer index."""
     overrides: dict[int, dict[str, int]] = {}
@@ -91,4 +108,4 @@ def _checked_overrides(config: LlamaConfig, value: dict[int | str, dict[str, Any
     return overrides
 
 
-__all__ = ["GaqpruneLlamaConfig", "PER_LAYER_FIELDS"]
+__all__ = ["GaqpruneLlamaConfig", "GaqpruneQwen2Config", "GaqpruneQwen3Config", "PER_LAYER_FIELDS", "PerLayerShapes"]

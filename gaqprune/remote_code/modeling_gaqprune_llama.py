@@ -1,9 +1,11 @@
-"""A ``LlamaForCausalLM`` whose decoder layers each have their own head count and MLP width.
+"""``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` whose decoder layers each have their own head
+count and MLP width.
 
-The model is built exactly like stock Llama from the global config, then every layer whose
+The model is built exactly like the stock model from the global config, then every layer whose
 ``per_layer_config`` entry differs gets correctly shaped q/k/v/o and gate/up/down Linears before
-any weight is loaded, so ``from_pretrained`` fills them without size-mismatch warnings. The forward
-pass is stock Llama's: attention infers the head count from the projection width (``view(..., -1,
+any weight is loaded (keeping each projection's bias, e.g. Qwen2's q/k/v biases), so ``from_pretrained`` fills
+them without size-mismatch warnings. The forward pass is the stock model's (Qwen3's per-head q/k norms act on
+``head_dim`` and need no change): attention infers the head count from the projection width (``view(..., -1,
 head_dim)``), and only ``num_key_value_groups`` has to follow the layer.
 
 This file must only import torch/transformers: it is copied next to the weights for
@@ -13,9 +15,9 @@ This file must only import torch/transformers: it is copied next to the weights 
 from __future__ import annotations
 
 from torch import nn
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
-from .configuration_gaqprune_llama import GaqpruneLlamaConfig
+from .configuration_gaqprune_llama import GaqpruneLlamaConfig, GaqpruneQwen2Config, GaqpruneQwen3Config
 
 
 def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
@@ -23,7 +25,7 @@ def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Line
     return nn.Linear(in_features, out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
 
 
-def reshape_layers(model: nn.Module, config: GaqpruneLlamaConfig) -> None:
+def reshape_layers(model: nn.Module, config) -> None:
     """Give each decoder layer of ``model.model.layers`` the shapes ``config.per_layer_config`` records."""
     head_dim = config.head_dim
     hidden = config.hidden_size
@@ -46,17 +48,35 @@ def reshape_layers(model: nn.Module, config: GaqpruneLlamaConfig) -> None:
             mlp.intermediate_size = width
 
 
-class GaqpruneLlamaForCausalLM(LlamaForCausalLM):
-    """Stock ``LlamaForCausalLM`` with per-layer shapes taken from ``GaqpruneLlamaConfig``."""
+class PerLayerModel:
+    """Mixed into a stock ``*ForCausalLM``: after the stock build, give each layer the shapes its config records."""
 
-    config_class = GaqpruneLlamaConfig
-    config: GaqpruneLlamaConfig
-
-    def __init__(self, config: GaqpruneLlamaConfig):
+    def __init__(self, config):
         super().__init__(config)
         reshape_layers(self, config)
         # Re-run post_init so the new Linears get the usual init (and tied-weight bookkeeping is redone).
         self.post_init()
 
 
-__all__ = ["GaqpruneLlamaForCausalLM", "reshape_layers"]
+class GaqpruneLlamaForCausalLM(PerLayerModel, LlamaForCausalLM):
+    """Stock ``LlamaForCausalLM`` with per-layer shapes taken from ``GaqpruneLlamaConfig``."""
+
+    config_class = GaqpruneLlamaConfig
+    config: GaqpruneLlamaConfig
+
+
+class GaqpruneQwen2ForCausalLM(PerLayerModel, Qwen2ForCausalLM):
+    """Stock ``Qwen2ForCausalLM`` with per-layer shapes taken from ``GaqpruneQwen2Config``."""
+
+    config_class = GaqpruneQwen2Config
+    config: GaqpruneQwen2Config
+
+
+class GaqpruneQwen3ForCausalLM(PerLayerModel, Qwen3ForCausalLM):
+    """Stock ``Qwen3ForCausalLM`` with per-layer shapes taken from ``GaqpruneQwen3Config``."""
+
+    config_class = GaqpruneQwen3Config
+    config: GaqpruneQwen3Config
+
+
+__all__ = ["GaqpruneLlamaForCausalLM", "GaqpruneQwen2ForCausalLM", "GaqpruneQwen3ForCausalLM", "reshape_layers"]

@@ -1,0 +1,188 @@
+"""Qwen2 and Qwen3: Llama-layout GQA models (Qwen2 adds q/k/v biases, Qwen3 per-head q/k norms) pruned, saved,
+reloaded with and without gaqprune, evaluated and fine-tuned like Llama."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from test_reliability import ARGS, corpus
+
+import gaqprune
+from gaqprune import export, models, surgery
+from gaqprune.cli import run
+from gaqprune.errors import GaqpruneError
+from gaqprune.pruning import apply_plan, build_plan
+from gaqprune.settings import PruneSettings
+
+HEAD_DIM = 8
+
+
+def tiny_qwen(kind: str, seed: int = 0, vocab_size: int = 256, layers: int = 4):
+    """A random tiny Qwen2 / Qwen3 (hidden 64, 8 query / 4 KV heads), weights and biases spread so units differ."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[kind]
+    config = config_class(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=8, num_key_value_heads=4, head_dim=HEAD_DIM, max_position_embeddings=512,
+                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(seed)
+    model = model_class(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def windows(n: int, seq_len: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 256, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def pruned_qwen(kind: str):
+    """Groups and channels removed in every layer (LLM-Pruner's same-rate split), the residual refit, then layer 2
+    removed whole: unequal layers and a shorter stack."""
+    model = tiny_qwen(kind)
+    settings = replace(PruneSettings(), pruning_ratio=0.3, layer_start=0, layer_end=4, unit_split="same_rate",
+                       min_pruning_rate=0.1)
+    plan = build_plan(model, {i: 1.0 + i for i in range(4)}, windows(4, 16, 1), settings, progress=False)
+    apply_plan(model, plan, windows(8, 16, 2))
+    surgery.remove_layers(model, [2])
+    return model
+
+
+RELOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save({"logits": model(ids).logits, "class": type(model).__name__,
+                "k_bias": [layer.self_attn.k_proj.bias is not None for layer in model.model.layers]}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_pruned_qwen_saves_and_reloads_bit_exactly(tmp_path, kind):
+    model = pruned_qwen(kind)
+    layers = model.model.layers
+    kv = [layer.self_attn.k_proj.out_features // HEAD_DIM for layer in layers]
+    assert len(layers) == 3 and min(kv) < 4 and kv == [layer.self_attn.v_proj.out_features // HEAD_DIM for layer in layers]
+    if kind == "qwen2":  # the biases of the kept q/k/v rows go with them
+        assert [layer.self_attn.k_proj.bias.shape[0] for layer in layers] == [k * HEAD_DIM for k in kv]
+        assert all(layer.self_attn.o_proj.bias is None for layer in layers)
+    else:  # per-head norms over head_dim, shared by every head: untouched
+        assert all(layer.self_attn.q_norm.weight.shape == (HEAD_DIM,) for layer in layers)
+    ckpt = export.save_pretrained_model(model, None, tmp_path / "model")
+    config = json.loads((ckpt / "config.json").read_text())
+    pruned_type = f"gaqprune_{kind}"
+    assert config["model_type"] == pruned_type and config["num_hidden_layers"] == 3
+    assert config["architectures"] == [f"Gaqprune{kind.capitalize()}ForCausalLM"]
+    assert config["auto_map"] == export.auto_map(pruned_type) and len(config["layer_types"]) == 3
+    assert [shape["num_key_value_heads"] for shape in config["per_layer_config"].values()] == kv
+    assert export.is_pruned_checkpoint(ckpt)
+
+    ids = windows(2, 12, 7)
+    with torch.no_grad():
+        expected = model(ids).logits
+        ours = gaqprune.load_pruned(ckpt)
+        assert type(ours).__name__ == f"Gaqprune{kind.capitalize()}ForCausalLM"
+        assert torch.equal(ours(ids).logits, expected)
+    torch.save(ids, tmp_path / "ids.pt")  # stock transformers in a fresh process: the shipped remote code alone
+    subprocess.run([sys.executable, "-c", RELOAD, str(ckpt), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+                   check=True, cwd=tmp_path)
+    out = torch.load(tmp_path / "out.pt")
+    assert out["class"] == f"Gaqprune{kind.capitalize()}ForCausalLM"
+    assert out["k_bias"] == [kind == "qwen2"] * 3
+    assert torch.equal(out["logits"], expected)
+
+
+def test_qwen_biases_that_its_config_cannot_express_are_refused(tmp_path):
+    model = tiny_qwen("qwen2")
+    attn = model.model.layers[1].self_attn
+    attn.o_proj = torch.nn.Linear(attn.o_proj.in_features, attn.o_proj.out_features, bias=True)
+    with pytest.raises(GaqpruneError, match=r"layer 1: o_proj bias presence disagrees with Qwen2's layout"):
+        export.save_pretrained_model(model, None, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_in_memory_pruned_qwen_becomes_the_saved_class(tmp_path, embedded_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    text = corpus(tmp_path)
+    model = tiny_qwen("qwen2", vocab_size=len(embedded_tokenizer))
+    gaqprune.prune(model, embedded_tokenizer, data=str(text), progress=False, importance_samples=4,
+                   importance_seq_len=32, num_examples=4, max_seq_len=32, pruning_ratio=0.3, min_pruning_rate=0.1,
+                   layer_start=0, layer_end=4, unit_split="same_rate")
+    assert type(model).__name__ == "GaqpruneQwen2ForCausalLM" and model.config.model_type == "gaqprune_qwen2"
+    model.save_pretrained(tmp_path / "hf_saved")  # transformers' own save: ships the remote code
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_saved", trust_remote_code=True)
+    ids = windows(2, 10, 3)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_cli_prunes_validates_and_fits_a_qwen3(tmp_path, monkeypatch, embedded_tokenizer):
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "tiny-qwen3"
+    tiny_qwen("qwen3", vocab_size=len(embedded_tokenizer)).save_pretrained(base)
+    embedded_tokenizer.save_pretrained(base)
+    text = corpus(tmp_path)
+    quiet = ["--trainer.enable_progress_bar", "false"]
+    run(["prune", "--base_model", str(base), "--data.source", str(text), "--importance_samples", "4", *ARGS,
+         "--save_model", "true", "--test_after_prune", "true", "--data.max_eval_windows", "4",
+         "--save_ckpt_log_name", "q3", "--unit_split", "same_rate", *quiet])
+    run_dir = tmp_path / "prune_log" / "q3"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["params"]["achieved_ratio_selected"] == pytest.approx(0.3, abs=0.03)
+    assert json.loads((run_dir / "model" / "config.json").read_text())["model_type"] == "gaqprune_qwen3"
+
+    cli = run(["validate", "--base_model", str(run_dir / "model"), "--data.source", str(text),
+               "--data.max_seq_len", "32", "--data.max_eval_windows", "4", "--trainer.logger", "false", *quiet])
+    assert cli.trainer.callback_metrics["val_ppl"].item() == pytest.approx(metrics["ppl_after"], rel=1e-5)
+
+    run(["fit", "--base_model", str(run_dir / "model"), "--data.source", str(text), "--data.max_seq_len", "32",
+         "--data.max_eval_windows", "4", "--trainer.max_steps", "2", "--finetune_samples", "16",
+         "--data.batch_size", "4", "--trainer.logger", "false", "--save_ckpt_log_name", "q3fit", *quiet])
+    fit_dir = tmp_path / "prune_log" / "q3fit"
+    assert json.loads((fit_dir / "fit_metrics.json").read_text())["steps"] == 2
+    tuned = gaqprune.load_pruned(fit_dir / "model_finetuned")  # LoRA merged: the pruned shapes, new weights
+    pruned = gaqprune.load_pruned(run_dir / "model")
+    assert [s for s in tuned.config.layer_shapes()] == pruned.config.layer_shapes()
+    assert not torch.equal(tuned.model.layers[1].self_attn.q_proj.weight, pruned.model.layers[1].self_attn.q_proj.weight)
+
+
+def test_gguf_export_refuses_qwen_layouts(tmp_path, embedded_tokenizer):
+    from gaqprune.gguf_export import save_gguf
+
+    for kind in ("qwen2", "qwen3"):
+        with pytest.raises(GaqpruneError, match=f"cannot write a '{kind}' model as GGUF; llama and mistral"):
+            save_gguf(pruned_qwen(kind), embedded_tokenizer, tmp_path / f"{kind}.gguf")
+    assert list(tmp_path.glob("*.gguf")) == []
+
+
+def test_supported_model_types_agree_and_others_are_refused():
+    from transformers import GemmaConfig
+
+    assert set(models.SUPPORTED_MODEL_TYPES) == set(export.PRUNABLE_MODEL_TYPES)
+    with pytest.raises(GaqpruneError, match="is a 'gemma' model; gaqprune prunes Llama-family models .*qwen2, qwen3"):
+        models.check_architecture(GemmaConfig(), "google/gemma-2b")
+
+
+def test_dense_qwen_saves_as_a_stock_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+
+    model = tiny_qwen("qwen2")
+    ckpt = export.save_pretrained_model(model, None, tmp_path / "dense")
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["architectures"] == ["Qwen2ForCausalLM"]
+    assert "auto_map" not in config and not list(Path(ckpt).glob("*.py"))
+    reloaded = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert type(reloaded) is Qwen2ForCausalLM
+    ids = windows(1, 8, 4)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
