@@ -26,17 +26,20 @@ def tiny_llama_config(vocab_size: int = 256, layers: int = 4, heads: int = 8, kv
     )
 
 
+def spread(model, scale: float = 0.02):
+    """Random init leaves near-identical layers; spread every weight so scores differ between units. Eval mode."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
 def tiny_llama(seed: int = 0, **kw):
     """A randomly initialised tiny LlamaForCausalLM in eval mode (fp32)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(**kw))
-    # Random init leaves near-identical layers; spread weights so scores differ between units.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model.eval()
+    return spread(LlamaForCausalLM(tiny_llama_config(**kw)))
 
 
 @pytest.fixture

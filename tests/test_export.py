@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_llama_config
+from conftest import spread, tiny_llama, tiny_llama_config
 from torch import nn
 
 from gaqprune import export
@@ -60,11 +60,7 @@ def tied_tiny(seed: int = 0):
     config = tiny_llama_config()
     config.tie_word_embeddings = True
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model.eval()
+    return spread(LlamaForCausalLM(config))
 
 
 def tokens(batch: int = 2, length: int = 12) -> torch.Tensor:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import spread
 from test_reliability import ARGS, corpus
 
 import gaqprune
@@ -32,11 +33,7 @@ def tiny_qwen(kind: str, seed: int = 0, vocab_size: int = 256, layers: int = 4):
                           num_attention_heads=8, num_key_value_heads=4, head_dim=HEAD_DIM, max_position_embeddings=512,
                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(seed)
-    model = model_class(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return spread(model_class(config), 0.05)
 
 
 def windows(n: int, seq_len: int, seed: int) -> torch.Tensor:
