@@ -4,18 +4,20 @@ llama.cpp's ``deci`` architecture, written for NVIDIA's Llama-3.1-Nemotron NAS m
 query-head, KV-head and FFN counts as one value per layer and builds every layer with its own
 shapes. Its layers are Llama layers (RMSNorm, rotary attention with grouped KV heads, SwiGLU MLP),
 so a gaqprune model, whose layers differ exactly in those three numbers, maps onto it one to one.
-A dense model is written the same way (one architecture for both, so their speeds compare).
+Its layers also take optional q/k/v biases, so Qwen2 / Qwen2.5 models map onto it too (Qwen3's per-head
+q/k norms do not, and are refused). A dense model is written the same way (one architecture for both,
+so their speeds compare).
 
 What is written:
 - hyper-parameters: per-layer ``head_count`` / ``head_count_kv`` / ``feed_forward_length``
   arrays, head dimension, RMSNorm epsilon, rotary base and scaling (Llama-3's frequency factors as
   the ``rope_freqs`` tensor, linear scaling as metadata);
-- weights in f32, f16, bf16 or q8_0, query and key rows reordered from HF's half-split rotary layout to
-  llama.cpp's interleaved pairs; norms and rotary factors stay f32. A pruned layer's MLP width can be any
+- weights in f32, f16, bf16 or q8_0, query and key rows (and their biases) reordered from HF's half-split
+  rotary layout to llama.cpp's interleaved pairs; norms and rotary factors stay f32. A pruned layer's MLP width can be any
   number, but quantized types need whole blocks along ``ffn_down``'s rows: for q8_0 each width is padded
   with zero channels to a multiple of 32 (exact: a zero channel adds nothing), and any other matrix whose
   rows are not whole blocks falls back to f16;
-- the tokenizer (byte-level BPE: Llama 3, SmolLM2, GPT-2 style), its merges, special tokens and
+- the tokenizer (byte-level BPE: Llama 3, Qwen2, SmolLM2, GPT-2 style), its merges, special tokens and
   chat template, with llama.cpp's name for its pre-tokenizer.
 
 Tensors are converted and written one at a time (peak memory: one tensor), into a temporary file
@@ -44,11 +46,14 @@ Q8_BLOCK = 32
 # steps (tokenizers' JSON): each step as (type, the setting that distinguishes it).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2 / Qwen2.5 / Qwen3: digits one by one
 PRE_TOKENIZERS = {
     (("ByteLevel", True),): "gpt-2",
     (("Digits", True), ("ByteLevel", True)): "smollm",
     (("Split", _LLAMA3_SPLIT), ("ByteLevel", False)): "llama-bpe",
+    (("Split", _QWEN2_SPLIT), ("ByteLevel", False)): "qwen2",
 }
+_ROTATED = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.bias")
 
 
 def _gguf():
@@ -81,7 +86,7 @@ def tokenizer_pre(tokenizer_json: dict) -> str:
     model, decoder = tokenizer_json.get("model") or {}, tokenizer_json.get("decoder") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
         raise GaqpruneError(
-            f"GGUF export supports byte-level BPE tokenizers (Llama 3, SmolLM2, GPT-2 style); this one is a "
+            f"GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM2, GPT-2 style); this one is a "
             f"{model.get('type')!r} model with a {decoder.get('type')!r} decoder"
         )
     steps = _pre_tokenizer_steps(tokenizer_json.get("pre_tokenizer"))
@@ -140,7 +145,7 @@ def _tensors(hf_model, head_dim: int, rope_factors: torch.Tensor | None,
         pad = _padded(width, ffn_multiple) - width
         for hf_name, param in layer.named_parameters():
             shape, make = plain(param)
-            if hf_name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+            if hf_name in _ROTATED:
                 make = partial(_interleave_rotary, param, param.shape[0] // head_dim)
             elif pad and hf_name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
                 shape = (width + pad, param.shape[1])  # zero channels: silu(0) * 0 adds nothing
@@ -196,16 +201,21 @@ def check_supported(config, tokenizer, tokenizer_pre_name: str | None = None) ->
 def _check_config(config) -> None:
     from gaqprune.export import PRUNED_MODEL_TYPE, PRUNED_TYPE_OF
 
-    if PRUNED_TYPE_OF.get(getattr(config, "model_type", None)) != PRUNED_MODEL_TYPE:  # Qwen2's q/k/v biases and
-        # Qwen3's q/k norms have no place in llama.cpp's 'deci' layers
-        raise GaqpruneError(f"cannot write a {config.model_type!r} model as GGUF; llama and mistral layouts only")
+    family = PRUNED_TYPE_OF.get(getattr(config, "model_type", None))
+    if family == "gaqprune_qwen3":
+        raise GaqpruneError(f"cannot write a {config.model_type!r} model as GGUF: Qwen3's per-head q/k norms have "
+                            "no place in llama.cpp's 'deci' layers (the architecture that takes per-layer shapes)")
+    if family not in (PRUNED_MODEL_TYPE, "gaqprune_qwen2"):
+        raise GaqpruneError(f"cannot write a {config.model_type!r} model as GGUF; llama, mistral and qwen2 layouts only")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise GaqpruneError(f"GGUF 'deci' layers use SiLU; this model's hidden_act is {config.hidden_act!r}")
     if getattr(config, "sliding_window", None) is not None:
         raise GaqpruneError(f"cannot write a model with sliding_window={config.sliding_window} as GGUF 'deci' "
                             "(no sliding window there); set config.sliding_window = None")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise GaqpruneError("GGUF export writes bias-free Llama layers; this model has attention or MLP biases")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):  # Qwen2's q/k/v biases are
+        # its layout (no such flags), written as the 'deci' layers' optional biases
+        raise GaqpruneError("GGUF export writes Llama layers without o_proj / MLP biases; this model has "
+                            "attention_bias or mlp_bias set")
     _rope(config)
 
 

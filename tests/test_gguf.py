@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 from test_export import _keep_cols, _keep_rows, prune, tied_tiny, tokens
+from test_qwen import pruned_qwen
 
 from gaqprune import export, gguf_export
 from gaqprune.errors import GaqpruneError
@@ -52,6 +53,14 @@ def rope_pairs(x: torch.Tensor, base: float, factors: torch.Tensor | None) -> to
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
 
 
+def _project(tensors, h: torch.Tensor, name: str, heads: int, head_dim: int) -> torch.Tensor:
+    """``[B, heads, T, head_dim]`` of one projection, with its optional bias (Qwen2's q/k/v)."""
+    out = h @ weight(tensors, f"{name}.weight").T
+    if f"{name}.bias" in tensors:
+        out = out + weight(tensors, f"{name}.bias")
+    return out.view(*h.shape[:2], heads, head_dim).transpose(1, 2)
+
+
 @torch.no_grad()
 def gguf_forward(path, ids: torch.Tensor) -> torch.Tensor:
     """The logits of llama.cpp's 'deci' graph, computed from the file alone (metadata + tensors)."""
@@ -66,9 +75,8 @@ def gguf_forward(path, ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
     for i in range(fields[f"{arch}.block_count"]):
         h = rms(x, weight(tensors, f"blk.{i}.attn_norm.weight"), eps)
-        q = (h @ weight(tensors, f"blk.{i}.attn_q.weight").T).view(batch, seq, heads[i], head_dim).transpose(1, 2)
-        k = (h @ weight(tensors, f"blk.{i}.attn_k.weight").T).view(batch, seq, kv_heads[i], head_dim).transpose(1, 2)
-        v = (h @ weight(tensors, f"blk.{i}.attn_v.weight").T).view(batch, seq, kv_heads[i], head_dim).transpose(1, 2)
+        q, k, v = (_project(tensors, h, f"blk.{i}.{name}", count, head_dim)
+                   for name, count in (("attn_q", heads[i]), ("attn_k", kv_heads[i]), ("attn_v", kv_heads[i])))
         q, k = rope_pairs(q, base, factors), rope_pairs(k, base, factors)
         group = heads[i] // kv_heads[i]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -108,6 +116,20 @@ def test_pruned_model_metadata_and_llama_cpp_semantics(tmp_path, embedded_tokeni
     assert not torch.equal(weight(tensors, "blk.0.attn_q.weight"), model.model.layers[0].self_attn.q_proj.weight)
     assert torch.equal(weight(tensors, "blk.0.attn_v.weight"), model.model.layers[0].self_attn.v_proj.weight)
     # ... and with llama.cpp's pairwise rotary they give HF's logits.
+    ids = tokens()
+    torch.testing.assert_close(gguf_forward(path, ids), hf_logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_pruned_qwen2_biases_are_written_rotated_with_their_rows(tmp_path, embedded_tokenizer):
+    model = pruned_qwen("qwen2")
+    path = gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "q.gguf", out_type="f32")
+    fields, tensors = read(path)
+    attn = model.model.layers[1].self_attn
+    assert fields["deci.attention.head_count_kv"] == [s["num_key_value_heads"] for s in layer_shapes(model)]
+    assert [int(n) for n in tensors["blk.1.attn_k.bias"].shape] == [attn.k_proj.out_features]
+    assert not torch.equal(weight(tensors, "blk.1.attn_k.bias"), attn.k_proj.bias)  # reordered like the k rows
+    assert torch.equal(weight(tensors, "blk.1.attn_v.bias"), attn.v_proj.bias)
+    assert "blk.1.attn_output.bias" not in tensors
     ids = tokens()
     torch.testing.assert_close(gguf_forward(path, ids), hf_logits(model, ids), rtol=1e-4, atol=1e-4)
 
@@ -174,7 +196,7 @@ def test_mlp_widths_are_zero_padded_to_whole_blocks(tmp_path, embedded_tokenizer
     torch.testing.assert_close(gguf_forward(path, ids), hf_logits(model, ids), rtol=0, atol=4e-2)
 
 
-def test_pre_tokenizer_names(llama3_style_tokenizer):
+def test_pre_tokenizer_names(llama3_style_tokenizer, qwen2_style_tokenizer):
     bpe = {"model": {"type": "BPE"}, "decoder": {"type": "ByteLevel"}}
     llama3 = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": gguf_export._LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
@@ -183,6 +205,7 @@ def test_pre_tokenizer_names(llama3_style_tokenizer):
                                                     {"type": "ByteLevel", "use_regex": True}]}
     assert gguf_export.tokenizer_pre({**bpe, "pre_tokenizer": llama3}) == "llama-bpe"
     assert gguf_export.tokenizer_pre(json.loads(llama3_style_tokenizer.backend_tokenizer.to_str())) == "llama-bpe"
+    assert gguf_export.tokenizer_pre(json.loads(qwen2_style_tokenizer.backend_tokenizer.to_str())) == "qwen2"
     assert gguf_export.tokenizer_pre({**bpe, "pre_tokenizer": smollm}) == "smollm"
     assert gguf_export.tokenizer_pre({**bpe, "pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
     with pytest.raises(GaqpruneError, match="unknown pre-tokenizer .*Whitespace"):
@@ -249,10 +272,9 @@ def test_console_script(tmp_path, embedded_tokenizer):
     assert bad.returncode == 2 and "hidden_act is 'gelu'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
-@pytest.fixture(scope="module")
-def llama3_style_tokenizer():
-    """A 1,000-token BPE trained here with Llama 3's pre-tokenizer (its split regex + byte level, merges ignored
-    for whole words): the tokenizer family of the 8B models, without the hub."""
+def split_bpe_tokenizer(split: str, bos: str | None, eos: str):
+    """A 1,000-token BPE trained here with a split regex + byte-level pre-tokenizer (merges ignored for whole
+    words), as Llama 3's and Qwen2's tokenizers are built: their tokenizer families, without the hub."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -262,13 +284,24 @@ def llama3_style_tokenizer():
     texts = [text for split in embedded_articles(cache_root()).values() for text in split][:40]
     tok = Tokenizer(models.BPE(ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(gguf_export._LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-        special_tokens=["<|begin_of_text|>", "<|end_of_text|>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+        special_tokens=[t for t in (bos, eos) if t]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
+
+
+@pytest.fixture(scope="module")
+def llama3_style_tokenizer():
+    return split_bpe_tokenizer(gguf_export._LLAMA3_SPLIT, "<|begin_of_text|>", "<|end_of_text|>")
+
+
+@pytest.fixture(scope="module")
+def qwen2_style_tokenizer():
+    """Qwen2's split (digits one by one) and no BOS token, as Qwen2 / Qwen2.5 tokenizers have."""
+    return split_bpe_tokenizer(gguf_export._QWEN2_SPLIT, None, "<|endoftext|>")
 
 
 def llama3_rope_tiny(vocab_size: int):
@@ -282,14 +315,19 @@ def llama3_rope_tiny(vocab_size: int):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
-@pytest.mark.parametrize("variant", ["pruned", "llama3_rope_tied", "llama3_tokenizer", "linear_rope"])
-def test_llama_cpp_reproduces_hf_logits(tmp_path, embedded_tokenizer, llama3_style_tokenizer, variant):
+@pytest.mark.parametrize("variant", ["pruned", "llama3_rope_tied", "llama3_tokenizer", "linear_rope", "qwen2"])
+def test_llama_cpp_reproduces_hf_logits(tmp_path, embedded_tokenizer, llama3_style_tokenizer, qwen2_style_tokenizer,
+                                        variant):
     """llama.cpp itself (llama-cpp-python) loads the file and gives HF's tokens and logits."""
     import llama_cpp
 
-    tokenizer = llama3_style_tokenizer if variant == "llama3_tokenizer" else embedded_tokenizer
+    tokenizer = {"llama3_tokenizer": llama3_style_tokenizer, "qwen2": qwen2_style_tokenizer}.get(variant,
+                                                                                                 embedded_tokenizer)
     vocab = len(tokenizer)
-    model = llama3_rope_tiny(vocab) if variant == "llama3_rope_tied" else prune(tiny_llama(vocab_size=vocab))
+    if variant == "qwen2":  # q/k/v biases (rotated with their rows), unequal layers, no BOS
+        model = pruned_qwen("qwen2", vocab_size=vocab)
+    else:
+        model = llama3_rope_tiny(vocab) if variant == "llama3_rope_tied" else prune(tiny_llama(vocab_size=vocab))
     if variant == "linear_rope":  # positions divided by 4 (HF) = rotary frequencies scaled by 1/4 (llama.cpp)
         model.config.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
         model.model.rotary_emb = type(model.model.rotary_emb)(model.config)
