@@ -97,9 +97,10 @@ def _checked_layer_shapes(hf_model) -> list[dict[str, int]]:
         wrong = [n for n, module in (*((n, attn) for n in _ATTENTION), *((n, mlp) for n in _MLP))
                  if (getattr(module, n).bias is not None) != expected[n][0]]
         if wrong:
+            why = expected[wrong[0]][1]
             raise GaqpruneError(
-                f"layer {index}: {', '.join(wrong)} bias presence disagrees with {expected[wrong[0]][1]}; a "
-                f"{config.model_type} checkpoint cannot express that"
+                f"layer {index}: {', '.join(n for n in wrong if expected[n][1] == why)} bias presence disagrees with "
+                f"{why}; a {config.model_type} checkpoint cannot express that"
             )
     return layer_shapes(hf_model)
 
@@ -169,6 +170,8 @@ def build_config(hf_model, base_model: str | None = None):
     values["use_cache"] = True  # load_model turns the KV cache off for training; the saved model should decode fast
     values["gaqprune_version"] = gaqprune.__version__
     values["gaqprune_base_model"] = _base_model_name(hf_model, base_model)
+    # Explicit (Qwen2 configs have none): per-layer configs must not derive it from a pruned layer's head count.
+    values["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     dense = all(shape == _global_shape(config) for shape in shapes)
 
     pruned_type = PRUNED_TYPE_OF[model_type]

@@ -1,6 +1,6 @@
 """Model loading: the embedded SmolLM2, local HF folders, hub ids, GGUF files, pruned checkpoints.
 
-Every path returns a plain ``LlamaForCausalLM`` (or Mistral) in the requested dtype; a pruned
+Every path returns a stock ``LlamaForCausalLM`` (or Mistral / Qwen2 / Qwen3) in the requested dtype; a pruned
 gaqprune checkpoint comes back with its per-layer shapes restored (see ``gaqprune.export``).
 """
 

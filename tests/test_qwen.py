@@ -29,9 +29,12 @@ def tiny_qwen(kind: str, seed: int = 0, vocab_size: int = 256, layers: int = 4):
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[kind]
+    # Qwen2 configs (Qwen2.5's released ones too) have no head_dim: hidden_size // num_attention_heads; Qwen3's do.
+    head_dim = {"head_dim": HEAD_DIM} if kind == "qwen3" else {}
     config = config_class(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                          num_attention_heads=8, num_key_value_heads=4, head_dim=HEAD_DIM, max_position_embeddings=512,
-                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2, **head_dim)
+    assert kind == "qwen3" or not hasattr(config, "head_dim")
     torch.manual_seed(seed)
     return spread(model_class(config), 0.05)
 
@@ -77,7 +80,7 @@ def test_pruned_qwen_saves_and_reloads_bit_exactly(tmp_path, kind):
     ckpt = export.save_pretrained_model(model, None, tmp_path / "model")
     config = json.loads((ckpt / "config.json").read_text())
     pruned_type = f"gaqprune_{kind}"
-    assert config["model_type"] == pruned_type and config["num_hidden_layers"] == 3
+    assert config["model_type"] == pruned_type and config["num_hidden_layers"] == 3 and config["head_dim"] == HEAD_DIM
     assert config["architectures"] == [f"Gaqprune{kind.capitalize()}ForCausalLM"]
     assert config["auto_map"] == export.auto_map(pruned_type) and len(config["layer_types"]) == 3
     assert [shape["num_key_value_heads"] for shape in config["per_layer_config"].values()] == kv

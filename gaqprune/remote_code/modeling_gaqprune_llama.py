@@ -27,7 +27,8 @@ def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Line
 
 def reshape_layers(model: nn.Module, config) -> None:
     """Give each decoder layer of ``model.model.layers`` the shapes ``config.per_layer_config`` records."""
-    head_dim = config.head_dim
+    # Qwen2 configs have no head_dim field (their attention uses hidden_size // num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     hidden = config.hidden_size
     for layer, shape in zip(model.model.layers, config.layer_shapes(), strict=True):
         attn, mlp = layer.self_attn, layer.mlp
