@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -120,15 +121,30 @@ def reload_check(model_dir: Path, device: str) -> dict:
             "kv_heads": [s["num_key_value_heads"] for s in shapes], "mlp": [s["intermediate_size"] for s in shapes]}
 
 
+def report(results: dict, failures: list[str], out: Path, logs: Path, report_dir: str | None) -> None:
+    """Write cli_smoke.json (and copy it with the logs to ``report_dir``); say whether every check passed."""
+    complete = len(results["steps"]) == 4
+    results["failures"] = failures if complete else [*failures, "not every step ran"]
+    write_json(str(out / "cli_smoke.json"), results)
+    if report_dir:
+        shutil.copytree(logs, Path(report_dir) / "logs", dirs_exist_ok=True)
+        shutil.copy(out / "cli_smoke.json", Path(report_dir) / "cli_smoke.json")
+    print("cli smoke: " + ("all checks passed" if not results["failures"] else f"FAILED: {results['failures']}"),
+          flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", help="weights of the base model and the pruned one")
     parser.add_argument("--out", default="/tmp/gaqprune-cli-smoke", help="work folder (emptied first)")
-    parser.add_argument("--timeout", type=int, default=240, help="seconds per CLI command")
+    parser.add_argument("--timeout", type=int, default=90, help="seconds per CLI command")
     parser.add_argument("--report", default=None, help="also copy cli_smoke.json and the commands' logs here "
                                                          "(the work folder holds models: too big to bring back)")
     args = parser.parse_args(argv)
+    # gpu_check.sh's timeout sends SIGTERM: end as an exception, so subprocess.run kills the running command (no
+    # orphan holding the GPU) and the results so far are written.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -167,43 +183,40 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             failures.append(f"{name}: {what}")
 
-    pruned_ppl = math.nan
-    for name, cli_args in steps.items():
-        res = results["steps"][name] = run(name, cli_args, logs, env, args.timeout)
-        print(f"{name:14s} rc {res['rc']:3d}  {res['seconds']:6.1f} s", flush=True)
-        check(name, res["rc"] == 0, "exit code 0")
-        if res["rc"] != 0:
-            print(tail(logs / f"{name}.log"), flush=True)
-            continue
-        if name == "prune":
-            metrics = json.loads((runs / "prune" / "metrics.json").read_text())
-            res["metrics"] = metrics
-            pruned_ppl = metrics.get("ppl_after", math.nan)
-            check(name, math.isfinite(metrics.get("ppl_before", math.nan)) and math.isfinite(pruned_ppl),
-                  "finite dense and pruned PPL")
-            check(name, abs(metrics["params"]["achieved_ratio_selected"] - 0.25) < 0.02, "achieved ratio 0.25")
-            check(name, (runs / "prune" / "model.gguf").stat().st_size > 0, "model.gguf written")
-            res["reload"] = reload = reload_check(runs / "prune" / "model", args.device)
-            print(f"{'':14s} reload on {reload['device']}: {reload}", flush=True)
-            check(name, reload["logits_equal"], "load_pruned and trust_remote_code logits equal")
-            check(name, reload["generate_static_equals_dynamic"], "HF generate: static cache = dynamic cache")
-            check(name, min(reload["kv_heads"]) < max(reload["kv_heads"]), "layers of different KV head counts")
-        elif name == "validate":
-            found = re.findall(r"val_ppl\W+([0-9.]+(?:e[-+]?[0-9]+)?)", (logs / "validate.log").read_text())
-            res["val_ppl"] = got = float(found[-1]) if found else math.nan
-            print(f"{'':14s} validate: PPL {got:.4f}, prune's evaluation of the pruned model: {pruned_ppl:.4f}")
-            check(name, abs(got - pruned_ppl) <= 1e-3 * pruned_ppl, "reloaded model's PPL = prune's pruned PPL")
-        elif name.startswith("fit"):
-            res["fit_metrics"] = fit = json.loads((runs / name / "fit_metrics.json").read_text())
-            print(f"{'':14s} {fit['steps']} steps: validation PPL {fit['val_ppl_start']:.2f} -> {fit['val_ppl']:.2f}",
-                  flush=True)
-            check(name, fit["steps"] == 6 and fit["val_ppl"] < fit["val_ppl_start"], "6 steps, validation PPL falls")
-    results["failures"] = failures
-    write_json(str(out / "cli_smoke.json"), results)
-    if args.report:
-        shutil.copytree(logs, Path(args.report) / "logs", dirs_exist_ok=True)
-        shutil.copy(out / "cli_smoke.json", Path(args.report) / "cli_smoke.json")
-    print("cli smoke: " + ("all checks passed" if not failures else f"FAILED: {failures}"), flush=True)
+    try:
+        pruned_ppl = math.nan
+        for name, cli_args in steps.items():
+            res = results["steps"][name] = run(name, cli_args, logs, env, args.timeout)
+            print(f"{name:14s} rc {res['rc']:3d}  {res['seconds']:6.1f} s", flush=True)
+            check(name, res["rc"] == 0, "exit code 0")
+            if res["rc"] != 0:
+                print(tail(logs / f"{name}.log"), flush=True)
+                continue
+            if name == "prune":
+                metrics = json.loads((runs / "prune" / "metrics.json").read_text())
+                res["metrics"] = metrics
+                pruned_ppl = metrics.get("ppl_after", math.nan)
+                check(name, math.isfinite(metrics.get("ppl_before", math.nan)) and math.isfinite(pruned_ppl),
+                      "finite dense and pruned PPL")
+                check(name, abs(metrics["params"]["achieved_ratio_selected"] - 0.25) < 0.02, "achieved ratio 0.25")
+                check(name, (runs / "prune" / "model.gguf").stat().st_size > 0, "model.gguf written")
+                res["reload"] = reload = reload_check(runs / "prune" / "model", args.device)
+                print(f"{'':14s} reload on {reload['device']}: {reload}", flush=True)
+                check(name, reload["logits_equal"], "load_pruned and trust_remote_code logits equal")
+                check(name, reload["generate_static_equals_dynamic"], "HF generate: static cache = dynamic cache")
+                check(name, min(reload["kv_heads"]) < max(reload["kv_heads"]), "layers of different KV head counts")
+            elif name == "validate":
+                found = re.findall(r"val_ppl\W+([0-9.]+(?:e[-+]?[0-9]+)?)", (logs / "validate.log").read_text())
+                res["val_ppl"] = got = float(found[-1]) if found else math.nan
+                print(f"{'':14s} validate: PPL {got:.4f}, prune's evaluation of the pruned model: {pruned_ppl:.4f}")
+                check(name, abs(got - pruned_ppl) <= 1e-3 * pruned_ppl, "reloaded model's PPL = prune's pruned PPL")
+            elif name.startswith("fit"):
+                res["fit_metrics"] = fit = json.loads((runs / name / "fit_metrics.json").read_text())
+                print(f"{'':14s} {fit['steps']} steps: validation PPL {fit['val_ppl_start']:.2f} -> {fit['val_ppl']:.2f}",
+                      flush=True)
+                check(name, fit["steps"] == 6 and fit["val_ppl"] < fit["val_ppl_start"], "6 steps, validation PPL falls")
+    finally:
+        report(results, failures, out, logs, args.report)
     return 1 if failures else 0
 
 
