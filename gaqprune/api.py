@@ -120,7 +120,7 @@ def prune(model, tokenizer, *, data: str | os.PathLike = EMBEDDED, seed: int = 4
     write a checkpoint that ``from_pretrained(..., trust_remote_code=True)`` loads.
 
     Args:
-        model: a transformers Llama-family causal LM (LlamaForCausalLM, MistralForCausalLM, a gaqprune checkpoint)
+        model: a transformers Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3 ForCausalLM, a gaqprune checkpoint)
             without LoRA adapters.
         tokenizer: its tokenizer, or the name or path of a model whose tokenizer to load.
         data: calibration text, as ``--data.source``: embedded, wikitext2, ptb, c4, a hub dataset id, a .txt/.jsonl
@@ -171,8 +171,8 @@ def _adopt_pruned_class(model) -> None:
     stock = {family[3]: pruned_type for pruned_type, family in PRUNED_FAMILIES.items()}
     pruned_type = stock.get(type(model).__name__)
     if pruned_type is None or type(model).__module__.split(".")[0] != "transformers":
-        # a gaqprune checkpoint keeps its config in step (sync_layer_config); Mistral modules read Mistral-only
-        # config fields; subclasses are someone's own: gaqprune.save_pretrained handles all of them
+        # a gaqprune checkpoint keeps its config in step (sync_layer_config); subclasses are someone's own:
+        # gaqprune.save_pretrained handles all of them
         return
     config = build_config(model)
     if config.model_type != pruned_type:

@@ -304,10 +304,6 @@ class GaqpruneCLI(LightningCLI):
         if self.subcommand in ("prune", "fit"):
             run = self._settings(RunSettings)
             check_gguf(run, cfg["base_model"], model_config)
-            if cfg.get("prune") if self.subcommand == "fit" else (run.save_model or cfg["finetune"]):
-                from gaqprune.export import check_prunable_to_disk
-
-                check_prunable_to_disk(model_config, cfg["base_model"])  # a pruned model will be saved
             # last: only a run that passed every check claims its folder (until the command ends: run())
             pipeline.hold_run_dir(run)
 

@@ -36,11 +36,12 @@ REMOTE_CODE_DIR = Path(__file__).resolve().parent / "remote_code"
 CONFIG_FILE = "configuration_gaqprune_llama.py"
 MODELING_FILE = "modeling_gaqprune_llama.py"
 # Pruned model type -> (its config class, its model class, the stock ones a dense copy saves as, the model types
-# saved as it). Mistral without a sliding window is the same network as Llama; Qwen2 adds q/k/v biases; Qwen3
-# per-head q/k norms (over head_dim, untouched by removing heads).
+# saved as it). Mistral keeps its sliding window; Qwen2 adds q/k/v biases; Qwen3 per-head q/k norms (over head_dim,
+# untouched by removing heads). (Pruned Mistrals saved as gaqprune_llama by earlier gaqprune versions still load.)
 PRUNED_FAMILIES: dict[str, tuple[str, str, str, str, tuple[str, ...]]] = {
-    PRUNED_MODEL_TYPE: ("GaqpruneLlamaConfig", "GaqpruneLlamaForCausalLM", "LlamaConfig", "LlamaForCausalLM",
-                        ("llama", "mistral")),
+    PRUNED_MODEL_TYPE: ("GaqpruneLlamaConfig", "GaqpruneLlamaForCausalLM", "LlamaConfig", "LlamaForCausalLM", ("llama",)),
+    "gaqprune_mistral": ("GaqpruneMistralConfig", "GaqpruneMistralForCausalLM", "MistralConfig", "MistralForCausalLM",
+                         ("mistral",)),
     "gaqprune_qwen2": ("GaqpruneQwen2Config", "GaqpruneQwen2ForCausalLM", "Qwen2Config", "Qwen2ForCausalLM", ("qwen2",)),
     "gaqprune_qwen3": ("GaqpruneQwen3Config", "GaqpruneQwen3ForCausalLM", "Qwen3Config", "Qwen3ForCausalLM", ("qwen3",)),
 }
@@ -122,18 +123,6 @@ def _expected_biases(config) -> dict[str, tuple[bool, str]]:
     return out
 
 
-def check_prunable_to_disk(config, base_model: str | None = None) -> None:
-    """Refuse a model whose pruned form cannot be saved (before any work, when ``base_model`` names the flag)."""
-    window = getattr(config, "sliding_window", None)
-    if getattr(config, "model_type", None) == "mistral" and window is not None:
-        what = f"--base_model {base_model!r}" if base_model else "this model"
-        raise GaqpruneError(
-            f"{what} is a Mistral model with sliding_window {window}: a pruned model is saved as a Llama with "
-            "per-layer shapes, which has no sliding-window attention; prune it without --save_model / --finetune "
-            "(to evaluate it), or start from a release without a sliding window (Mistral-7B v0.2 and later); in "
-            "Python, set config.sliding_window = None if every sequence you run is shorter than the window")
-
-
 def _base_model_name(hf_model, base_model: str | None) -> str | None:
     """The model this one was pruned from: explicit, else inherited from a pruned checkpoint, else its load path."""
     if base_model:
@@ -175,20 +164,12 @@ def build_config(hf_model, base_model: str | None = None):
     dense = all(shape == _global_shape(config) for shape in shapes)
 
     pruned_type = PRUNED_TYPE_OF[model_type]
-    if dense:  # stock transformers loads it as it is: no remote code, no auto_map
-        if model_type == "mistral":
-            out = type(config)(**values)
-            out.architectures = list(config.architectures or [type(hf_model).__name__])
-        else:  # llama / qwen2 / qwen3, or a pruned checkpoint's family, whose layers are all full size again
-            stock_config, stock_model = PRUNED_FAMILIES[pruned_type][2:4]
-            out = getattr(transformers, stock_config)(**values)
-            out.architectures = [stock_model]
+    if dense:  # stock transformers loads it as it is (a pruned checkpoint's too, once its layers are all full size)
+        stock_config, stock_model = PRUNED_FAMILIES[pruned_type][2:4]
+        out = getattr(transformers, stock_config)(**values)
+        out.architectures = [stock_model]
         return out
 
-    if model_type == "mistral":
-        check_prunable_to_disk(config)
-        values.pop("sliding_window", None)
-        values["gaqprune_source_model_type"] = "mistral"
     # Layers equal to the global shape need no override; the config still writes every layer explicitly.
     overrides = {index: shape for index, shape in enumerate(shapes) if shape != _global_shape(config)}
     config_class, model_class = pruned_classes(pruned_type)

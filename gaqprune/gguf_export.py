@@ -205,7 +205,7 @@ def _check_config(config) -> None:
     if family == "gaqprune_qwen3":
         raise GaqpruneError(f"cannot write a {config.model_type!r} model as GGUF: Qwen3's per-head q/k norms have "
                             "no place in llama.cpp's 'deci' layers (the architecture that takes per-layer shapes)")
-    if family not in (PRUNED_MODEL_TYPE, "gaqprune_qwen2"):
+    if family not in (PRUNED_MODEL_TYPE, "gaqprune_mistral", "gaqprune_qwen2"):
         raise GaqpruneError(f"cannot write a {config.model_type!r} model as GGUF; llama, mistral and qwen2 layouts only")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise GaqpruneError(f"GGUF 'deci' layers use SiLU; this model's hidden_act is {config.hidden_act!r}")

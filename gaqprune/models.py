@@ -41,7 +41,8 @@ def model_origin(base_model: str) -> str:
     return model_name(base_model) if base_model == EMBEDDED else absolute_if_local(base_model)
 # Model types whose decoder layers have the q/k/v/o + gate/up/down layout that gaqprune prunes (== export's
 # PRUNABLE_MODEL_TYPES, asserted in tests; export imports torch-heavy code lazily, so the list is spelled out here).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gaqprune_llama", "gaqprune_qwen2", "gaqprune_qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gaqprune_llama", "gaqprune_mistral", "gaqprune_qwen2",
+                         "gaqprune_qwen3")
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "32": torch.float32, "32-true": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "bf16-true": torch.bfloat16,

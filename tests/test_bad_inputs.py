@@ -49,7 +49,7 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
 
         tiny_llama_config(vocab_size=49152, hidden_act="gelu").save_pretrained(gelu)
         AutoTokenizer.from_pretrained(model).save_pretrained(gelu)
-    windowed = tmp / "mistral"  # config and tokenizer only: a pruned model with a sliding window cannot be saved
+    windowed = tmp / "mistral"  # config and tokenizer only: llama.cpp's 'deci' layers have no sliding window
     if not windowed.exists():
         from transformers import AutoTokenizer, MistralConfig
 
@@ -113,10 +113,8 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
                                        "--trainer.accelerator", "cpu"], "--trainer.num_nodes 2: start gaqprune on every"),
         "devices_not_a_number": ([*data, "--trainer.devices", "abc", "--trainer.accelerator", "cpu"],
                                  "--trainer settings rejected by Lightning"),
-        "mistral_window_saved": (["--base_model", str(windowed), *data, "--save_model", "true"],
-                                 "is a Mistral model with sliding_window 16"),
-        "mistral_window_finetuned": (["--base_model", str(windowed), *data, "--finetune", "true"],
-                                     "is a Mistral model with sliding_window 16"),
+        "mistral_window_gguf": (["--base_model", str(windowed), *data, "--save_gguf", "f16"],
+                                "cannot write a model with sliding_window=16 as GGUF"),
         "gguf_unknown_type": ([*data, "--save_gguf", "q4"], "save_gguf"),
         "gguf_unsupported_model": (["--base_model", str(gelu), *data, "--save_gguf", "f16"], "hidden_act is 'gelu'"),
         "gguf_deci_as_base_model": (["--base_model", str(deci), *data], "give the run's model/ folder instead"),
@@ -153,7 +151,7 @@ CASE_NAMES = [
     "importance_missing", "config_without_skip", "empty_text_file", "binary_text_file", "unknown_dataset",
     "finetune_samples_zero", "finetune_full_with_lora_rank", "compensation_samples_zero",
     "compensation_samples_too_many", "compensation_seq_len_above_context", "fsdp_on_cpu", "spawned_finetune",
-    "num_nodes_without_cluster", "devices_not_a_number", "mistral_window_saved", "mistral_window_finetuned",
+    "num_nodes_without_cluster", "devices_not_a_number", "mistral_window_gguf",
     "gguf_unknown_type",
     "gguf_unsupported_model", "gguf_deci_as_base_model", "eval_batch_size_zero", "eval_batch_size_negative",
     "max_eval_windows_negative", "missing_text_file", "missing_eval_file", "channel_multiple_above_width",

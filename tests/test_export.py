@@ -374,20 +374,40 @@ def tiny_mistral(sliding_window: int | None):
     return model.eval()
 
 
-def test_pruned_mistral_saves_as_gaqprune_llama(tmp_path):
-    model = prune(tiny_mistral(sliding_window=None))
+MISTRAL_RELOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+with torch.no_grad():
+    torch.save({"logits": model(torch.load(sys.argv[2])).logits, "class": type(model).__name__,
+                "window": model.config.sliding_window}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_pruned_mistral_saves_as_gaqprune_mistral(tmp_path, window):
+    # Its sliding window is kept (8 tokens here, so 12-token sequences depend on it): Mistral-7B v0.1 included.
+    model = prune(tiny_mistral(sliding_window=window))
     ids = tokens()
     ckpt = export.save_pretrained_model(model, None, tmp_path / "ckpt")
     config = read_config(ckpt)
-    assert config["model_type"] == "gaqprune_llama" and config["gaqprune_source_model_type"] == "mistral"
+    assert config["model_type"] == "gaqprune_mistral" and config["sliding_window"] == window
+    assert config["architectures"] == ["GaqpruneMistralForCausalLM"]
     loaded = export.load_pruned(ckpt)
-    assert layer_shapes(loaded) == PRUNED_SHAPES
+    assert layer_shapes(loaded) == PRUNED_SHAPES and loaded.config.sliding_window == window
     assert torch.equal(logits_of(loaded, ids), logits_of(model, ids))
-
-    with pytest.raises(GaqpruneError, match="sliding_window 4096"):
-        export.save_pretrained_model(prune(tiny_mistral(sliding_window=4096)), None, tmp_path / "windowed")
-    dense_dir = export.save_pretrained_model(tiny_mistral(sliding_window=4096), None, tmp_path / "dense")
-    assert read_config(dense_dir)["model_type"] == "mistral" and not (tmp_path / "windowed").exists()
+    torch.save(ids, tmp_path / "ids.pt")  # stock transformers in a fresh process, through the shipped remote code
+    subprocess.run([sys.executable, "-c", MISTRAL_RELOAD, str(ckpt), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+                   check=True, cwd=tmp_path)
+    out = torch.load(tmp_path / "out.pt")
+    assert out["class"] == "GaqpruneMistralForCausalLM" and out["window"] == window
+    assert torch.equal(out["logits"], logits_of(model, ids))
+    if window is not None:  # the window matters at this length: without it the logits differ
+        model.config.sliding_window = None
+        assert not torch.allclose(logits_of(model, ids), out["logits"])
+    dense_dir = export.save_pretrained_model(tiny_mistral(sliding_window=window), None, tmp_path / "dense")
+    assert read_config(dense_dir)["model_type"] == "mistral" and read_config(dense_dir)["architectures"] == [
+        "MistralForCausalLM"]
 
 
 def test_inconsistent_or_unmerged_models_are_refused(tmp_path):

@@ -110,18 +110,25 @@ def test_qwen_biases_that_its_config_cannot_express_are_refused(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_in_memory_pruned_qwen_becomes_the_saved_class(tmp_path, embedded_tokenizer):
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_in_memory_pruned_model_becomes_the_saved_class(tmp_path, embedded_tokenizer, kind):
+    from test_export import tiny_mistral
     from transformers import AutoModelForCausalLM
 
     text = corpus(tmp_path)
-    model = tiny_qwen("qwen2", vocab_size=len(embedded_tokenizer))
+    if kind == "mistral":  # sliding window kept
+        model = tiny_mistral(sliding_window=16)
+        model.resize_token_embeddings(len(embedded_tokenizer))
+    else:
+        model = tiny_qwen(kind, vocab_size=len(embedded_tokenizer))
     gaqprune.prune(model, embedded_tokenizer, data=str(text), progress=False, importance_samples=4,
                    importance_seq_len=32, num_examples=4, max_seq_len=32, pruning_ratio=0.3, min_pruning_rate=0.1,
                    layer_start=0, layer_end=4, unit_split="same_rate")
-    assert type(model).__name__ == "GaqpruneQwen2ForCausalLM" and model.config.model_type == "gaqprune_qwen2"
+    assert type(model).__name__ == f"Gaqprune{kind.capitalize()}ForCausalLM"
+    assert model.config.model_type == f"gaqprune_{kind}"
     model.save_pretrained(tmp_path / "hf_saved")  # transformers' own save: ships the remote code
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_saved", trust_remote_code=True)
-    ids = windows(2, 10, 3)
+    ids = windows(2, 24, 3)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 

@@ -1,5 +1,5 @@
 """Configs of Llama-layout models whose decoder layers differ in shape (written by gaqprune, load with transformers
-alone): ``gaqprune_llama`` (pruned Llama / Mistral), ``gaqprune_qwen2`` and ``gaqprune_qwen3``.
+alone): ``gaqprune_llama``, ``gaqprune_mistral``, ``gaqprune_qwen2`` and ``gaqprune_qwen3``.
 
 Stock ``LlamaConfig`` describes every layer with the same ``num_attention_heads``,
 ``num_key_value_heads`` and ``intermediate_size``. A pruned model keeps those global fields at
@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 # The per-layer fields structured pruning changes; everything else is shared by all layers.
 PER_LAYER_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
@@ -67,9 +67,15 @@ class PerLayerShapes:
 
 
 class GaqpruneLlamaConfig(PerLayerShapes, LlamaConfig):
-    """``LlamaConfig`` plus per-layer head counts and MLP widths in ``per_layer_config`` (pruned Llama / Mistral)."""
+    """``LlamaConfig`` plus per-layer head counts and MLP widths in ``per_layer_config``."""
 
     model_type = "gaqprune_llama"
+
+
+class GaqpruneMistralConfig(PerLayerShapes, MistralConfig):
+    """``MistralConfig`` (its sliding window included) plus per-layer head counts and MLP widths."""
+
+    model_type = "gaqprune_mistral"
 
 
 class GaqpruneQwen2Config(PerLayerShapes, Qwen2Config):
@@ -108,4 +114,5 @@ def _checked_overrides(config: LlamaConfig, value: dict[int | str, dict[str, Any
     return overrides
 
 
-__all__ = ["GaqpruneLlamaConfig", "GaqpruneQwen2Config", "GaqpruneQwen3Config", "PER_LAYER_FIELDS", "PerLayerShapes"]
+__all__ = ["GaqpruneLlamaConfig", "GaqpruneMistralConfig", "GaqpruneQwen2Config", "GaqpruneQwen3Config", "PER_LAYER_FIELDS",
+           "PerLayerShapes"]

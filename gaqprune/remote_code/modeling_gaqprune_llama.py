@@ -1,5 +1,5 @@
-"""``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` whose decoder layers each have their own head
-count and MLP width.
+"""``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` whose decoder layers
+each have their own head count and MLP width.
 
 The model is built exactly like the stock model from the global config, then every layer whose
 ``per_layer_config`` entry differs gets correctly shaped q/k/v/o and gate/up/down Linears before
@@ -15,9 +15,14 @@ This file must only import torch/transformers: it is copied next to the weights 
 from __future__ import annotations
 
 from torch import nn
-from transformers import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
-from .configuration_gaqprune_llama import GaqpruneLlamaConfig, GaqpruneQwen2Config, GaqpruneQwen3Config
+from .configuration_gaqprune_llama import (
+    GaqpruneLlamaConfig,
+    GaqpruneMistralConfig,
+    GaqpruneQwen2Config,
+    GaqpruneQwen3Config,
+)
 
 
 def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
@@ -66,6 +71,13 @@ class GaqpruneLlamaForCausalLM(PerLayerModel, LlamaForCausalLM):
     config: GaqpruneLlamaConfig
 
 
+class GaqpruneMistralForCausalLM(PerLayerModel, MistralForCausalLM):
+    """Stock ``MistralForCausalLM`` (sliding window included) with per-layer shapes from ``GaqpruneMistralConfig``."""
+
+    config_class = GaqpruneMistralConfig
+    config: GaqpruneMistralConfig
+
+
 class GaqpruneQwen2ForCausalLM(PerLayerModel, Qwen2ForCausalLM):
     """Stock ``Qwen2ForCausalLM`` with per-layer shapes taken from ``GaqpruneQwen2Config``."""
 
@@ -80,4 +92,5 @@ class GaqpruneQwen3ForCausalLM(PerLayerModel, Qwen3ForCausalLM):
     config: GaqpruneQwen3Config
 
 
-__all__ = ["GaqpruneLlamaForCausalLM", "GaqpruneQwen2ForCausalLM", "GaqpruneQwen3ForCausalLM", "reshape_layers"]
+__all__ = ["GaqpruneLlamaForCausalLM", "GaqpruneMistralForCausalLM", "GaqpruneQwen2ForCausalLM", "GaqpruneQwen3ForCausalLM",
+           "reshape_layers"]
