@@ -123,7 +123,8 @@ def reload_check(model_dir: Path, device: str) -> dict:
 
 def report(results: dict, failures: list[str], out: Path, logs: Path, report_dir: str | None) -> None:
     """Write cli_smoke.json (and copy it with the logs to ``report_dir``); say whether every check passed."""
-    complete = len(results["steps"]) == 4
+    complete = len(results["steps"]) == results["planned"] and not any("interrupted" in step
+                                                                       for step in results["steps"].values())
     results["failures"] = failures if complete else [*failures, "not every step ran"]
     write_json(str(out / "cli_smoke.json"), results)
     if report_dir:
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "fit_prune_ddp": ["fit", *accel, "--trainer.strategy", "ddp", "--prune", "--base_model", str(model), *data, *small,
                           *fit_small, "--save_model", "--save_ckpt_log_name", "fit_prune_ddp"],
     }
-    results: dict = {"device": args.device, "dtype": args.dtype, "machine": machine(), "steps": {}}
+    results: dict = {"device": args.device, "dtype": args.dtype, "machine": machine(), "planned": len(steps), "steps": {}}
     failures = []
 
     def check(name: str, ok: bool, what: str) -> None:
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pruned_ppl = math.nan
         for name, cli_args in steps.items():
+            results["steps"][name] = {"rc": None, "interrupted": True}  # until it returns (SIGTERM mid-command)
             res = results["steps"][name] = run(name, cli_args, logs, env, args.timeout)
             print(f"{name:14s} rc {res['rc']:3d}  {res['seconds']:6.1f} s", flush=True)
             check(name, res["rc"] == 0, "exit code 0")

@@ -161,10 +161,10 @@ def prune(model, tokenizer, *, data: str | os.PathLike = EMBEDDED, seed: int = 4
 
 
 def _adopt_pruned_class(model) -> None:
-    """Turn an in-memory pruned ``LlamaForCausalLM`` (``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``) into the
-    ``Gaqprune*ForCausalLM`` a saved one loads as: its config records the per-layer shapes, and the class ships its
-    code, so any ``save_pretrained`` writes a loadable checkpoint. (The subclass only builds layers from the config;
-    the modules are already the right shapes.)"""
+    """Turn an in-memory pruned ``LlamaForCausalLM`` (``MistralForCausalLM``, ``Qwen2ForCausalLM``,
+    ``Qwen3ForCausalLM``) into the ``Gaqprune*ForCausalLM`` a saved one loads as: its config records the per-layer
+    shapes, and the class ships its code, so any ``save_pretrained`` writes a loadable checkpoint. (The subclass only
+    builds layers from the config; the modules are already the right shapes.)"""
     from gaqprune.export import PRUNED_FAMILIES, build_config, pruned_classes, register_pruned_classes
 
     old = model.config

@@ -3,7 +3,7 @@
 A pruned model's layers differ in shape, which a stock ``LlamaConfig`` cannot express. The saved
 folder therefore holds, next to safetensors weights, tokenizer and generation config:
 
-- ``config.json`` with ``model_type: gaqprune_llama`` (``gaqprune_qwen2`` / ``gaqprune_qwen3`` for Qwen2 / Qwen3):
+- ``config.json`` with ``model_type: gaqprune_llama`` (``gaqprune_mistral`` / ``gaqprune_qwen2`` / ``gaqprune_qwen3``):
   the original global head counts and MLP width (still valid values) plus each layer's own ``num_attention_heads``,
   ``num_key_value_heads`` and ``intermediate_size`` in transformers' ``per_layer_config`` schema,
   ``gaqprune_version`` and ``gaqprune_base_model``;
@@ -252,16 +252,13 @@ def register_pruned_classes() -> None:
     """Make a pruned model in this process behave like one loaded through ``trust_remote_code``: HF's own
     ``save_pretrained`` (a Trainer's, ``push_to_hub``) ships the modeling code with it, and peft's default LoRA
     targets know ``gaqprune_*`` (else ``LoraConfig()`` without ``target_modules`` fails on a pruned model)."""
+    from gaqprune.remote_code.modeling_gaqprune_llama import register_lora_targets
+
     for pruned_type in PRUNED_FAMILIES:
         config_class, model_class = pruned_classes(pruned_type)
         config_class.register_for_auto_class("AutoConfig")
         model_class.register_for_auto_class("AutoModelForCausalLM")
-    try:
-        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as targets
-    except ImportError:
-        return
-    for pruned_type, family in PRUNED_FAMILIES.items():
-        targets.setdefault(pruned_type, list(targets.get(family[4][0], ["q_proj", "v_proj"])))
+        register_lora_targets(pruned_type)  # as the shipped remote code does when it builds a model
 
 
 def load_pruned_config(path: str | os.PathLike) -> GaqpruneLlamaConfig:
@@ -279,8 +276,8 @@ def load_pruned_config(path: str | os.PathLike) -> GaqpruneLlamaConfig:
 
 
 def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None):
-    """Load a pruned checkpoint with gaqprune's own model class (a ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` /
-    ``Qwen3ForCausalLM`` subclass), in eval mode.
+    """Load a pruned checkpoint with gaqprune's own model class (a ``LlamaForCausalLM`` / ``MistralForCausalLM`` /
+    ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` subclass), in eval mode.
 
     ``dtype=None`` keeps the saved dtype. Every weight must match the recorded per-layer shapes:
     a missing, unexpected or mis-sized tensor is an error, not a silently re-initialised weight.

@@ -211,7 +211,8 @@ def _check_config(config) -> None:
         raise GaqpruneError(f"GGUF 'deci' layers use SiLU; this model's hidden_act is {config.hidden_act!r}")
     if getattr(config, "sliding_window", None) is not None:
         raise GaqpruneError(f"cannot write a model with sliding_window={config.sliding_window} as GGUF 'deci' "
-                            "(no sliding window there); set config.sliding_window = None")
+                            "(no sliding window there); in Python, set config.sliding_window = None if every sequence "
+                            "you will run is shorter than the window")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):  # Qwen2's q/k/v biases are
         # its layout (no such flags), written as the 'deci' layers' optional biases
         raise GaqpruneError("GGUF export writes Llama layers without o_proj / MLP biases; this model has "

@@ -410,6 +410,27 @@ def test_pruned_mistral_saves_as_gaqprune_mistral(tmp_path, window):
         "MistralForCausalLM"]
 
 
+PEFT_CHILD = """
+import sys
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+peft_model = get_peft_model(model, LoraConfig(r=2))  # no target_modules: peft's defaults for the model type
+print(sorted({name.split(".lora_A")[0].split(".")[-1] for name, _ in peft_model.named_parameters() if "lora_A" in name}))
+"""
+
+
+def test_stock_peft_finds_default_lora_targets_on_a_pruned_checkpoint(tmp_path):
+    # A user with transformers + peft only (no gaqprune import): LoraConfig() must work as on the dense model.
+    from gaqprune.remote_code.modeling_gaqprune_llama import STOCK_MODEL_TYPES
+
+    assert STOCK_MODEL_TYPES == {kind: family[4][0] for kind, family in export.PRUNED_FAMILIES.items()}
+    ckpt = export.save_pretrained_model(prune(tiny_llama()), None, tmp_path / "ckpt")
+    out = subprocess.run([sys.executable, "-c", PEFT_CHILD, str(ckpt)], capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
+    assert out.stdout.strip().splitlines()[-1] == "['q_proj', 'v_proj']"
+
+
 def test_inconsistent_or_unmerged_models_are_refused(tmp_path):
     model = tiny_llama()
     attn = model.model.layers[0].self_attn

@@ -14,6 +14,8 @@ This file must only import torch/transformers: it is copied next to the weights 
 
 from __future__ import annotations
 
+import importlib.util
+
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
@@ -54,11 +56,27 @@ def reshape_layers(model: nn.Module, config) -> None:
             mlp.intermediate_size = width
 
 
+# The stock model type each pruned one is built from (peft's default LoRA targets are keyed by model type).
+STOCK_MODEL_TYPES = {"gaqprune_llama": "llama", "gaqprune_mistral": "mistral", "gaqprune_qwen2": "qwen2",
+                     "gaqprune_qwen3": "qwen3"}
+
+
+def register_lora_targets(model_type: str) -> None:
+    """Give ``model_type`` peft's default LoRA targets of its stock model type, so ``LoraConfig()`` without
+    ``target_modules`` works on a pruned model as on the model it came from (nothing happens without peft)."""
+    if importlib.util.find_spec("peft") is None:
+        return
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as targets
+
+    targets.setdefault(model_type, list(targets.get(STOCK_MODEL_TYPES.get(model_type, ""), ["q_proj", "v_proj"])))
+
+
 class PerLayerModel:
     """Mixed into a stock ``*ForCausalLM``: after the stock build, give each layer the shapes its config records."""
 
     def __init__(self, config):
         super().__init__(config)
+        register_lora_targets(config.model_type)
         reshape_layers(self, config)
         # Re-run post_init so the new Linears get the usual init (and tied-weight bookkeeping is redone).
         self.post_init()
@@ -93,4 +111,4 @@ class GaqpruneQwen3ForCausalLM(PerLayerModel, Qwen3ForCausalLM):
 
 
 __all__ = ["GaqpruneLlamaForCausalLM", "GaqpruneMistralForCausalLM", "GaqpruneQwen2ForCausalLM", "GaqpruneQwen3ForCausalLM",
-           "reshape_layers"]
+           "register_lora_targets", "reshape_layers"]
