@@ -63,6 +63,13 @@ def pruned_classes(pruned_type: str = PRUNED_MODEL_TYPE):
 
     config_class, model_class = PRUNED_FAMILIES[pruned_type][:2]
     return getattr(configuration_gaqprune_llama, config_class), getattr(modeling_gaqprune_llama, model_class)
+
+
+def _head_dim(config) -> int:
+    """Qwen2 configs have no ``head_dim``: their attention uses ``hidden_size // num_attention_heads``."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 # Keys of the source config that must not leak into the written one.
 _DROPPED_KEYS = ("per_layer_config", "auto_map", "architectures", "model_type", "transformers_version", "_name_or_path")
 
@@ -78,7 +85,7 @@ def _checked_layer_shapes(hf_model) -> list[dict[str, int]]:
     from gaqprune.units import layer_shapes
 
     config = hf_model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     for index, layer in enumerate(hf_model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
@@ -160,7 +167,7 @@ def build_config(hf_model, base_model: str | None = None):
     values["gaqprune_version"] = gaqprune.__version__
     values["gaqprune_base_model"] = _base_model_name(hf_model, base_model)
     # Explicit (Qwen2 configs have none): per-layer configs must not derive it from a pruned layer's head count.
-    values["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    values["head_dim"] = _head_dim(config)
     dense = all(shape == _global_shape(config) for shape in shapes)
 
     pruned_type = PRUNED_TYPE_OF[model_type]
