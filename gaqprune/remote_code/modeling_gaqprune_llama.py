@@ -8,7 +8,7 @@ them without size-mismatch warnings. The forward pass is the stock model's (Qwen
 ``head_dim`` and need no change): attention infers the head count from the projection width (``view(..., -1,
 head_dim)``), and only ``num_key_value_groups`` has to follow the layer.
 
-This file must only import torch/transformers: it is copied next to the weights for
+This file must only import torch/transformers (and peft, only where installed): it is copied next to the weights for
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``.
 """
 
