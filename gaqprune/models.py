@@ -113,7 +113,7 @@ def _converted_gguf_dir(gguf: Path) -> Path:
 
     from gaqprune.atomic import atomic_dir
 
-    log.info("converting %s to safetensors (once; about 15 s for the embedded model) in %s", gguf, target)
+    log.info("converting %s to safetensors (once; 15-20 s for the embedded model on 2 CPU cores) in %s", gguf, target)
     try:
         config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (KeyError, OSError, ValueError):
