@@ -127,9 +127,10 @@ def get(name):
 summary = {}
 c = get("cli/cli_smoke")
 if c:
-    print("cli on " + c["device"] + ": " + ", ".join(f"{k} rc {v['rc']} {v['seconds']} s" for k, v in c["steps"].items())
+    # a step cut short by the timeout has rc None and no seconds
+    print("cli on " + c["device"] + ": " + ", ".join(f"{k} rc {v['rc']} {v.get('seconds')} s" for k, v in c["steps"].items())
           + (" | all checks passed" if not c["failures"] else f" | FAILED {c['failures']}"))
-    summary["cli"] = {k: {"rc": v["rc"], "seconds": v["seconds"]} for k, v in c["steps"].items()}
+    summary["cli"] = {k: {"rc": v["rc"], "seconds": v.get("seconds")} for k, v in c["steps"].items()}
     summary["cli_failures"] = c["failures"]
 g = get("gemm")
 if g:
