@@ -6,7 +6,8 @@ and ``eval`` (perplexity). Sources:
 * ``embedded``: the offline Wikipedia sample (split by article, see ``gaqprune.corpus``);
 * ``wikitext2`` / ``ptb`` / ``c4``: the HF datasets used by LLM-Pruner (train vs test/validation); ``c4`` is one
   shard per split, as LLM-Pruner's calibration and the SparseGPT/Wanda c4 perplexity use it (``C4``);
-* any hub dataset id with a ``text`` column (``train`` vs ``test``/``validation`` split);
+* any hub dataset id with a ``text`` column (``train`` vs ``test``/``validation`` split; of a ``train`` split of
+  more than ``C4["train_docs"]`` documents, the same fixed draw as c4's);
 * a local ``.txt`` / ``.jsonl`` file: its token stream is cut at ``eval_fraction`` (default 0.1,
   the tail is evaluation); ``eval_fraction 1.0`` evaluates the whole file.
 
@@ -175,9 +176,13 @@ def _hf_texts(source: str) -> tuple[list[str], list[str]]:
     if column not in ds[train_split].column_names:
         raise GaqpruneError(f"--data.source {source!r} has no {column!r} column (has {ds[train_split].column_names})")
     train, evaluation = ds[train_split], ds[eval_split]
+    if len(train) > C4["train_docs"] and source not in ("wikitext2", "ptb"):  # (their "documents" are lines)
+        # c4 and any large hub dataset: a fixed draw, in the split's order so the joined text does not depend on the
+        # draw's order; tokenizing millions of documents would take hours and tens of GB for no use
+        rank_zero_info(f"{source}: calibrating/training on a fixed draw of {C4['train_docs']:,} of the "
+                       f"{len(train):,} {train_split} documents")
+        train = train.select(sorted(random.Random(C4["seed"]).sample(range(len(train)), C4["train_docs"])))
     if source == "c4":
-        if len(train) > C4["train_docs"]:  # in shard order, so the joined text does not depend on the draw's order
-            train = train.select(sorted(random.Random(C4["seed"]).sample(range(len(train)), C4["train_docs"])))
         evaluation = evaluation.select(range(min(len(evaluation), C4["eval_docs"])))
     return list(train[column]), list(evaluation[column])
 
@@ -216,7 +221,9 @@ def _source_key(source: str) -> str:
                                 else f"--data.source {source!r} is not a file; give a .txt/.jsonl file or a dataset name")
         st = p.stat()
         return f"file:{p}:{st.st_size}:{int(st.st_mtime)}"
-    return f"source:{source}" + (f":{json.dumps(C4, sort_keys=True)}" if source == "c4" else "")  # (its cut)
+    if source in ("wikitext2", "ptb"):
+        return f"source:{source}"
+    return f"source:{source}:{json.dumps(C4, sort_keys=True)}"  # c4 and other hub ids: their cut (see _hf_texts)
 
 
 def token_streams(source: str, tokenizer, eval_fraction: float = 0.1) -> dict[str, torch.Tensor]:

@@ -100,6 +100,28 @@ def test_c4_is_a_fixed_draw_of_training_documents_and_the_papers_validation_docu
     assert source_texts("c4") == (train, evaluation)  # the same draw every time (the token cache relies on it)
 
 
+def test_a_large_hub_dataset_is_a_fixed_draw_and_its_test_split_is_evaluated_whole(monkeypatch):
+    # any hub id: a train split of millions of documents would be tokenized whole (hours, tens of GB)
+    import datasets
+
+    from gaqprune.data import C4, _source_key, source_texts
+
+    n_train = C4["train_docs"] + 3000
+    splits = {"train": datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(n_train)]}),
+              "test": datasets.Dataset.from_dict({"text": [f"e{i}" for i in range(3000)]})}
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: splits)
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda *a, **k: list(splits))
+    train, evaluation = source_texts("someone/big-corpus")
+    drawn = [int(doc[1:]) for doc in train.split("\n\n")]
+    assert len(set(drawn)) == C4["train_docs"] and drawn == sorted(drawn) and drawn[-1] > C4["train_docs"]
+    assert evaluation == "\n\n".join(f"e{i}" for i in range(3000))  # the evaluation protocol is unchanged
+    assert source_texts("someone/big-corpus") == (train, evaluation)
+    assert str(C4["train_docs"]) in _source_key("someone/big-corpus")  # token caches made before the cut are not reused
+    # a small one is taken whole
+    splits["train"] = splits["train"].select(range(100))
+    assert source_texts("someone/small-corpus")[0] == "\n\n".join(f"t{i}" for i in range(100))
+
+
 def test_padded_eval_sampler_counts_every_window_once():
     from torch.utils.data import DataLoader
 
