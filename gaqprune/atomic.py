@@ -10,10 +10,49 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived outside a Lightning fit (see ``sigterm_unwinds``); exit status 143 as the signal's own."""
+
+    def __init__(self) -> None:
+        super().__init__(143)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within the block, SIGTERM (a scheduler's pre-emption, ``kill``) unwinds the process like Ctrl-C does, raising
+    ``Terminated``: the ``finally`` blocks run, so a half-written temporary file or folder is removed instead of left
+    behind (a model-sized ``.model.tmp-*`` folder). Inside a Lightning fit, Lightning's own handler, which it composes
+    with this one, is the one installed: this one then leaves the decision to it (a checkpoint at the step's end)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def unwritable(path: str | os.PathLike) -> Path | None:
+    """The folder that would refuse writing ``path`` (its nearest existing ancestor, when read-only or not ours), or
+    None: found before hours of work, not at the first write after them."""
+    path = Path(path).absolute()
+    where = next(p for p in (path, *path.parents) if p.exists())
+    where = where if where.is_dir() else where.parent
+    return None if os.access(where, os.W_OK) else where
 
 
 def _tmp_sibling(path: Path) -> Path:
@@ -41,6 +80,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
+def _default_permissions(folder: Path) -> None:
+    """Give the files in ``folder`` the permissions a plain write gives (0644 under the usual umask): safetensors
+    writes its files 0600, so the other users of a shared machine could not read a saved model."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in folder.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``path`` only if the block finishes without error."""
@@ -54,6 +103,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp.mkdir()
     try:
         yield tmp
+        _default_permissions(tmp)
         if path.exists():
             old = _tmp_sibling(path)
             os.replace(path, old)

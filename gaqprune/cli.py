@@ -29,7 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gaqprune import pipeline
-from gaqprune.atomic import write_json, write_text
+from gaqprune.atomic import Terminated, sigterm_unwinds, write_json, write_text
 from gaqprune.data import LMDataModule
 from gaqprune.errors import GaqpruneError
 from gaqprune.lit_module import LitCausalLM
@@ -79,14 +79,18 @@ class GaqpruneTrainer(L.Trainer):
         if job.finetune.finetune:  # the fine-tune's data (instruction records, training windows) checked now
             datamodule.train_windows_limit = job.finetune.finetune_samples
             check_val_interval(self, datamodule, datamodule.num_train_examples())
+            datamodule.eval_windows()  # the fit validates on them
         if not self.is_global_zero:  # a rank Lightning started for the fit of `prune --finetune` (see check_launch)
             return self._join_finetune(model, datamodule, job, out_dir, refit_windows) if job.finetune.finetune else {}
-        pipeline.clear_results(job.run)  # --overwrite: the previous run's results go before anything new is written
         clock = pipeline.Stopwatch()
         metrics: dict = {"base_model": job.base_model}
         hf_model.to(device)
         meta = pipeline.importance_meta(hf_model, job.importance, start, end, job.base_model, datamodule.source,
                                         job.run.seed)
+        pipeline.check_importance_config(job.importance, meta)
+        # every check passed: --overwrite removes the previous run's results now, before anything new is written (an
+        # unfinished run's leftovers go in any case)
+        pipeline.clear_results(job.run, keep_checkpoints=job.finetune.finetune)
         with clock("layer_importance"):  # first: a reused cache is checked before any heavy work
             scores = pipeline.layer_importance_stage(hf_model, datamodule, job.importance, start, end, out_dir, meta,
                                                      device, progress)
@@ -242,6 +246,12 @@ class GaqpruneCLI(LightningCLI):
                                 help="Prune in Callback.setup (layer importance + GQA pruning) before fine-tuning.")
         return parser
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads a --ckpt_path file's hyperparameters first thing: a missing or junk file is refused before."""
+        if self.config.get("subcommand"):
+            check_ckpt_path(self.config[self.config.subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--base_model", type=str, default=EMBEDDED,
                             help="'embedded' (SmolLM2-135M-Instruct, offline), a HF model folder, a .gguf file, "
@@ -259,7 +269,7 @@ class GaqpruneCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Cheap validation of every flag before the model is loaded or any folder is written."""
-        from gaqprune.models import load_config, resolve_dtype
+        from gaqprune.models import check_tokenizer_files, load_config, resolve_dtype
 
         cfg = self.config[self.subcommand]
         resolve_dtype(cfg["dtype"])
@@ -267,6 +277,7 @@ class GaqpruneCLI(LightningCLI):
         validate_data_settings(cfg["data"], trains)
         check_trainer_flags(cfg["trainer"], trains, prune_finetune=self.subcommand == "prune" and cfg["finetune"])
         model_config = load_config(cfg["base_model"])
+        check_tokenizer_files(cfg["base_model"])
         saved, used = getattr(model_config, "dtype", None), resolve_dtype(cfg["dtype"])
         if self.subcommand in ("validate", "test") and isinstance(saved, torch.dtype) and saved != used:
             saved, used = (str(d).removeprefix("torch.") for d in (saved, used))
@@ -281,6 +292,12 @@ class GaqpruneCLI(LightningCLI):
         if self.subcommand == "prune" or (self.subcommand == "fit" and cfg.get("prune")):
             imp, prune, run, fin = (self._settings(c) for c in SETTINGS.values())
             validate_pruning(imp, prune, model_config)
+            if imp.skip_importance_analysis:  # its layers, now (its model: once the weights are loaded)
+                from gaqprune.pruning import layer_range
+
+                start, end = layer_range(prune, model_config.num_hidden_layers)
+                pipeline.check_importance_config(imp, {"num_layers": model_config.num_hidden_layers,
+                                                       "layer_start": start, "layer_end": end})
             validate_finetune_settings(fin, cfg["model"])
             if fin.finetune and self.subcommand == "prune":
                 validate_teacher(fin, cfg["base_model"], model_config)
@@ -389,6 +406,13 @@ class GaqpruneCLI(LightningCLI):
             # the epochs the steps take, for the progress bar (a resumed fit counts from where it stopped: left alone)
             batches = max(1, train_batches(self.trainer, self.datamodule, examples) // self.trainer.accumulate_grad_batches)
             self.trainer.fit_loop.max_epochs = math.ceil(cfg.trainer.max_steps / batches)
+        if cfg.get("prune"):  # a reused importance config that does not fit: refused before anything is removed
+            from gaqprune.pruning import layer_range
+
+            hf_model = self.model.model
+            meta = pipeline.importance_meta(hf_model, imp, *layer_range(prune, len(hf_model.model.layers)),
+                                            cfg.base_model, self.datamodule.source, run.seed)
+            pipeline.check_importance_config(imp, meta)
         results = pipeline.RUN_FILES if cfg.get("prune") else (*pipeline.FIT_RESULTS, pipeline.CHECKPOINTS)
         if cfg.get("ckpt_path"):  # the checkpoints are what it resumes from
             results = tuple(name for name in results if name != pipeline.CHECKPOINTS)
@@ -577,11 +601,29 @@ def check_val_interval(trainer: L.Trainer, datamodule: LMDataModule, examples: i
             "of an epoch such as 1.0, or more --finetune_samples")
 
 
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    """``--ckpt_path FILE`` (not Lightning's keywords, not a remote URL): an existing checkpoint file, checked before the
+    model is loaded (Lightning found a missing one after that, and a junk one with an unpickler traceback)."""
+    if ckpt_path is None or ckpt_path in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
+        return
+    import zipfile
+
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise GaqpruneError(f"--ckpt_path {ckpt_path!r}: file not found; give a checkpoint file (.ckpt) or 'last' "
+                            "(the run's latest)")
+    if not zipfile.is_zipfile(path):  # what torch.save writes
+        raise GaqpruneError(f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (not a file torch.save wrote)")
+
+
 def validate_data_settings(data: dict, trains: bool) -> None:
     """``--data.*``: window and batch sizes, and (when a fine-tune will read it) the instruction data file."""
     for flag, low in (("max_seq_len", 2), ("batch_size", 1), ("eval_batch_size", 1), ("num_workers", 0)):
         if data[flag] < low:
             raise GaqpruneError(f"--data.{flag} {data[flag]} is invalid; give an integer >= {low}")
+    if not 0.0 < data["eval_fraction"] <= 1.0:
+        raise GaqpruneError(f"--data.eval_fraction {data['eval_fraction']} is invalid; give the share of a text file "
+                            "evaluated, in (0, 1] (1.0: all of it)")
     if data["max_eval_windows"] is not None and data["max_eval_windows"] < 1:
         raise GaqpruneError(f"--data.max_eval_windows {data['max_eval_windows']} is invalid; give a count >= 1, or "
                             "null for every window")
@@ -725,22 +767,23 @@ def run(args: list[str] | None = None) -> GaqpruneCLI:
 
     previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     try:
-        return GaqpruneCLI(
-            LitCausalLM,
-            LMDataModule,
-            trainer_class=GaqpruneTrainer,
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=42,
-            args=args,
-            parser_kwargs={"default_env": False, "exit_on_error": False},
-        )
+        with sigterm_unwinds():
+            return GaqpruneCLI(
+                LitCausalLM,
+                LMDataModule,
+                trainer_class=GaqpruneTrainer,
+                save_config_kwargs={"overwrite": True},
+                seed_everything_default=42,
+                args=args,
+                parser_kwargs={"default_env": False, "exit_on_error": False},
+            )
     except (GaqpruneError, ArgumentError) as err:
         print(f"gaqprune: error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"gaqprune: interrupted; {KEPT}", file=sys.stderr)
         sys.exit(130)
-    except SIGTERMException:  # a SystemExit without a code: a pre-empted job would read as a success
+    except (SIGTERMException, Terminated):  # a SystemExit without a code: a pre-empted job would read as a success
         print(f"gaqprune: terminated (SIGTERM); {KEPT}", file=sys.stderr)
         sys.exit(143)
     except SystemExit as err:

@@ -282,6 +282,23 @@ def load_pruned_config(path: str | os.PathLike) -> GaqpruneLlamaConfig:
         raise GaqpruneError(f"{str(path)!r}: config.json could not be read: {str(err).splitlines()[0]}") from None
 
 
+def _shape_mismatches(path: Path, config, model_class) -> list[str]:
+    """The saved tensors whose shapes differ from the ones ``config`` builds (read from the safetensors headers and a
+    model on the meta device: nothing is loaded), as ``name: [saved] saved, [expected] expected``."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        expected = {name: list(t.shape) for name, t in model_class(config).state_dict().items()}
+    differ = []
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                saved = list(f.get_slice(name).get_shape())
+                if name in expected and saved != expected[name]:
+                    differ.append(f"{name}: {saved} saved, {expected[name]} expected")
+    return differ
+
+
 def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None):
     """Load a pruned checkpoint with gaqprune's own model class (a ``LlamaForCausalLM`` / ``MistralForCausalLM`` /
     ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` subclass), in eval mode.
@@ -294,9 +311,18 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
     config = load_pruned_config(path)
     _, model_class = pruned_classes(config.model_type)
     torch_dtype = "auto" if dtype is None else resolve_dtype(dtype)
+    from safetensors import SafetensorError
+
     try:
         model, info = model_class.from_pretrained(str(path), config=config, dtype=torch_dtype, output_loading_info=True)
+    except SafetensorError as err:
+        raise GaqpruneError(f"{str(path)!r}: its weights are truncated or corrupted ({str(err).splitlines()[0]}); "
+                            "save the model again") from None
     except (OSError, RuntimeError, ValueError) as err:  # e.g. a weight whose size disagrees with per_layer_config
+        differ = _shape_mismatches(Path(path), config, model_class)
+        if differ:  # transformers says only "look at the above report", which its logging level may hide
+            raise GaqpruneError(f"{str(path)!r}: {len(differ)} weights do not have the shapes config.json's "
+                                f"per_layer_config gives (was one of them edited?), e.g. {differ[0]}") from None
         raise GaqpruneError(f"{str(path)!r} could not be loaded: {str(err).splitlines()[0]}") from None
     problems = {key: value for key, value in info.items() if value}
     if problems:

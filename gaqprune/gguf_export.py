@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gaqprune.atomic import _tmp_sibling
+from gaqprune.atomic import _tmp_sibling, unwritable
 from gaqprune.errors import GaqpruneError
 
 OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -262,6 +262,9 @@ def check_output(path: Path, out_type: str, overwrite: bool, ffn_multiple: int |
         raise GaqpruneError(f"GGUF output {str(path)!r} is a folder; give a file name ending in .gguf")
     if path.exists() and not overwrite:
         raise GaqpruneError(f"output file {str(path)!r} already exists; pass overwrite (--overwrite true) to replace it")
+    locked = unwritable(path)
+    if locked is not None:
+        raise GaqpruneError(f"GGUF output {str(path)!r}: cannot write to {str(locked)!r} (read-only or no permission)")
     return ffn_multiple or (Q8_BLOCK if out_type == "q8_0" else 1)
 
 
@@ -372,11 +375,18 @@ def cli(args: list[str] | None = None) -> None:
 
     from jsonargparse import auto_cli
 
+    from gaqprune.atomic import Terminated, sigterm_unwinds
+
     try:
-        auto_cli(main, args=args)
+        with sigterm_unwinds():
+            auto_cli(main, args=args)
     except GaqpruneError as err:
         print(f"gaqprune-gguf: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (KeyboardInterrupt, Terminated) as err:  # the temporary file is gone (save_gguf's finally)
+        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"gaqprune-gguf: {how}; no file was written (an existing one is unchanged)", file=sys.stderr)
+        raise SystemExit(143 if isinstance(err, Terminated) else 130) from None
 
 
 __all__ = ["OUT_TYPES", "PRE_TOKENIZERS", "check_supported", "cli", "save_gguf", "tokenizer_pre"]

@@ -193,6 +193,18 @@ def load_config(base_model: str):
     return config
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_tokenizer_files(base_model: str) -> None:
+    """Refuse a local model folder without any tokenizer file (a weights-only copy), before the model is loaded."""
+    path = Path(str(base_model)).expanduser()
+    if base_model != EMBEDDED and path.suffix != ".gguf" and path.is_dir() \
+            and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise GaqpruneError(f"--base_model {base_model!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                            "copy the tokenizer files of the model it came from into it")
+
+
 def load_tokenizer(base_model: str = EMBEDDED):
     """The tokenizer that belongs to ``--base_model``, with a pad token set."""
     from transformers import AutoTokenizer
@@ -203,10 +215,13 @@ def load_tokenizer(base_model: str = EMBEDDED):
     # A pruned checkpoint's config names remote code: hand AutoTokenizer gaqprune's own config, so that
     # transformers neither asks to run that code (an interactive y/N prompt) nor runs it.
     config = {"config": export.load_pruned_config(path)} if export.is_pruned_checkpoint(path) else {}
+    check_tokenizer_files(base_model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **config)
     except (OSError, ValueError) as err:
-        raise GaqpruneError(f"--base_model {base_model!r}: no tokenizer could be loaded: {str(err).splitlines()[0]}") from None
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        reason = " ".join(lines)[:400] if lines and lines[0].endswith(":") else lines[0] if lines else type(err).__name__
+        raise GaqpruneError(f"--base_model {base_model!r}: no tokenizer could be loaded: {reason}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -221,11 +236,19 @@ def load_model(base_model: str = EMBEDDED, dtype: str | torch.dtype = "float32",
     from gaqprune import export
 
     if export.is_pruned_checkpoint(path):
-        model = export.load_pruned(path, dtype=torch_dtype)
+        try:
+            model = export.load_pruned(path, dtype=torch_dtype)
+        except GaqpruneError as err:
+            raise GaqpruneError(f"--base_model {err}") from None
     else:
+        from safetensors import SafetensorError
+
         config = load_config(base_model)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype)
+        except SafetensorError as err:
+            raise GaqpruneError(f"--base_model {base_model!r}: its weights are truncated or corrupted "
+                                f"({str(err).splitlines()[0]})") from None
         except (OSError, ValueError) as err:
             raise GaqpruneError(f"--base_model {base_model!r} could not be loaded: {str(err).splitlines()[0]}") from None
     model.config.use_cache = False

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from gaqprune import __version__
+from gaqprune.atomic import unwritable
 from gaqprune.errors import GaqpruneError
 from gaqprune.run_settings import RunSettings
 from gaqprune.settings import ImportanceSettings, PruneSettings
@@ -58,9 +59,9 @@ def check_run_dir(run: RunSettings, results: tuple[str, ...] = FINISHED) -> Path
             f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: run folder {str(path)!r} already holds results "
             f"({', '.join(found)}); pick another name or pass --overwrite true"
         )
-    writable = next(p for p in (path, *path.parents) if p.exists())
-    if not os.access(writable, os.W_OK):  # found now, not after hours of work
-        raise GaqpruneError(f"--output_dir: cannot write to {str(writable)!r} (read-only or no permission); give "
+    locked = unwritable(path)
+    if locked is not None:
+        raise GaqpruneError(f"--output_dir: cannot write to {str(locked)!r} (read-only or no permission); give "
                             "--output_dir a folder you can write to")
     if path.is_dir():  # leftovers of a killed write: never complete, never reused
         for stale in path.glob(".*.tmp-*"):
@@ -145,12 +146,17 @@ def check_calibration_budget(datamodule, imp: ImportanceSettings, prune: PruneSe
     compensation_windows(datamodule, prune, seed, "cpu", taylor_windows(datamodule, prune, seed, "cpu"))
 
 
-def clear_results(run: RunSettings, results: tuple[str, ...] = RUN_FILES) -> None:
-    """With --overwrite, remove the previous run's ``results`` before the new run writes anything, so the folder
-    never mixes two runs (the importance cache stays: it is reused only where its recorded settings match)."""
+def clear_results(run: RunSettings, results: tuple[str, ...] = RUN_FILES, keep_checkpoints: bool = False) -> None:
+    """Remove the previous run's ``results`` before the new run writes anything, so the folder never mixes two runs
+    (the importance cache stays: it is reused only where its recorded settings match). With --overwrite that is a
+    finished run's; without it ``check_run_dir`` has refused a finished one, so what is there is an unfinished run's
+    leftovers (a model saved before a Ctrl-C, which this run may not rewrite). ``keep_checkpoints``: its fine-tune's
+    checkpoints stay when this run resumes them (they are checked against its plan); --overwrite removes them."""
     path = run_dir(run)
-    if not run.overwrite or not path.is_dir():
+    if not path.is_dir():
         return
+    if not run.overwrite and keep_checkpoints:
+        results = tuple(name for name in results if name != CHECKPOINTS)
     for name in results:  # every rank of a DDP fit runs this: tolerate a file another rank removed first
         old = path / name
         if old.is_dir():
@@ -178,12 +184,25 @@ def importance_meta(hf_model, imp: ImportanceSettings, start: int, end: int, bas
     }
 
 
+IMPORTANCE_MATCH = ("model_fingerprint", "num_layers", "layer_start", "layer_end")
+
+
+def check_importance_config(imp: ImportanceSettings, meta: dict) -> None:
+    """Refuse an --importance_config that does not fit this run (not a record; another layer count or range; with
+    ``meta["model_fingerprint"]``, another model) before anything is written or removed: from the model's config
+    before it is loaded, and again from its weights."""
+    if imp.skip_importance_analysis:
+        from gaqprune import layer_importance as li
+
+        li.load_importance(imp.importance_config, {k: meta[k] for k in IMPORTANCE_MATCH if k in meta})
+
+
 def layer_importance_stage(hf_model, datamodule, imp: ImportanceSettings, start: int, end: int, out_dir: Path | None,
                            meta: dict, device: torch.device, progress: bool) -> dict[int, float]:
     """Compute (or reuse) per-layer importance; writes the cache JSON and a bar chart when ``out_dir`` is set."""
     from gaqprune import layer_importance as li
 
-    expected = {k: meta[k] for k in ("model_fingerprint", "num_layers", "layer_start", "layer_end")}
+    expected = {k: meta[k] for k in IMPORTANCE_MATCH}
     if imp.skip_importance_analysis:
         scores = li.load_importance(imp.importance_config, expected)
         record = json.loads(Path(imp.importance_config).read_text())

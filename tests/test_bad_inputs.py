@@ -56,6 +56,13 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
         MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=2, head_dim=8, sliding_window=16).save_pretrained(windowed)
         AutoTokenizer.from_pretrained(model).save_pretrained(windowed)
+    notok = tmp / "notok"  # a weights-only copy: refused before the weights are loaded (was: a message cut at "one of:")
+    if not notok.exists():
+        import shutil
+
+        notok.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(model / name, notok / name)
     deci = tmp / "pruned.gguf"  # what --save_gguf writes: llama.cpp's 'deci' architecture, not readable back
     if not deci.exists():
         import gguf
@@ -140,6 +147,11 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
         "val_check_interval_above_epoch": ([*data, "--finetune", "true", "--finetune_samples", "16",
                                             "--trainer.val_check_interval", "100"],
                                            "--trainer.val_check_interval 100 is more than the 2 training batches"),
+        "eval_fraction_above_one": ([*data, "--data.eval_fraction", "1.5"], "--data.eval_fraction 1.5 is invalid"),
+        "model_without_tokenizer": (["--base_model", str(notok), *data], "has no tokenizer (none of tokenizer.json"),
+        # the fit validates: too little evaluation text was found after the pruning and the save
+        "finetune_eval_text_too_short": ([*data, "--finetune", "true", "--data.eval_fraction", "0.001"],
+                                         "holds no full window of 32 tokens"),
     }
 
 
@@ -157,6 +169,7 @@ CASE_NAMES = [
     "max_eval_windows_negative", "missing_text_file", "missing_eval_file", "channel_multiple_above_width",
     "lora_unknown_target", "lora_rank_zero", "learning_rate_negative", "batch_size_zero", "instruction_data_missing",
     "run_name_dot", "run_name_with_path", "seed_overflow", "val_check_interval_above_epoch",
+    "finetune_eval_text_too_short", "eval_fraction_above_one", "model_without_tokenizer",
 ]
 
 
@@ -304,6 +317,74 @@ def test_overwrite_replaces_the_whole_previous_run(tmp_path, monkeypatch, capsys
         "config.yaml", "layer_importance_config.json", "metrics.json", "pruning_plan.json"]
     assert json.loads((done / "pruning_plan.json").read_text())["settings"]["pruning_ratio"] == 0.4
     assert "finished" not in json.loads((done / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("command", ["prune", "fit"])
+def test_overwrite_keeps_the_previous_run_when_a_check_fails(command, tmp_path, monkeypatch, capsys, tiny_model_dir,
+                                                             text_file):
+    # a reused importance config that does not fit the run (here: another layer range) was refused after
+    # --overwrite had removed the previous run's model and results
+    monkeypatch.chdir(tmp_path)
+    args = ["--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file), "--save_model", "true"]
+    assert run(["prune", *args, "--layer_start", "1", "--layer_end", "3"]) is not None
+    done = tmp_path / "prune_log" / RUN
+    before = {p.name: p.stat().st_mtime_ns for p in done.iterdir()}
+    assert {"model", "metrics.json", "pruning_plan.json", "config.yaml"} <= set(before)
+    reuse = ["--skip_importance_analysis", "true", "--importance_config", str(done / "layer_importance_config.json")]
+    extra = ["--prune", "true", "--trainer.max_steps", "1"] if command == "fit" else []
+    with pytest.raises(SystemExit) as exit_info:
+        run([command, *args, *extra, *reuse, "--layer_start", "0", "--layer_end", "4", "--overwrite", "true"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "expected layers 0..3" in err, err[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in done.iterdir()} == before  # nothing removed or rewritten
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--skip_importance_analysis", "true", "--importance_config", "l.json"], "num_layers differs: found 30, expected 4"),
+    (["--data.eval_fraction", "0"], "--data.eval_fraction 0.0 is invalid"),
+])
+def test_cheap_checks_come_before_the_model_is_loaded(extra, expected, tmp_path, monkeypatch, capsys, tiny_model_dir,
+                                                      text_file):
+    # found after minutes of loading an 8B model
+    from gaqprune import lit_module
+
+    monkeypatch.chdir(tmp_path)
+    importance_json(tmp_path / "l.json", num_layers=30)
+    monkeypatch.setattr(lit_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, err = run_prune(["--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file),
+                           "--layer_start", "0", "--layer_end", "4", *extra], capsys)
+    assert code == 2 and expected in err, err[-2000:]
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_a_missing_or_junk_checkpoint_is_refused_before_the_model_is_loaded(command, tmp_path, monkeypatch, capsys,
+                                                                           tiny_model_dir, text_file):
+    from gaqprune import lit_module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(lit_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint" * 10)
+    for ckpt, expected in (("nope.ckpt", "--ckpt_path 'nope.ckpt': file not found"),
+                           ("junk.ckpt", "--ckpt_path 'junk.ckpt' is not a Lightning checkpoint")):
+        with pytest.raises(SystemExit) as exit_info:
+            run([command, "--base_model", str(tiny_model_dir), "--data.source", str(text_file), "--ckpt_path", ckpt,
+                 "--trainer.logger", "false"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and expected in err and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "lightning_logs").exists() and not (tmp_path / "prune_log").exists()
+
+
+def test_an_unfinished_runs_leftovers_do_not_stay_beside_a_new_run(tmp_path, monkeypatch, tiny_model_dir, text_file):
+    # a run stopped after saving model/ left it; a rerun of that name without --save_model kept it beside its own
+    # plan and metrics (a 0.25 model in a 0.4 run's folder)
+    monkeypatch.chdir(tmp_path)
+    done = tmp_path / "prune_log" / RUN
+    (done / "model").mkdir(parents=True)
+    (done / "model.gguf").write_text("old")
+    (done / "checkpoints").mkdir()
+    assert run(["prune", "--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file)]) is not None
+    assert sorted(p.name for p in done.iterdir() if p.suffix != ".png") == [
+        "config.yaml", "layer_importance_config.json", "metrics.json", "pruning_plan.json"]
 
 
 def test_guide_switches_work_without_a_value():

@@ -220,10 +220,29 @@ def test_gaqprune_loaders_restore_shapes_and_logits(tmp_path):
 def test_weights_that_disagree_with_config_are_an_error(tmp_path):
     ckpt = export.save_pretrained_model(prune(tiny_llama()), None, tmp_path / "ckpt")
     config = read_config(ckpt)
+    saved = config["per_layer_config"]["2"]["intermediate_size"]
     config["per_layer_config"]["2"]["intermediate_size"] = 112
     (ckpt / "config.json").write_text(json.dumps(config))
-    with pytest.raises(GaqpruneError, match="could not be loaded"):
+    with pytest.raises(GaqpruneError) as info:  # names a tensor and both shapes (was: "look at the above report")
         export.load_pruned(ckpt)
+    assert "3 weights do not have the shapes config.json's per_layer_config gives" in str(info.value)
+    assert f"model.layers.2.mlp.down_proj.weight: [64, {saved}] saved, [64, 112] expected" in str(info.value)
+    # a truncated weights file: one line, not safetensors' traceback
+    from gaqprune.models import load_model
+
+    config["per_layer_config"]["2"]["intermediate_size"] = saved
+    (ckpt / "config.json").write_text(json.dumps(config))
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for load in (export.load_pruned, load_model):
+        with pytest.raises(GaqpruneError, match="its weights are truncated or corrupted"):
+            load(str(ckpt))
+    dense = tiny_llama()
+    dense.save_pretrained(tmp_path / "plain")
+    weights = tmp_path / "plain" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(GaqpruneError, match="its weights are truncated or corrupted"):
+        load_model(str(tmp_path / "plain"))
     with pytest.raises(GaqpruneError, match="not a pruned gaqprune checkpoint"):
         export.load_pruned(export.save_pretrained_model(tiny_llama(), None, tmp_path / "dense"))
 

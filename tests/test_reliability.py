@@ -64,7 +64,7 @@ def no_partial_files(run_dir: Path) -> None:
             json.loads(f.read_text())  # complete JSON or nothing
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_kill_during_analysis_leaves_nothing_half_written_and_rerun_works(tmp_path, tiny_model_dir, sig):
     text = corpus(tmp_path)
     cmd = prune_cmd(tiny_model_dir, text, "killed", "--importance_samples", "400")
@@ -81,6 +81,8 @@ def test_kill_during_analysis_leaves_nothing_half_written_and_rerun_works(tmp_pa
     proc.send_signal(sig)
     proc.wait(timeout=60)
     assert proc.returncode != 0
+    if sig == signal.SIGTERM:  # a scheduler's pre-emption: said, and the signal's own status (was: killed silently)
+        assert proc.returncode == 143 and "gaqprune: terminated (SIGTERM)" in proc.stderr.read()
     run_dir = tmp_path / "prune_log" / "killed"
     no_partial_files(run_dir)
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "pruning_plan.json").exists()
@@ -89,6 +91,41 @@ def test_kill_during_analysis_leaves_nothing_half_written_and_rerun_works(tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     no_partial_files(run_dir)
     assert json.loads((run_dir / "metrics.json").read_text())["params"]["achieved_ratio_selected"] > 0.25
+
+
+def test_sigterm_while_a_folder_is_written_removes_its_temporary_copy(tmp_path):
+    # SIGTERM during the save of a pruned model left a model-sized .model.tmp-* folder (Ctrl-C did not)
+    import os
+
+    from gaqprune.atomic import Terminated, atomic_dir, sigterm_unwinds
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated) as info, sigterm_unwinds(), atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"0" * 1000)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here
+    assert info.value.code == 143
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before  # restored
+
+
+def test_saved_files_are_readable_by_others_as_plain_writes_are(tmp_path):
+    # safetensors writes 0600: on a shared machine nobody else could load the saved model
+    import os
+
+    from gaqprune.atomic import atomic_dir
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "w.safetensors").write_bytes(b"x")
+            (tmp / "w.safetensors").chmod(0o600)
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "a.json").write_text("{}")
+    finally:
+        os.umask(mask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "model").rglob("*") if f.is_file()} == {
+        "w.safetensors": 0o644, "a.json": 0o644}
 
 
 def test_reuse_of_importance_config_spends_no_forward_pass(tmp_path, monkeypatch, tiny_model_dir):
