@@ -93,11 +93,41 @@ def _settings(options: dict) -> tuple[ImportanceSettings, PruneSettings]:
     return tuple(cls(**{k: v for k, v in options.items() if k in {f.name for f in fields(cls)}}) for cls in _SETTINGS)
 
 
+def _check_args(function: str, **values: tuple) -> None:
+    """``name=(value, type hint)``: a value of the wrong type is a ``GaqpruneError`` naming the argument (not a
+    ``TypeError`` from deep inside, or a silently wrong result)."""
+    for name, (value, hint) in values.items():
+        if not _accepts(value, hint):
+            raise GaqpruneError(f"{function}({name}={value!r}) is invalid; give {_describe(hint)}")
+
+
+def _check_tokenizer(function: str, model, tokenizer) -> None:
+    """A tokenizer (or a model name/path to load one from) that fits the model's vocabulary."""
+    if tokenizer is None:
+        raise GaqpruneError(f"{function}(tokenizer=None) is invalid; give the model's tokenizer, or the name or path of "
+                            "a model whose tokenizer to load")
+    if not isinstance(tokenizer, (str, os.PathLike)) and not callable(getattr(tokenizer, "get_vocab", None)):
+        raise GaqpruneError(f"{function}(tokenizer=...) got a {type(tokenizer).__name__}; give a transformers "
+                            "tokenizer, or the name or path of a model whose tokenizer to load")
+    if not isinstance(tokenizer, (str, os.PathLike)) and len(tokenizer) > model.config.vocab_size:
+        raise GaqpruneError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of "
+                            f"{model.config.vocab_size}: it is not this model's tokenizer")
+
+
+def _check_is_model(function: str, model) -> None:
+    import torch
+
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise GaqpruneError(f"{function}(model=...) got a {type(model).__name__}; give a transformers causal LM "
+                            "(AutoModelForCausalLM.from_pretrained(...) or gaqprune.load_pruned(...))")
+
+
 def _check_model(model, tokenizer) -> None:
     import torch
 
     from gaqprune.models import check_architecture
 
+    _check_is_model("gaqprune.prune", model)
     if hasattr(model, "get_base_model") or any("lora_" in name for name, _ in model.named_parameters()):
         raise GaqpruneError("the model has LoRA adapters (peft); merge them (merge_and_unload) or prune the model "
                             "without them: pruning would cut the adapters' weights with no way to keep them consistent")
@@ -105,9 +135,7 @@ def _check_model(model, tokenizer) -> None:
         raise GaqpruneError("gaqprune.prune() needs gradients (one Taylor backward pass); call it outside "
                             "torch.inference_mode()")
     check_architecture(model.config, getattr(model.config, "_name_or_path", None) or type(model).__name__)
-    if not isinstance(tokenizer, (str, os.PathLike)) and len(tokenizer) > model.config.vocab_size:
-        raise GaqpruneError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of "
-                            f"{model.config.vocab_size}: it is not this model's tokenizer")
+    _check_tokenizer("gaqprune.prune", model, tokenizer)
 
 
 def prune(model, tokenizer, *, data: str | os.PathLike = EMBEDDED, seed: int = 42, progress: bool = True,
@@ -135,6 +163,7 @@ def prune(model, tokenizer, *, data: str | os.PathLike = EMBEDDED, seed: int = 4
     from gaqprune.cli import validate_pruning, validate_seed
     from gaqprune.pruning import apply_plan
 
+    _check_args("gaqprune.prune", seed=(seed, int), progress=(progress, bool), data=(data, str))
     imp, prune_settings = _settings(settings)
     seed = _plain(seed)
     validate_seed(seed)
@@ -194,9 +223,14 @@ def perplexity(model, tokenizer, *, data: str | os.PathLike = EMBEDDED, seq_len:
     from gaqprune.cli import validate_data_settings
     from gaqprune.metrics import perplexity as measure
 
+    _check_args("gaqprune.perplexity", data=(data, str), seq_len=(seq_len, int), max_windows=(max_windows, int | None),
+                batch_size=(batch_size, int), progress=(progress, bool))
+    _check_is_model("gaqprune.perplexity", model)
+    _check_tokenizer("gaqprune.perplexity", model, tokenizer)
+    seq_len, max_windows, batch_size = (_plain(v) for v in (seq_len, max_windows, batch_size))
     validate_data_settings({"source": str(data), "eval_source": None, "max_seq_len": seq_len,
                             "max_eval_windows": max_windows, "eval_batch_size": batch_size, "batch_size": 1,
-                            "num_workers": 0, "instruction_data": None}, False)
+                            "num_workers": 0, "instruction_data": None, "eval_fraction": 0.1}, False)
     if hasattr(model, "get_base_model"):  # a PeftModel: its base model runs with the adapters injected
         model = model.get_base_model()
     context = getattr(model.config, "max_position_embeddings", None)
@@ -214,6 +248,10 @@ def save_pretrained(model, tokenizer, out_dir: str | os.PathLike, overwrite: boo
     ``base_model`` names the dense model it came from (default: the one it was loaded from)."""
     from gaqprune.export import save_pretrained_model
 
+    _check_args("gaqprune.save_pretrained", out_dir=(out_dir, str), overwrite=(overwrite, bool),
+                base_model=(base_model, str | None))
+    _check_is_model("gaqprune.save_pretrained", model)
+    _check_tokenizer("gaqprune.save_pretrained", model, tokenizer)  # a saved model without one cannot be evaluated
     if isinstance(tokenizer, (str, os.PathLike)):
         from gaqprune.models import load_tokenizer
 

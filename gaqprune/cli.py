@@ -700,12 +700,29 @@ def check_gguf(run: RunSettings, base_model: str, model_config) -> None:
         check_supported(model_config, load_tokenizer(base_model))
 
 
+_KINDS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string", "NoneType": "null"}
+
+
+def _accepted(types: str) -> str:
+    """What jsonargparse's type list (``typing.Literal['a', 'b']``, ``<class 'int'>``, ...) accepts, in words."""
+    parts = [f"one of {choices.replace(chr(39), '')}" for choices in re.findall(r"typing\.Literal\[(.*?)\]", types)]
+    parts += [_KINDS.get(name, name) for name in re.findall(r"<class '(\w+)'>", types)]
+    return " or ".join(parts)
+
+
 def one_line(message: str) -> str:
     """Parser errors span lines; users get one: the flag, the value and what is accepted."""
     literal = re.search(r'key "([^"]+)":\s*Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)', message, re.S)
     if literal:
         flag, choices, value = literal.groups()
         return f"--{flag} {value.strip()!r} is not accepted; use one of {choices.replace(chr(39), '')}"
+    plain = re.search(r'key "([^"]+)":\s*Expected a (<class \'\w+\'>)\. Got value: (.*)', message, re.S)
+    union = re.search(r'key "([^"]+)":\s*Does not validate against any of the Union subtypes\s*Subtypes: \[(.*?)\]\s*'
+                      r'Errors:.*Given value: (.*)', message, re.S)
+    for match in (plain, union):
+        if match:
+            flag, types, value = match.groups()
+            return f"--{flag} {value.strip()!r} is not accepted; give {_accepted(types)}"
     return " ".join(message.split())
 
 

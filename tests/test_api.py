@@ -124,7 +124,37 @@ def test_api_refuses_bad_settings_before_any_work(tiny_model_dir):
                          ({"pruning_strategy": "random"}, "--pruning_strategy 'random' is invalid"),
                          ({"max_seq_len": 1024}, "--max_seq_len 1024 exceeds the model's context of 512"),
                          ({"compensation_seq_len": 1024}, "--compensation_seq_len 1024 exceeds"),
-                         ({"seed": -1}, "--seed -1 is invalid")]:
+                         ({"seed": -1}, "--seed -1 is invalid"),
+                         ({"seed": "42"}, "gaqprune.prune\\(seed='42'\\) is invalid; give an integer"),
+                         ({"progress": "no"}, "gaqprune.prune\\(progress='no'\\) is invalid; give True or False")]:
         with pytest.raises(gaqprune.GaqpruneError, match=message):
             gaqprune.prune(model, str(tiny_model_dir), **bad)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_api_arguments_of_the_wrong_kind_are_named(tiny_model_dir, tmp_path):
+    # were TypeErrors from deep inside, AttributeErrors, or (tokenizer=None) a perplexity with the embedded model's
+    # tokenizer: a wrong number for any other model
+    from conftest import tiny_llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    small = tiny_llama(vocab_size=256)  # its vocabulary is smaller than the tokenizer's
+    for call, message in [
+        (lambda: gaqprune.perplexity(model, None), r"gaqprune.perplexity\(tokenizer=None\) is invalid"),
+        (lambda: gaqprune.perplexity(model, tokenizer, seq_len="128"), r"perplexity\(seq_len='128'\) is invalid"),
+        (lambda: gaqprune.perplexity(model, tokenizer, max_windows=2.5), r"max_windows=2.5\) is invalid; give an "
+                                                                         "integer or None"),
+        (lambda: gaqprune.perplexity(model, tokenizer, batch_size=None), r"batch_size=None\) is invalid"),
+        (lambda: gaqprune.perplexity(small, tokenizer), "more than the model's vocabulary of 256"),
+        (lambda: gaqprune.perplexity("embedded", tokenizer), r"perplexity\(model=...\) got a str"),
+        (lambda: gaqprune.prune("embedded", tokenizer), r"prune\(model=...\) got a str"),
+        (lambda: gaqprune.prune(model, None), r"prune\(tokenizer=None\) is invalid"),
+        (lambda: gaqprune.save_pretrained(model, None, tmp_path / "m"), r"save_pretrained\(tokenizer=None\)"),
+        (lambda: gaqprune.save_pretrained(model, tokenizer, None), r"save_pretrained\(out_dir=None\) is invalid"),
+        (lambda: gaqprune.save_pretrained(model, tokenizer, 123), r"save_pretrained\(out_dir=123\) is invalid"),
+    ]:
+        with pytest.raises(gaqprune.GaqpruneError, match=message):
+            call()
+    assert not (tmp_path / "m").exists()

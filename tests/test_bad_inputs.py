@@ -122,7 +122,11 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
                                  "--trainer settings rejected by Lightning"),
         "mistral_window_gguf": (["--base_model", str(windowed), *data, "--save_gguf", "f16"],
                                 "cannot write a model with sliding_window=16 as GGUF"),
-        "gguf_unknown_type": ([*data, "--save_gguf", "q4"], "save_gguf"),
+        "gguf_unknown_type": ([*data, "--save_gguf", "q4"],
+                              "--save_gguf 'q4' is not accepted; give one of f32, f16, bf16, q8_0 or null"),
+        "layer_start_not_integer": ([*data, "--layer_start", "1.5"],
+                                    "--layer_start '1.5' is not accepted; give an integer or null"),
+        "ratio_not_a_number": ([*data, "--pruning_ratio", "abc"], "--pruning_ratio 'abc' is not accepted; give a finite"),
         "gguf_unsupported_model": (["--base_model", str(gelu), *data, "--save_gguf", "f16"], "hidden_act is 'gelu'"),
         "gguf_deci_as_base_model": (["--base_model", str(deci), *data], "give the run's model/ folder instead"),
         "eval_batch_size_zero": ([*data, "--data.eval_batch_size", "0"], "--data.eval_batch_size 0"),
@@ -169,7 +173,8 @@ CASE_NAMES = [
     "max_eval_windows_negative", "missing_text_file", "missing_eval_file", "channel_multiple_above_width",
     "lora_unknown_target", "lora_rank_zero", "learning_rate_negative", "batch_size_zero", "instruction_data_missing",
     "run_name_dot", "run_name_with_path", "seed_overflow", "val_check_interval_above_epoch",
-    "finetune_eval_text_too_short", "eval_fraction_above_one", "model_without_tokenizer",
+    "finetune_eval_text_too_short", "eval_fraction_above_one", "model_without_tokenizer", "layer_start_not_integer",
+    "ratio_not_a_number",
 ]
 
 

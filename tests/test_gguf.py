@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -244,6 +246,22 @@ def test_bad_inputs_and_existing_files(tmp_path, monkeypatch, embedded_tokenizer
     with pytest.raises(KeyboardInterrupt):
         gguf_export.save_gguf(model, embedded_tokenizer, tmp_path / "new.gguf")
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+    # the console script says so in one line (was: a traceback)
+    def interrupted(model: str, out: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf_export, "main", interrupted)
+    monkeypatch.setattr(sys, "argv", ["gaqprune-gguf", "embedded", str(tmp_path / "i.gguf")])
+    with pytest.raises(SystemExit) as info:
+        gguf_export.cli()
+    assert info.value.code == 130
+    # a destination that cannot be written is refused before the model is loaded (was: after, with two tracebacks)
+    from gaqprune import atomic
+
+    real_access = os.access
+    monkeypatch.setattr(atomic.os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    with pytest.raises(GaqpruneError, match=f"cannot write to {str(tmp_path)!r}"):
+        gguf_export.check_output(tmp_path / "sub" / "x.gguf", "f16", False, None)
 
 
 def test_console_script(tmp_path, embedded_tokenizer):
