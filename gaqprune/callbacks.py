@@ -65,14 +65,18 @@ class GQAPrune(L.Callback):
     """Taylor-scored removal of GQA groups / MLP channels (and whole layers) at per-layer rates."""
 
     def __init__(self, settings: PruneSettings, importance: LayerImportance | None = None, seed: int = 42,
-                 out_dir: str | None = None, save_model_of: str | None = None):
+                 out_dir: str | None = None, save_model_of: str | None = None, save_gguf: str | None = None,
+                 gguf_name: str | None = None):
         """``save_model_of``: save the pruned model to ``<out_dir>/model`` (before any training), recording this name
-        as the dense model it came from; None: do not save it."""
+        as the dense model it came from; None: do not save it. ``save_gguf``: also write it as ``<out_dir>/model.gguf``
+        of that weight type (``gguf_name``: the model's name in the file), as `gaqprune prune --save_gguf` does."""
         self.settings = settings
         self.importance = importance
         self.seed = seed
         self.out_dir = Path(out_dir) if out_dir else None
         self.save_model_of = save_model_of
+        self.save_gguf = save_gguf
+        self.gguf_name = gguf_name
         self.plan: dict | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -99,6 +103,11 @@ class GQAPrune(L.Callback):
 
                 save_pretrained_model(hf_model, trainer.datamodule.tokenizer, self.out_dir / "model", overwrite=True,
                                       base_model=self.save_model_of)
+            if self.save_gguf is not None:
+                from gaqprune.gguf_export import save_gguf
+
+                save_gguf(hf_model, trainer.datamodule.tokenizer, self.out_dir / "model.gguf", out_type=self.save_gguf,
+                          overwrite=True, name=self.gguf_name, progress=pipeline.shows_progress(trainer))
         if trainer.is_global_zero:
             pipeline.log_per_layer(trainer.loggers, pipeline.RATE_TAG,
                                    {e["index"]: e["achieved_rate"] for e in self.plan["layers"]})

@@ -53,6 +53,7 @@ class PruneJob:
     finetune: FinetuneSettings
     base_model: str
     config_yaml: str = ""
+    trainer_limits: bool = False  # --trainer.max_epochs or max_steps given: they bound the fine-tune, not --finetune_epochs
 
 
 class GaqpruneTrainer(L.Trainer):
@@ -133,7 +134,8 @@ class GaqpruneTrainer(L.Trainer):
         if job.finetune.finetune:
             from gaqprune.finetune import export_finetuned
 
-            self.fit_loop.max_epochs = job.finetune.finetune_epochs
+            if not job.trainer_limits:
+                self.fit_loop.max_epochs = job.finetune.finetune_epochs
             if "ppl_after" in metrics and self._validates_everything():  # measured on the windows the fit
                 model.trainer = self  # validates on: its curve starts there (every rank decides alike: _join_finetune)
                 model.record_start(metrics["ppl_after"])
@@ -196,7 +198,8 @@ class GaqpruneTrainer(L.Trainer):
         plan = json.loads(plan_path.read_text())
         apply_plan(model.model, plan, refit_windows, progress=False)
         model.plan_digest = pipeline.plan_digest(plan)
-        self.fit_loop.max_epochs = job.finetune.finetune_epochs
+        if not job.trainer_limits:
+            self.fit_loop.max_epochs = job.finetune.finetune_epochs
         if job.run.test_after_prune and self._validates_everything():
             self.num_sanity_val_steps = 0  # as rank 0, which measured the pruned model already (a collective)
         self.fit(model, datamodule=datamodule, ckpt_path=self._resumable(model, job))
@@ -310,6 +313,13 @@ class GaqpruneCLI(LightningCLI):
             if cfg.get("prune") and run.test_after_prune:
                 raise GaqpruneError("--test_after_prune is for `gaqprune prune`; under `fit` the validation set is "
                                     "evaluated during training (--trainer.val_check_interval)")
+            if not cfg.get("prune"):  # a guide user's `fit --pruning_ratio 0.25` fine-tuned the dense model, silently
+                given = [f"--{f.name} {cfg[f.name]}" for cls in (ImportanceSettings, PruneSettings)
+                         for f in dataclasses.fields(cls) if cfg[f.name] != f.default]
+                given += ["--test_after_prune true"] if run.test_after_prune else []
+                if given:
+                    raise GaqpruneError(f"{', '.join(given)}: pruning flags do nothing in `fit` without --prune true; "
+                                        "add --prune true to prune before fine-tuning, or drop them")
             # a fit may add its results to a prune run's folder, never replace a fit's (or a pruning run's, with --prune)
             pipeline.check_run_dir(run, pipeline.FINISHED if cfg.get("prune") else pipeline.FIT_RESULTS)
             pipeline.check_unfinished_fit(run, resuming=bool(cfg.get("ckpt_path")))
@@ -376,8 +386,10 @@ class GaqpruneCLI(LightningCLI):
         return trainer
 
     def before_prune(self) -> None:
+        trainer = self.config.prune.trainer
         self._job = PruneJob(*(self._settings(c) for c in SETTINGS.values()), base_model=self.config.prune.base_model,
-                             config_yaml=self._subcommand_parsers["prune"].dump(self.config.prune, skip_none=False))
+                             config_yaml=self._subcommand_parsers["prune"].dump(self.config.prune, skip_none=False),
+                             trainer_limits=trainer.max_epochs is not None or trainer.max_steps != -1)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -399,7 +411,8 @@ class GaqpruneCLI(LightningCLI):
             importance = LayerImportance(imp, prune, cfg.base_model, seed=run.seed, out_dir=out_dir)
             save_model = model_origin(cfg.base_model) if run.save_model else None
             self.trainer.callbacks.extend([importance, GQAPrune(prune, importance, seed=run.seed, out_dir=out_dir,
-                                                                save_model_of=save_model)])
+                                                                save_model_of=save_model, save_gguf=run.save_gguf,
+                                                                gguf_name=model_name(cfg.base_model))])
         examples = self.datamodule.num_train_examples()
         check_val_interval(self.trainer, self.datamodule, examples)
         if cfg.trainer.max_epochs is None and cfg.trainer.max_steps != -1 and not cfg.get("ckpt_path"):
@@ -490,6 +503,10 @@ def check_trainer_flags(trainer_cfg, trains: bool, prune_finetune: bool = False)
     """Lightning judges --trainer.accelerator/strategy/devices/num_nodes/precision only when it builds the Trainer,
     after the model is loaded (minutes for an 8B model): build a bare Trainer from them first, so a mistake costs
     no model load."""
+    for flag in ("max_steps", "max_epochs"):
+        if trains and trainer_cfg.get(flag) == 0:  # exported the untrained model as a fine-tune's result
+            raise GaqpruneError(f"--trainer.{flag} 0 trains nothing; give at least 1, or leave it unset "
+                                "(--finetune_epochs then sets the length)")
     args = {k: trainer_cfg.get(k) for k in ("accelerator", "strategy", "devices", "num_nodes", "precision")}
     args = {k: v for k, v in args.items() if v is not None}
     if trainer_cfg.get("plugins") or not all(isinstance(v, (str, int, list)) for v in args.values()):

@@ -391,6 +391,9 @@ class LMDataModule(L.LightningDataModule):
 
     def train_windows(self) -> torch.Tensor:
         windows = make_windows(self.streams(self.source)["train"], self.max_seq_len)
+        if self.train_windows_limit is not None and self.train_windows_limit > len(windows):
+            rank_zero_info(f"note: --finetune_samples {self.train_windows_limit}: {self.source} holds {len(windows)} "
+                           f"training windows of {self.max_seq_len} tokens; training on all of them")
         if self.train_windows_limit is not None:
             windows = sample_windows(
                 self.streams(self.source)["train"], self.max_seq_len, min(self.train_windows_limit, len(windows)),

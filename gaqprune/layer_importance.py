@@ -342,6 +342,10 @@ def load_importance(path: str | os.PathLike, expected: dict) -> dict[int, float]
         raise _refuse(path, f"is not valid JSON (line {err.lineno}: {err.msg})") from None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or not isinstance(record.get("scores"), dict):
         raise _refuse(path, "is not a gaqprune layer importance record (no 'format'/'scores')")
+    version = record.get("format_version", RECORD_VERSION)
+    if not isinstance(version, int) or version > RECORD_VERSION:
+        raise _refuse(path, f"has format_version {version!r}; this gaqprune reads records up to version {RECORD_VERSION} "
+                            "(written by a newer gaqprune?)")
     try:
         scores = {int(k): float(v) for k, v in record["scores"].items()}
     except (TypeError, ValueError):

@@ -181,6 +181,7 @@ def importance_meta(hf_model, imp: ImportanceSettings, start: int, end: int, bas
         "layer_end": end,
         "seed": seed,
         "gaqprune_version": __version__,
+        "dtype": str(next(hf_model.parameters()).dtype).removeprefix("torch."),
     }
 
 
@@ -301,7 +302,14 @@ def plan_stage(hf_model, scores: dict[int, float], windows: torch.Tensor, settin
     """Taylor scores + allocation -> a deterministic plan."""
     from gaqprune.pruning import build_plan
 
-    return build_plan(hf_model, scores, windows, settings, progress=progress)
+    plan = build_plan(hf_model, scores, windows, settings, progress=progress)
+    totals = plan["totals"]
+    if totals["achieved_ratio_selected"] < totals["target_ratio"] - 0.01:  # (within a channel otherwise)
+        log.warning("note: this plan removes %.2f%% of the selected layers' prunable parameters, short of "
+                    "--pruning_ratio %s: every width-pruned layer keeps at least one KV group and some MLP channels, "
+                    "and no layer goes beyond --max_pruning_rate; allow whole-layer removal (--whole_layer_rate) or "
+                    "select more layers to go further", 100 * totals["achieved_ratio_selected"], totals["target_ratio"])
+    return plan
 
 
 IMPORTANCE_TAG, RATE_TAG = "prune/layer_importance", "prune/layer_rate"  # by `prune` and `fit --prune` alike

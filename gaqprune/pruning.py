@@ -72,8 +72,10 @@ def validate_prune_settings(settings: PruneSettings, num_layers: int, mlp_channe
             f"{s.min_pruning_rate}, --max_pruning_rate {s.max_pruning_rate}]; give a ratio in that range or widen the bounds"
         )
     if s.whole_layer_rate is not None:
-        if not 0.0 < s.whole_layer_rate:
-            raise GaqpruneError(f"--whole_layer_rate {s.whole_layer_rate} is invalid; give a rate > 0 or None")
+        if not 0.0 < s.whole_layer_rate <= 1.0:  # above 1 it reads as "never", yet a ratio above the maximum rate
+            # still removed whole layers (their unclipped rates are then unbounded)
+            raise GaqpruneError(f"--whole_layer_rate {s.whole_layer_rate} is invalid; give a rate in (0, 1], or None "
+                                "to never remove whole layers")
         if s.pruning_ratio < s.min_pruning_rate:
             raise GaqpruneError(
                 f"--pruning_ratio {s.pruning_ratio} is below --min_pruning_rate {s.min_pruning_rate}; "

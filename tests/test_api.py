@@ -158,3 +158,17 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_model_dir, tmp_path):
         with pytest.raises(gaqprune.GaqpruneError, match=message):
             call()
     assert not (tmp_path / "m").exists()
+
+
+def test_a_target_the_structure_cannot_reach_is_said(tiny_model_dir, caplog):
+    # --pruning_ratio 0.99 removed 91 % and said so only in the summary's numbers
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    plan = gaqprune.prune(model, str(tiny_model_dir), pruning_ratio=0.99, min_pruning_rate=0.99, max_pruning_rate=0.99,
+                          layer_start=0, layer_end=4, importance_samples=2, importance_seq_len=32, num_examples=2,
+                          max_seq_len=32, compensation="none", progress=False)
+    achieved = plan["totals"]["achieved_ratio_selected"]
+    assert achieved < 0.98
+    assert f"removes {100 * achieved:.2f}% of the selected layers' prunable parameters, short of --pruning_ratio 0.99" \
+        in caplog.text

@@ -151,6 +151,10 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
         "val_check_interval_above_epoch": ([*data, "--finetune", "true", "--finetune_samples", "16",
                                             "--trainer.val_check_interval", "100"],
                                            "--trainer.val_check_interval 100 is more than the 2 training batches"),
+        "whole_layer_rate_above_one": ([*data, "--whole_layer_rate", "5", "--pruning_ratio", "0.7"],
+                                       "--whole_layer_rate 5.0 is invalid; give a rate in (0, 1]"),
+        "finetune_max_steps_zero": ([*data, "--finetune", "true", "--trainer.max_steps", "0"],
+                                    "--trainer.max_steps 0 trains nothing"),
         "eval_fraction_above_one": ([*data, "--data.eval_fraction", "1.5"], "--data.eval_fraction 1.5 is invalid"),
         "model_without_tokenizer": (["--base_model", str(notok), *data], "has no tokenizer (none of tokenizer.json"),
         # the fit validates: too little evaluation text was found after the pruning and the save
@@ -174,7 +178,7 @@ CASE_NAMES = [
     "lora_unknown_target", "lora_rank_zero", "learning_rate_negative", "batch_size_zero", "instruction_data_missing",
     "run_name_dot", "run_name_with_path", "seed_overflow", "val_check_interval_above_epoch",
     "finetune_eval_text_too_short", "eval_fraction_above_one", "model_without_tokenizer", "layer_start_not_integer",
-    "ratio_not_a_number",
+    "ratio_not_a_number", "whole_layer_rate_above_one", "finetune_max_steps_zero",
 ]
 
 
@@ -377,6 +381,18 @@ def test_a_missing_or_junk_checkpoint_is_refused_before_the_model_is_loaded(comm
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and expected in err and "Traceback" not in err, err[-2000:]
     assert not (tmp_path / "lightning_logs").exists() and not (tmp_path / "prune_log").exists()
+
+
+def test_pruning_flags_without_prune_in_fit_are_refused(tmp_path, monkeypatch, capsys, tiny_model_dir, text_file):
+    # `fit --pruning_ratio 0.3` fine-tuned the dense model and said nothing
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--base_model", str(tiny_model_dir), "--data.source", str(text_file), "--pruning_ratio", "0.3",
+             "--importance_samples", "4", "--trainer.logger", "false"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-2000:]
+    assert "--importance_samples 4, --pruning_ratio 0.3: pruning flags do nothing in `fit` without --prune true" in err
+    assert not (tmp_path / "prune_log").exists()
 
 
 def test_an_unfinished_runs_leftovers_do_not_stay_beside_a_new_run(tmp_path, monkeypatch, tiny_model_dir, text_file):

@@ -177,6 +177,7 @@ def test_ddp_two_ranks_prune_identically_and_train(tiny_model_dir, tmp_path):
              "--importance_samples", "4", "--importance_seq_len", "32", "--num_examples", "4", "--max_seq_len", "32",
              "--min_pruning_rate", "0.1", "--distill_weight", "0.5",  # each rank also loads the dense teacher
              "--save_model", "true",  # rank 0 saves the pruned model the adapters fit
+             "--save_gguf", "f32",  # and writes it for llama.cpp, as `prune --save_gguf` does (was: only the merged one)
              "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
              "--trainer.max_steps", "2", "--save_ckpt_log_name", "ddp", "--trainer.default_root_dir", str(tmp_path),
              "--trainer.callbacks+=tests.ddp_probe.ShapeProbe", f"--trainer.callbacks.out_dir={probe}",
@@ -198,6 +199,11 @@ def test_ddp_two_ranks_prune_identically_and_train(tiny_model_dir, tmp_path):
     assert layer_shapes(load_pruned(run_dir / "model")) == ranks[0]["shapes"]
     adapter = json.loads((run_dir / "lora_adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str((run_dir / "model").resolve())
+    import gguf
+
+    for name in ("model.gguf", "model_finetuned.gguf"):
+        widths = list(gguf.GGUFReader(run_dir / name).fields["deci.feed_forward_length"].contents())
+        assert widths == [shape["intermediate_size"] for shape in ranks[0]["shapes"]], name
 
 
 @pytest.mark.slow
@@ -327,6 +333,20 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(gguf_forward(run_dir / "model_finetuned.gguf", ids), merged(ids).logits,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_prune_finetune_honours_trainer_max_epochs(tiny_model_dir, tmp_path, monkeypatch):
+    # --finetune_epochs (3) replaced an explicit --trainer.max_epochs 1
+    from gaqprune.cli import run
+
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Item {i}: the bridge over the river was rebuilt in stone." for i in range(800)))
+    args = ["prune", "--base_model", str(tiny_model_dir), "--data.source", str(text), "--importance_samples", "4",
+            "--importance_seq_len", "32", "--num_examples", "2", "--max_seq_len", "32", "--compensation", "none",
+            "--finetune", "--trainer.limit_val_batches", "0", "--trainer.logger", "false", *FIT_ARGS]
+    assert run([*args, "--save_ckpt_log_name", "one", "--trainer.max_epochs", "1"]).trainer.global_step == 4  # 16 / 4
+    assert run([*args, "--save_ckpt_log_name", "two", "--finetune_epochs", "2"]).trainer.global_step == 8
 
 
 def test_a_resumed_sanity_check_is_not_a_start(tiny_model_dir):

@@ -223,6 +223,11 @@ def test_load_refuses_what_does_not_fit(tiny_model, tmp_path):
     other.write_text(json.dumps(record))
     with pytest.raises(GaqpruneError, match="corrupted scores"):
         load_importance(other, {})
+    record = json.loads(path.read_text())
+    record["format_version"] = 99  # a newer gaqprune's record: its fields may mean something else
+    other.write_text(json.dumps(record))
+    with pytest.raises(GaqpruneError, match="has format_version 99; this gaqprune reads records up to version 1"):
+        load_importance(other, {})
 
 
 def test_plot(tmp_path):
