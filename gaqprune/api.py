@@ -51,7 +51,7 @@ def _accepts(value, hint) -> bool:
             return True
         if typing.get_origin(option) is typing.Literal and isinstance(value, str) and value in typing.get_args(option):
             return True
-        if option is bool and isinstance(value, bool):
+        if option is bool and (isinstance(value, bool) or type(value).__name__ == "bool_"):  # numpy's too
             return True
         if option is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return True  # numpy integers too
@@ -73,6 +73,8 @@ def _plain(value):
     """A setting as the CLI would hold it: numpy numbers as Python ones, paths as strings."""
     if isinstance(value, os.PathLike):
         return str(value)
+    if type(value).__name__ == "bool_":
+        return bool(value)
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -106,7 +108,8 @@ def _check_tokenizer(function: str, model, tokenizer) -> None:
     if tokenizer is None:
         raise GaqpruneError(f"{function}(tokenizer=None) is invalid; give the model's tokenizer, or the name or path of "
                             "a model whose tokenizer to load")
-    if not isinstance(tokenizer, (str, os.PathLike)) and not callable(getattr(tokenizer, "get_vocab", None)):
+    if not isinstance(tokenizer, (str, os.PathLike)) and not (callable(getattr(tokenizer, "get_vocab", None))
+                                                               and hasattr(tokenizer, "__len__")):
         raise GaqpruneError(f"{function}(tokenizer=...) got a {type(tokenizer).__name__}; give a transformers "
                             "tokenizer, or the name or path of a model whose tokenizer to load")
     if not isinstance(tokenizer, (str, os.PathLike)) and len(tokenizer) > model.config.vocab_size:

@@ -30,7 +30,8 @@ def sigterm_unwinds() -> Iterator[None]:
     """Within the block, SIGTERM (a scheduler's pre-emption, ``kill``) unwinds the process like Ctrl-C does, raising
     ``Terminated``: the ``finally`` blocks run, so a half-written temporary file or folder is removed instead of left
     behind (a model-sized ``.model.tmp-*`` folder). Inside a Lightning fit, Lightning's own handler, which it composes
-    with this one, is the one installed: this one then leaves the decision to it (a checkpoint at the step's end)."""
+    with this one, is the one installed: this one then leaves the decision to it (it stops at the step's end and, in a
+    single process, saves a checkpoint)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -80,11 +81,24 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (setting it, even for an instant, would give
+    a file another thread creates meanwhile the wrong mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _default_permissions(folder: Path) -> None:
     """Give the files in ``folder`` the permissions a plain write gives (0644 under the usual umask): safetensors
     writes its files 0600, so the other users of a shared machine could not read a saved model."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _umask()
     for file in folder.rglob("*"):
         if file.is_file() and not file.is_symlink():
             file.chmod(0o666 & ~mask)

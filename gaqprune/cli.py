@@ -80,7 +80,8 @@ class GaqpruneTrainer(L.Trainer):
         if job.finetune.finetune:  # the fine-tune's data (instruction records, training windows) checked now
             datamodule.train_windows_limit = job.finetune.finetune_samples
             check_val_interval(self, datamodule, datamodule.num_train_examples())
-            datamodule.eval_windows()  # the fit validates on them
+            if self.limit_val_batches:
+                datamodule.eval_windows()  # the fit validates on them
         if not self.is_global_zero:  # a rank Lightning started for the fit of `prune --finetune` (see check_launch)
             return self._join_finetune(model, datamodule, job, out_dir, refit_windows) if job.finetune.finetune else {}
         clock = pipeline.Stopwatch()
@@ -91,7 +92,7 @@ class GaqpruneTrainer(L.Trainer):
         pipeline.check_importance_config(job.importance, meta)
         # every check passed: --overwrite removes the previous run's results now, before anything new is written (an
         # unfinished run's leftovers go in any case)
-        pipeline.clear_results(job.run, keep_checkpoints=job.finetune.finetune)
+        pipeline.clear_results(job.run)
         with clock("layer_importance"):  # first: a reused cache is checked before any heavy work
             scores = pipeline.layer_importance_stage(hf_model, datamodule, job.importance, start, end, out_dir, meta,
                                                      device, progress)
@@ -272,7 +273,7 @@ class GaqpruneCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Cheap validation of every flag before the model is loaded or any folder is written."""
-        from gaqprune.models import check_tokenizer_files, load_config, resolve_dtype
+        from gaqprune.models import check_tokenizer_files, load_config, resolve_dtype, resolve_model_path
 
         cfg = self.config[self.subcommand]
         resolve_dtype(cfg["dtype"])
@@ -305,6 +306,8 @@ class GaqpruneCLI(LightningCLI):
             if fin.finetune and self.subcommand == "prune":
                 validate_teacher(fin, cfg["base_model"], model_config)
             pipeline.check_run_dir(run)
+            if self.subcommand == "prune":  # (a fit checks it below)
+                pipeline.check_unfinished_fit(run, resuming=fin.finetune, how="by running `prune --finetune` again")
         if self.subcommand == "fit":
             run = self._settings(RunSettings)
             fin = self._settings(FinetuneSettings)
@@ -317,7 +320,13 @@ class GaqpruneCLI(LightningCLI):
                 given = [f"--{f.name} {cfg[f.name]}" for cls in (ImportanceSettings, PruneSettings)
                          for f in dataclasses.fields(cls) if cfg[f.name] != f.default]
                 given += ["--test_after_prune true"] if run.test_after_prune else []
-                if given:
+                from gaqprune.export import is_pruned_checkpoint
+
+                if given and is_pruned_checkpoint(resolve_model_path(cfg["base_model"])):
+                    # the recovery fine-tune of a pruned model, e.g. with the pruning run's config file reused
+                    log.info("note: %s: pruning flags, ignored by `fit` of the pruned model %s (no --prune true)",
+                             ", ".join(given), cfg["base_model"])
+                elif given:
                     raise GaqpruneError(f"{', '.join(given)}: pruning flags do nothing in `fit` without --prune true; "
                                         "add --prune true to prune before fine-tuning, or drop them")
             # a fit may add its results to a prune run's folder, never replace a fit's (or a pruning run's, with --prune)
@@ -621,11 +630,14 @@ def check_val_interval(trainer: L.Trainer, datamodule: LMDataModule, examples: i
 def check_ckpt_path(ckpt_path: str | None) -> None:
     """``--ckpt_path FILE`` (not Lightning's keywords, not a remote URL): an existing checkpoint file, checked before the
     model is loaded (Lightning found a missing one after that, and a junk one with an unpickler traceback)."""
-    if ckpt_path is None or ckpt_path in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
+    if ckpt_path is None or ckpt_path in ("last", "best", "hpc") or str(ckpt_path).lower().startswith("registry") \
+            or "://" in str(ckpt_path):
         return
     import zipfile
 
     path = Path(ckpt_path).expanduser()
+    if path.is_dir():  # a sharded (FSDP, DeepSpeed) checkpoint: judged by its strategy
+        return
     if not path.is_file():
         raise GaqpruneError(f"--ckpt_path {ckpt_path!r}: file not found; give a checkpoint file (.ckpt) or 'last' "
                             "(the run's latest)")
@@ -720,11 +732,16 @@ def check_gguf(run: RunSettings, base_model: str, model_config) -> None:
 _KINDS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string", "NoneType": "null"}
 
 
-def _accepted(types: str) -> str:
-    """What jsonargparse's type list (``typing.Literal['a', 'b']``, ``<class 'int'>``, ...) accepts, in words."""
-    parts = [f"one of {choices.replace(chr(39), '')}" for choices in re.findall(r"typing\.Literal\[(.*?)\]", types)]
+def _accepted(types: str) -> str | None:
+    """What jsonargparse's type list (``typing.Literal['a', 'b']``, ``<class 'int'>``, ...) accepts, in words; None
+    when it holds a type this cannot put in words (a list, a class path): the parser's own message says more."""
+    literals = r"typing\.Literal\[(.*?)\]"
+    if re.sub(r"<class '\w+'>", "", re.sub(literals, "", types)).strip(" ,"):
+        return None
+    choices = [c.strip(" '") for group in re.findall(literals, types) for c in group.split(",")]
+    parts = [f"one of {', '.join(dict.fromkeys(choices))}"] if choices else []
     parts += [_KINDS.get(name, name) for name in re.findall(r"<class '(\w+)'>", types)]
-    return " or ".join(parts)
+    return " or ".join(dict.fromkeys(parts))
 
 
 def one_line(message: str) -> str:
@@ -737,7 +754,7 @@ def one_line(message: str) -> str:
     union = re.search(r'key "([^"]+)":\s*Does not validate against any of the Union subtypes\s*Subtypes: \[(.*?)\]\s*'
                       r'Errors:.*Given value: (.*)', message, re.S)
     for match in (plain, union):
-        if match:
+        if match and _accepted(match.group(2)):
             flag, types, value = match.groups()
             return f"--{flag} {value.strip()!r} is not accepted; give {_accepted(types)}"
     return " ".join(message.split())

@@ -193,16 +193,16 @@ def load_config(base_model: str):
     return config
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer*", "*.model", "*.tiktoken", "tekken.json", "vocab.*", "merges.txt")  # any of them
 
 
 def check_tokenizer_files(base_model: str) -> None:
     """Refuse a local model folder without any tokenizer file (a weights-only copy), before the model is loaded."""
     path = Path(str(base_model)).expanduser()
     if base_model != EMBEDDED and path.suffix != ".gguf" and path.is_dir() \
-            and not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise GaqpruneError(f"--base_model {base_model!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-                            "copy the tokenizer files of the model it came from into it")
+            and not any(f.is_file() for pattern in TOKENIZER_FILES for f in path.glob(pattern)):
+        raise GaqpruneError(f"--base_model {base_model!r} has no tokenizer (no tokenizer.json, tokenizer_config.json, "
+                            "tokenizer.model or vocab files); copy the tokenizer files of the model it came from into it")
 
 
 def load_tokenizer(base_model: str = EMBEDDED):

@@ -129,13 +129,13 @@ def last_checkpoint(run: RunSettings) -> Path | None:
     return last if last.is_file() else None
 
 
-def check_unfinished_fit(run: RunSettings, resuming: bool) -> None:
-    """A fine-tune that was interrupted left ``checkpoints/last.ckpt``: starting over would overwrite it as the new
-    one trains, so it must be asked for (--overwrite true) or the checkpoint resumed."""
+def check_unfinished_fit(run: RunSettings, resuming: bool, how: str = "with --ckpt_path last") -> None:
+    """A fine-tune that was interrupted left ``checkpoints/last.ckpt``: starting over (or a run without a fine-tune)
+    would replace or remove it, so it must be asked for (--overwrite true) or the checkpoint resumed (``how``)."""
     last = last_checkpoint(run)
     if last is not None and not resuming and not run.overwrite:
         raise GaqpruneError(f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: {str(last)!r} is the checkpoint of an "
-                            "unfinished fine-tune; resume it with --ckpt_path last, or start over with --overwrite true")
+                            f"unfinished fine-tune; resume it {how}, or start over with --overwrite true")
 
 
 def check_calibration_budget(datamodule, imp: ImportanceSettings, prune: PruneSettings, seed: int) -> None:
@@ -146,16 +146,16 @@ def check_calibration_budget(datamodule, imp: ImportanceSettings, prune: PruneSe
     compensation_windows(datamodule, prune, seed, "cpu", taylor_windows(datamodule, prune, seed, "cpu"))
 
 
-def clear_results(run: RunSettings, results: tuple[str, ...] = RUN_FILES, keep_checkpoints: bool = False) -> None:
+def clear_results(run: RunSettings, results: tuple[str, ...] = RUN_FILES) -> None:
     """Remove the previous run's ``results`` before the new run writes anything, so the folder never mixes two runs
     (the importance cache stays: it is reused only where its recorded settings match). With --overwrite that is a
     finished run's; without it ``check_run_dir`` has refused a finished one, so what is there is an unfinished run's
-    leftovers (a model saved before a Ctrl-C, which this run may not rewrite). ``keep_checkpoints``: its fine-tune's
-    checkpoints stay when this run resumes them (they are checked against its plan); --overwrite removes them."""
+    leftovers (a model saved before a Ctrl-C, which this run may not rewrite), except its fine-tune's checkpoints:
+    ``check_unfinished_fit`` let the run start only to resume them."""
     path = run_dir(run)
     if not path.is_dir():
         return
-    if not run.overwrite and keep_checkpoints:
+    if not run.overwrite:
         results = tuple(name for name in results if name != CHECKPOINTS)
     for name in results:  # every rank of a DDP fit runs this: tolerate a file another rank removed first
         old = path / name

@@ -156,7 +156,7 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
         "finetune_max_steps_zero": ([*data, "--finetune", "true", "--trainer.max_steps", "0"],
                                     "--trainer.max_steps 0 trains nothing"),
         "eval_fraction_above_one": ([*data, "--data.eval_fraction", "1.5"], "--data.eval_fraction 1.5 is invalid"),
-        "model_without_tokenizer": (["--base_model", str(notok), *data], "has no tokenizer (none of tokenizer.json"),
+        "model_without_tokenizer": (["--base_model", str(notok), *data], "has no tokenizer (no tokenizer.json"),
         # the fit validates: too little evaluation text was found after the pruning and the save
         "finetune_eval_text_too_short": ([*data, "--finetune", "true", "--data.eval_fraction", "0.001"],
                                          "holds no full window of 32 tokens"),
@@ -393,9 +393,16 @@ def test_pruning_flags_without_prune_in_fit_are_refused(tmp_path, monkeypatch, c
     assert exit_info.value.code == 2, err[-2000:]
     assert "--importance_samples 4, --pruning_ratio 0.3: pruning flags do nothing in `fit` without --prune true" in err
     assert not (tmp_path / "prune_log").exists()
+    # the recovery fit of a pruned model may reuse the pruning run's settings (its config.yaml): noted, not refused
+    run(["prune", "--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file), "--save_model", "true"])
+    cli = run(["fit", "--base_model", f"prune_log/{RUN}/model", "--data.source", str(text_file), *SMALL[:-2],
+               "--pruning_ratio", "0.3", "--save_ckpt_log_name", "recovery", "--finetune_samples", "8",
+               "--trainer.max_steps", "1"])
+    assert cli.trainer.global_step == 1
 
 
-def test_an_unfinished_runs_leftovers_do_not_stay_beside_a_new_run(tmp_path, monkeypatch, tiny_model_dir, text_file):
+def test_an_unfinished_runs_leftovers_do_not_stay_beside_a_new_run(tmp_path, monkeypatch, capsys, tiny_model_dir,
+                                                                  text_file):
     # a run stopped after saving model/ left it; a rerun of that name without --save_model kept it beside its own
     # plan and metrics (a 0.25 model in a 0.4 run's folder)
     monkeypatch.chdir(tmp_path)
@@ -403,9 +410,18 @@ def test_an_unfinished_runs_leftovers_do_not_stay_beside_a_new_run(tmp_path, mon
     (done / "model").mkdir(parents=True)
     (done / "model.gguf").write_text("old")
     (done / "checkpoints").mkdir()
-    assert run(["prune", "--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file)]) is not None
+    (done / "checkpoints" / "last.ckpt").write_text("an unfinished fine-tune's")
+    args = ["prune", "--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file)]
+    # a prune without --finetune would not resume that fine-tune: refused, not removed
+    with pytest.raises(SystemExit) as exit_info:
+        run(args)
+    assert exit_info.value.code == 2 and "unfinished fine-tune; resume it by running `prune --finetune` again" in \
+        capsys.readouterr().err
+    assert (done / "checkpoints" / "last.ckpt").is_file() and (done / "model").is_dir()
+    (done / "checkpoints" / "last.ckpt").unlink()
+    assert run(args) is not None
     assert sorted(p.name for p in done.iterdir() if p.suffix != ".png") == [
-        "config.yaml", "layer_importance_config.json", "metrics.json", "pruning_plan.json"]
+        "checkpoints", "config.yaml", "layer_importance_config.json", "metrics.json", "pruning_plan.json"]
 
 
 def test_guide_switches_work_without_a_value():
@@ -462,3 +478,19 @@ def test_prune_finetune_under_an_external_launcher_is_refused(tmp_path, monkeypa
     errors = [line for line in err.splitlines() if line.startswith("gaqprune: error:")]
     assert code == 2 and len(errors) == 1 and "run `gaqprune fit --prune true`" in errors[0], err[-2000:]
     assert not (tmp_path / "prune_log").exists()
+
+
+def test_parser_type_errors_become_one_line_with_what_is_accepted():
+    from gaqprune.cli import one_line
+
+    union = ('Parser key "save_gguf": Does not validate against any of the Union subtypes\nSubtypes: '
+             "[typing.Literal['f32', 'f16'], typing.Literal['f16', 'q8_0'], <class 'NoneType'>]\nErrors:\n  - Expected a "
+             "typing.Literal['f32', 'f16']\n  - Expected a <class 'NoneType'>\nGiven value type: <class 'str'>\n"
+             "Given value: q4")
+    assert one_line(union) == "--save_gguf 'q4' is not accepted; give one of f32, f16, q8_0 or null"
+    plain = "Parser key \"pruning_ratio\":\n  Expected a <class 'float'>. Got value: abc"
+    assert one_line(plain) == "--pruning_ratio 'abc' is not accepted; give a finite number"
+    # a type it cannot put in words: the parser's own message, on one line (not "give null")
+    listed = ('Parser key "model.lora_target_modules": Does not validate against any of the Union subtypes\nSubtypes: '
+              "[list[str], <class 'NoneType'>]\nErrors:\n  - Expected a <class 'list'>\nGiven value: q_proj")
+    assert one_line(listed) == " ".join(listed.split())
