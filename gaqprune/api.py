@@ -23,6 +23,8 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
+
 from gaqprune.errors import GaqpruneError
 from gaqprune.models import EMBEDDED
 from gaqprune.settings import ImportanceSettings, PruneSettings
@@ -51,7 +53,7 @@ def _accepts(value, hint) -> bool:
             return True
         if typing.get_origin(option) is typing.Literal and isinstance(value, str) and value in typing.get_args(option):
             return True
-        if option is bool and (isinstance(value, bool) or type(value).__name__ == "bool_"):  # numpy's too
+        if option is bool and isinstance(value, (bool, np.bool_)):  # numpy's too
             return True
         if option is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return True  # numpy integers too
@@ -73,7 +75,7 @@ def _plain(value):
     """A setting as the CLI would hold it: numpy numbers as Python ones, paths as strings."""
     if isinstance(value, os.PathLike):
         return str(value)
-    if type(value).__name__ == "bool_":
+    if isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)

@@ -154,10 +154,15 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_model_dir, tmp_path):
         (lambda: gaqprune.save_pretrained(model, None, tmp_path / "m"), r"save_pretrained\(tokenizer=None\)"),
         (lambda: gaqprune.save_pretrained(model, tokenizer, None), r"save_pretrained\(out_dir=None\) is invalid"),
         (lambda: gaqprune.save_pretrained(model, tokenizer, 123), r"save_pretrained\(out_dir=123\) is invalid"),
+        (lambda: gaqprune.perplexity(model, tokenizer.backend_tokenizer), r"perplexity\(tokenizer=...\) got a Tokenizer"),
     ]:
         with pytest.raises(gaqprune.GaqpruneError, match=message):
             call()
     assert not (tmp_path / "m").exists()
+    import numpy as np  # numpy's bools and ints are what a sweep over np.arange hands in
+
+    assert gaqprune.perplexity(model, tokenizer, seq_len=np.int64(32), max_windows=np.int64(2),
+                               progress=np.False_) > 1
 
 
 def test_a_target_the_structure_cannot_reach_is_said(tiny_model_dir, caplog):

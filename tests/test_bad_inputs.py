@@ -401,6 +401,14 @@ def test_pruning_flags_without_prune_in_fit_are_refused(tmp_path, monkeypatch, c
     assert cli.trainer.global_step == 1
 
 
+def test_checkpoint_forms_lightning_resolves_itself_pass(tmp_path):
+    from gaqprune.cli import check_ckpt_path
+
+    for ckpt in ("last", "best", "hpc", "registry", "registry:model:latest", "REGISTRY", "s3://bucket/x.ckpt",
+                 str(tmp_path)):  # a folder: a sharded FSDP / DeepSpeed checkpoint
+        check_ckpt_path(ckpt)
+
+
 def test_an_unfinished_runs_leftovers_do_not_stay_beside_a_new_run(tmp_path, monkeypatch, capsys, tiny_model_dir,
                                                                   text_file):
     # a run stopped after saving model/ left it; a rerun of that name without --save_model kept it beside its own
