@@ -594,6 +594,9 @@ def validate_importance_settings(imp: ImportanceSettings, context: int | None) -
         if not imp.importance_config:
             raise GaqpruneError("--skip_importance_analysis true needs --importance_config PATH (a layer_importance_config.json)")
         path = Path(imp.importance_config)
+        if path.is_dir():
+            raise GaqpruneError(f"--importance_config {imp.importance_config!r} is a folder; give the "
+                                "layer_importance_config.json file in it")
         if not path.is_file():
             raise GaqpruneError(f"--importance_config {imp.importance_config!r}: file not found")
         import json

@@ -209,6 +209,10 @@ def layer_importance_stage(hf_model, datamodule, imp: ImportanceSettings, start:
         record = json.loads(Path(imp.importance_config).read_text())
         log.info("layer importance: reused %s (%s, %s samples; no analysis run)", imp.importance_config,
                  record.get("method"), record.get("samples"))
+        if record.get("method") != imp.importance_method:
+            log.warning("note: --importance_method %s does not apply: the reused --importance_config holds %s scores "
+                        "(drop --skip_importance_analysis to measure %s importance)", imp.importance_method,
+                        record.get("method"), imp.importance_method)
     else:
         cached = out_dir / IMPORTANCE_FILE if out_dir is not None else None
         reusable = None

@@ -155,6 +155,8 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
                                        "--whole_layer_rate 5.0 is invalid; give a rate in (0, 1]"),
         "finetune_max_steps_zero": ([*data, "--finetune", "true", "--trainer.max_steps", "0"],
                                     "--trainer.max_steps 0 trains nothing"),
+        "importance_is_folder": ([*data, "--skip_importance_analysis", "true", "--importance_config", str(tmp)],
+                                 "is a folder; give the layer_importance_config.json file in it"),
         "eval_fraction_above_one": ([*data, "--data.eval_fraction", "1.5"], "--data.eval_fraction 1.5 is invalid"),
         "model_without_tokenizer": (["--base_model", str(notok), *data], "has no tokenizer (no tokenizer.json"),
         # the fit validates: too little evaluation text was found after the pruning and the save
@@ -178,7 +180,7 @@ CASE_NAMES = [
     "lora_unknown_target", "lora_rank_zero", "learning_rate_negative", "batch_size_zero", "instruction_data_missing",
     "run_name_dot", "run_name_with_path", "seed_overflow", "val_check_interval_above_epoch",
     "finetune_eval_text_too_short", "eval_fraction_above_one", "model_without_tokenizer", "layer_start_not_integer",
-    "ratio_not_a_number", "whole_layer_rate_above_one", "finetune_max_steps_zero",
+    "ratio_not_a_number", "whole_layer_rate_above_one", "finetune_max_steps_zero", "importance_is_folder",
 ]
 
 

@@ -128,7 +128,7 @@ def test_saved_files_are_readable_by_others_as_plain_writes_are(tmp_path):
         "w.safetensors": 0o644, "a.json": 0o644}
 
 
-def test_reuse_of_importance_config_spends_no_forward_pass(tmp_path, monkeypatch, tiny_model_dir):
+def test_reuse_of_importance_config_spends_no_forward_pass(tmp_path, monkeypatch, tiny_model_dir, caplog):
     import torch
 
     from gaqprune import layer_importance
@@ -176,6 +176,11 @@ def test_reuse_of_importance_config_spends_no_forward_pass(tmp_path, monkeypatch
     # and the control: the same counter sees the forwards of a fresh analysis
     run([*base, "--save_ckpt_log_name", "third"])
     assert calls["analysis"] == 1 and calls["decoder_forwards"] > 0
+    # another method asked for while reusing removal scores: said, not silently ignored
+    run([*base, "--save_ckpt_log_name", "fourth", "--skip_importance_analysis", "true", "--importance_config", str(cache),
+         "--importance_method", "activation"])
+    assert "--importance_method activation does not apply: the reused --importance_config holds removal scores" in \
+        caplog.text
 
 
 def test_dense_perplexity_is_measured_once_per_model_and_windows(tmp_path, monkeypatch, random_windows):
