@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from gaqprune.layers import batch_layer_inputs, micro_batches
+from gaqprune.layers import batch_layer_inputs, call_layer, micro_batches
 
 MIN_RIDGE = 1e-6  # smallest relative ridge the refit uses (see refit_weight)
 
@@ -45,7 +45,7 @@ def capture_layer_inputs(hf_model, windows: torch.Tensor, batch_size: int) -> li
 def run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
     """The layer's outputs for every micro-batch (same kwargs)."""
     with torch.no_grad():
-        return [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in batches]
+        return [(call_layer(layer, hidden, kwargs), kwargs) for hidden, kwargs in batches]
 
 
 def _run_to(layer: nn.Module, linear: nn.Linear, batches: list[tuple[torch.Tensor, dict]],
@@ -67,7 +67,7 @@ def _run_to(layer: nn.Module, linear: nn.Linear, batches: list[tuple[torch.Tenso
             for b, (hidden, kwargs) in enumerate(batches):
                 current["b"] = b
                 try:
-                    layer(hidden, **kwargs)
+                    call_layer(layer, hidden, kwargs)
                 except _Stop:
                     pass
     finally:

@@ -209,10 +209,16 @@ def _check_config(config) -> None:
         raise GaqpruneError(f"cannot write a {config.model_type!r} model as GGUF; llama, mistral and qwen2 layouts only")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise GaqpruneError(f"GGUF 'deci' layers use SiLU; this model's hidden_act is {config.hidden_act!r}")
-    if getattr(config, "sliding_window", None) is not None:
-        raise GaqpruneError(f"cannot write a model with sliding_window={config.sliding_window} as GGUF 'deci' "
-                            "(no sliding window there); in Python, set config.sliding_window = None if every sequence "
-                            "you will run is shorter than the window")
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    if types is not None:  # Qwen2 / Qwen3: the layers marked sliding_attention use the window, the others do not
+        sliding = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+        if sliding and window is not None:
+            raise GaqpruneError(f"cannot write a model whose layers {sliding} use a sliding window ({window} tokens) as "
+                                "GGUF 'deci' (no sliding window there)")
+    elif window is not None:
+        raise GaqpruneError(f"cannot write a model with sliding_window={window} as GGUF 'deci' (no sliding window "
+                            "there); in Python, set config.sliding_window = None if every sequence you will run is "
+                            "shorter than the window")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):  # Qwen2's q/k/v biases are
         # its layout (no such flags), written as the 'deci' layers' optional biases
         raise GaqpruneError("GGUF export writes Llama layers without o_proj / MLP biases; this model has "

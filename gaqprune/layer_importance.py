@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from gaqprune.errors import GaqpruneError
-from gaqprune.layers import batch_layer_inputs, layer_inputs, micro_batches
+from gaqprune.layers import batch_layer_inputs, call_layer, layer_inputs, micro_batches
 from gaqprune.metrics import lm_head
 
 METHODS = ("removal", "activation", "block_influence")
@@ -126,7 +126,7 @@ def _removal(hf_model, windows: torch.Tensor, start: int, end: int, batch_size: 
 
     def run(hidden: torch.Tensor, kwargs: dict[str, Any], first: int, last: int) -> torch.Tensor:
         for i in range(first, last):
-            hidden = layers[i](hidden, **kwargs)
+            hidden = call_layer(layers[i], hidden, kwargs)
         return hidden
 
     # Progress in layer evaluations, so the ETA is right although later layers need shorter tails.
@@ -140,7 +140,7 @@ def _removal(hf_model, windows: torch.Tensor, start: int, end: int, batch_size: 
             for b, ids in enumerate(batches):
                 # Resume from this layer's input with the layer skipped, then advance the dense state past it.
                 skipped_nll[layer] += _tail_nll(hf_model, run(states[b], layer_kwargs[b], layer + 1, num_layers), ids)
-                states[b] = layers[layer](states[b], **layer_kwargs[b])
+                states[b] = call_layer(layers[layer], states[b], layer_kwargs[b])
                 bar.update(num_layers - layer)
         dense_nll = 0.0
         for b, ids in enumerate(batches):
@@ -168,7 +168,7 @@ def _one_pass(hf_model, windows: torch.Tensor, method: str, start: int, end: int
             hidden, kwargs = layer_inputs(hf_model, ids)
             tokens += hidden.shape[0] * hidden.shape[1]
             for layer in range(end):
-                out = layers[layer](hidden, **kwargs)
+                out = call_layer(layers[layer], hidden, kwargs)
                 if layer >= start:
                     x, y = hidden.float(), out.float()
                     if method == "activation":  # mean over tokens of the mean |update| over hidden units
@@ -208,13 +208,20 @@ def compute_layer_importance(hf_model, windows: torch.Tensor, method: str = "rem
 
 @contextmanager
 def _layer_skipped(hf_model, layer: int) -> Iterator[None]:
-    """Temporarily drop decoder layer ``layer`` from the model (the forward loop then never sees it)."""
+    """Temporarily drop decoder layer ``layer`` from the model (the forward loop then never sees it), and its entry
+    of ``config.layer_types``, which the forward reads by position (each remaining layer keeps its own mask)."""
     layers = _decoder_layers(hf_model)
+    config = hf_model.config
+    types = getattr(config, "layer_types", None)
     hf_model.model.layers = torch.nn.ModuleList([m for i, m in enumerate(layers) if i != layer])
+    if types is not None and len(types) == len(layers):
+        config.layer_types = [t for i, t in enumerate(types) if i != layer]
     try:
         yield
     finally:
         hf_model.model.layers = layers
+        if types is not None:
+            config.layer_types = types
 
 
 def removal_importance_naive(hf_model, windows: torch.Tensor, layer_start: int = 0, layer_end: int | None = None,

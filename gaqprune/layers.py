@@ -21,10 +21,27 @@ class _Captured(Exception):
         self.hidden, self.kwargs = hidden, kwargs
 
 
-def layer_inputs(hf_model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Layer 0's input hidden states for the token windows ``ids`` and the keyword arguments every decoder
-    layer receives (no gradients; the forward stops at layer 0)."""
+class MasksByType(dict):
+    """The attention mask of each layer type (``full_attention``, ``sliding_attention``) of a model whose layers mix
+    them (Qwen2 / Qwen3 with ``use_sliding_window`` below ``max_window_layers``): ``call_layer`` gives each layer its
+    own, as the model's forward does."""
 
+
+def layer_type(layer: torch.nn.Module) -> str:
+    """A decoder layer's attention type (transformers sets it on the attention module, older versions on the layer)."""
+    return getattr(getattr(layer, "self_attn", None), "layer_type", None) or getattr(layer, "attention_type", None) \
+        or "full_attention"
+
+
+def call_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]):
+    """``layer(hidden, **kwargs)`` with the attention mask of the layer's type when ``kwargs`` holds several."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, MasksByType):
+        kwargs = {**kwargs, "attention_mask": mask[layer_type(layer)]}
+    return layer(hidden, **kwargs)
+
+
+def _first_layer_inputs(hf_model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         raise _Captured(hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"})
@@ -38,6 +55,25 @@ def layer_inputs(hf_model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, A
     finally:
         handle.remove()
     raise RuntimeError("decoder layer 0 was never called")  # unreachable for a decoder-only model
+
+
+def layer_inputs(hf_model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Layer 0's input hidden states for the token windows ``ids`` and the keyword arguments the decoder layers
+    receive (no gradients; the forward stops at layer 0). Run the layers with ``call_layer``: when they mix full and
+    sliding attention, the mask is a ``MasksByType`` (layer 0's alone would calibrate every layer with one mask)."""
+    hidden, kwargs = _first_layer_inputs(hf_model, ids)
+    config = hf_model.config
+    types = list(dict.fromkeys(getattr(config, "layer_types", None) or []))
+    if len(types) > 1:
+        masks, original = MasksByType(), config.layer_types
+        try:
+            for kind in types:  # the model hands layer 0 the mask of layer_types[0]: of each type in turn
+                config.layer_types = [kind, *original[1:]]
+                masks[kind] = _first_layer_inputs(hf_model, ids)[1].get("attention_mask")
+        finally:
+            config.layer_types = original
+        kwargs["attention_mask"] = masks
+    return hidden, kwargs
 
 
 def micro_batches(windows: torch.Tensor, batch_size: int, device: torch.device | str) -> list[torch.Tensor]:

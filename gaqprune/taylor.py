@@ -22,7 +22,7 @@ from torch import nn
 
 from gaqprune import units
 from gaqprune.errors import GaqpruneError
-from gaqprune.layers import batch_layer_inputs, micro_batches
+from gaqprune.layers import batch_layer_inputs, call_layer, micro_batches
 from gaqprune.metrics import causal_nll, tail_nll
 
 CHUNK_ELEMENTS = 1 << 22  # elements of |w * g| (float32) materialised at once when reducing a weight: 16 MB
@@ -172,7 +172,7 @@ def _streamed(hf_model, windows, layers, batch_size, loss_scale, score, progress
             for idx, layer in enumerate(decoder):
                 if idx >= first:
                     inputs[-1].append(hidden)
-                hidden = layer(hidden, **kwargs)
+                hidden = call_layer(layer, hidden, kwargs)
             outputs.append(hidden)
             bar.update(len(decoder))
         with torch.enable_grad():
@@ -188,7 +188,7 @@ def _streamed(hf_model, windows, layers, batch_size, loss_scale, score, progress
             for idx in range(len(decoder) - 1, first - 1, -1):
                 for b in range(len(batches)):
                     hidden = inputs[b].pop().requires_grad_(idx > first)  # no input gradient below the first layer
-                    decoder[idx](hidden, **layer_kwargs[b]).backward(grads[b])
+                    call_layer(decoder[idx], hidden, layer_kwargs[b]).backward(grads[b])
                     grads[b] = hidden.grad
                     bar.update(1)
                 if idx in selected:

@@ -193,3 +193,43 @@ def test_dense_qwen_saves_as_a_stock_checkpoint(tmp_path):
     ids = windows(1, 8, 4)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_layers_mixing_full_and_sliding_attention_are_each_run_with_their_own_mask():
+    # layer 0's mask was reused for every layer: the sliding layers of a Qwen2 with use_sliding_window and
+    # max_window_layers below the layer count were calibrated as full attention (importance, Taylor, refit)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from gaqprune.compensation import capture_layer_inputs, run_layer
+    from gaqprune.layer_importance import compute_layer_importance, removal_importance_naive
+    from gaqprune.taylor import taylor_scores
+
+    config = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, use_sliding_window=True, sliding_window=8,
+                         max_window_layers=2, tie_word_embeddings=False)
+    assert config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    torch.manual_seed(0)
+    model = spread(Qwen2ForCausalLM(config), 0.05).eval()
+    ids = windows(4, 32, 3)  # longer than the window
+    # the layers run one by one reproduce the model's own forward
+    stream = capture_layer_inputs(model, ids, 2)
+    for layer in model.model.layers:
+        stream = run_layer(layer, stream)
+    with torch.no_grad():
+        reference = model.model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[-1]
+        by_layer = model.model.norm(torch.cat([hidden for hidden, _ in stream]))
+    torch.testing.assert_close(by_layer, reference, rtol=1e-5, atol=1e-5)
+    cached = compute_layer_importance(model, ids, method="removal")
+    naive = removal_importance_naive(model, ids)
+    assert cached == pytest.approx(naive, rel=1e-4, abs=1e-3)
+    streamed = taylor_scores(model, ids, [0, 1, 2, 3], batch_size=2, method="streamed")
+    accumulated = taylor_scores(model, ids, [0, 1, 2, 3], batch_size=2, method="accumulated")  # the model's forward
+    for layer in range(4):
+        for kind in ("attention", "mlp"):
+            torch.testing.assert_close(streamed[layer][kind], accumulated[layer][kind], rtol=1e-4, atol=1e-9)
+    # GGUF ('deci' layers have no window): refused for the sliding layers it names; a window no layer uses is no reason
+    from gaqprune.gguf_export import _check_config
+
+    with pytest.raises(GaqpruneError, match=r"layers \[2, 3\] use a sliding window \(8 tokens\)"):
+        _check_config(config)
+    _check_config(Qwen2Config(num_hidden_layers=4, use_sliding_window=True, sliding_window=8, max_window_layers=28))
