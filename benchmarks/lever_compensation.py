@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gaqprune import compensation, surgery, units
+from gaqprune.layers import call_layer
 from gaqprune.metrics import perplexity
 from gaqprune.pruning import apply_plan, build_plan
 from gaqprune.settings import PruneSettings
@@ -181,7 +182,7 @@ def _run(layer, batches, stop_at: str | None = None) -> list[tuple[torch.Tensor,
     with torch.no_grad():
         for hidden, kwargs in batches:
             try:
-                out.append((layer(hidden, **kwargs), kwargs))
+                out.append((call_layer(layer, hidden, kwargs), kwargs))
             except _Stop:
                 pass
     return out
