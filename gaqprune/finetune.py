@@ -80,6 +80,12 @@ def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str |
 
             config["target_modules"] = list(DEFAULT_LORA_TARGETS)
         paths["adapter"] = str(save_lora_adapter(hf_model, out_dir / "lora_adapter", config))
+        if config["base_model_name_or_path"] is None:
+            import logging
+
+            logging.getLogger("gaqprune").info(
+                "note: lora_adapter/ fits the pruned model, which this run did not save (--save_model false): "
+                "model_finetuned/ holds the merged result; rerun with --save_model true to keep the adapters' base")
         merge_lora(hf_model)
         lit_model.lora_attached = False
     was_training = hf_model.training
