@@ -749,11 +749,8 @@ def _accepted(types: str) -> str | None:
 
 def one_line(message: str) -> str:
     """Parser errors span lines; users get one: the flag, the value and what is accepted."""
-    literal = re.search(r'key "([^"]+)":\s*Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)', message, re.S)
-    if literal:
-        flag, choices, value = literal.groups()
-        return f"--{flag} {value.strip()!r} is not accepted; use one of {choices.replace(chr(39), '')}"
-    plain = re.search(r'key "([^"]+)":\s*Expected a (<class \'\w+\'>)\. Got value: (.*)', message, re.S)
+    plain = re.search(r'key "([^"]+)":\s*Expected a (typing\.Literal\[.*?\]|<class \'\w+\'>)\. Got value: (.*)', message,
+                      re.S)
     union = re.search(r'key "([^"]+)":\s*Does not validate against any of the Union subtypes\s*Subtypes: \[(.*?)\]\s*'
                       r'Errors:.*Given value: (.*)', message, re.S)
     for match in (plain, union):
