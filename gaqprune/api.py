@@ -110,11 +110,12 @@ def _check_tokenizer(function: str, model, tokenizer) -> None:
     if tokenizer is None:
         raise GaqpruneError(f"{function}(tokenizer=None) is invalid; give the model's tokenizer, or the name or path of "
                             "a model whose tokenizer to load")
-    if not isinstance(tokenizer, (str, os.PathLike)) and not (callable(getattr(tokenizer, "get_vocab", None))
-                                                               and hasattr(tokenizer, "__len__")):
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return  # loaded (and so checked) by name
+    if not (callable(getattr(tokenizer, "get_vocab", None)) and hasattr(tokenizer, "__len__")):
         raise GaqpruneError(f"{function}(tokenizer=...) got a {type(tokenizer).__name__}; give a transformers "
                             "tokenizer, or the name or path of a model whose tokenizer to load")
-    if not isinstance(tokenizer, (str, os.PathLike)) and len(tokenizer) > model.config.vocab_size:
+    if len(tokenizer) > model.config.vocab_size:
         raise GaqpruneError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary of "
                             f"{model.config.vocab_size}: it is not this model's tokenizer")
 

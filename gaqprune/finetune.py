@@ -7,9 +7,12 @@ base Linear back, exactly like peft's ``merge_and_unload``.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def lora_modules(hf_model) -> list[tuple[str, torch.nn.Module]]:
@@ -81,9 +84,7 @@ def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str |
             config["target_modules"] = list(DEFAULT_LORA_TARGETS)
         paths["adapter"] = str(save_lora_adapter(hf_model, out_dir / "lora_adapter", config))
         if config["base_model_name_or_path"] is None:
-            import logging
-
-            logging.getLogger("gaqprune").info(
+            log.info(
                 "note: lora_adapter/ fits the pruned model, which this run did not save (--save_model false): "
                 "model_finetuned/ holds the merged result; rerun with --save_model true to keep the adapters' base")
         merge_lora(hf_model)
