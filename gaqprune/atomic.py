@@ -47,13 +47,39 @@ def sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def unwritable(path: str | os.PathLike) -> Path | None:
-    """The folder that would refuse writing ``path`` (its nearest existing ancestor, when read-only or not ours), or
-    None: found before hours of work, not at the first write after them."""
-    path = Path(path).absolute()
-    where = next(p for p in (path, *path.parents) if p.exists())
+def unwritable(folder: str | os.PathLike) -> tuple[Path, str] | None:
+    """``(the folder that refuses, why)`` when ``folder`` cannot be created or written to, else None: found before
+    hours of work, not at the first write after them. Permissions are not enough to tell (root may write anywhere
+    by them, yet not under ``/proc`` or on a read-only mount), so this tries: it creates the missing folders and a
+    temporary file in ``folder``, and removes everything it created."""
+    folder = Path(folder).absolute()
+    where = next(p for p in (folder, *folder.parents) if p.exists())
     where = where if where.is_dir() else where.parent
-    return None if os.access(where, os.W_OK) else where
+    if not os.access(where, os.W_OK):
+        return where, "read-only or no permission"
+    for _attempt in range(3):  # another rank starting beside this one may remove a folder its own probe created
+        error = _write_probe(folder)
+        if error is None:
+            return None
+    return where, f"cannot create {str(error.filename or folder)!r}: {error.strerror or error}"
+
+
+def _write_probe(folder: Path) -> OSError | None:
+    created: list[Path] = []
+    try:
+        for missing in reversed([p for p in (folder, *folder.parents) if not p.exists()]):
+            missing.mkdir()
+            created.append(missing)
+        probe = _tmp_sibling(folder / "write-probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+        return None
+    except OSError as err:
+        return err
+    finally:
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def _tmp_sibling(path: Path) -> Path:

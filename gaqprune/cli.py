@@ -212,7 +212,8 @@ class GaqpruneTrainer(L.Trainer):
         last = pipeline.last_checkpoint(job.run)
         if last is None or not self.checkpoint_callback:
             return None
-        if model.structure_mismatch(torch.load(last, map_location="cpu", weights_only=False, mmap=True)) is not None:
+        check_ckpt_path(str(last))  # a pickle that names more than tensors is refused, never run
+        if model.structure_mismatch(torch.load(last, map_location="cpu", weights_only=True, mmap=True)) is not None:
             raise GaqpruneError(f"{str(last)!r} is the checkpoint of an unfinished fine-tune of another pruning plan "
                                 "(other kept units); rerun with that run's settings to resume it, or start over "
                                 "with --overwrite true")
@@ -273,7 +274,13 @@ class GaqpruneCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Cheap validation of every flag before the model is loaded or any folder is written."""
-        from gaqprune.models import check_tokenizer_files, load_config, resolve_dtype, resolve_model_path
+        from gaqprune.models import (
+            check_tokenizer_files,
+            check_weight_files,
+            load_config,
+            resolve_dtype,
+            resolve_model_path,
+        )
 
         cfg = self.config[self.subcommand]
         resolve_dtype(cfg["dtype"])
@@ -282,6 +289,7 @@ class GaqpruneCLI(LightningCLI):
         check_trainer_flags(cfg["trainer"], trains, prune_finetune=self.subcommand == "prune" and cfg["finetune"])
         model_config = load_config(cfg["base_model"])
         check_tokenizer_files(cfg["base_model"])
+        check_weight_files(cfg["base_model"])
         saved, used = getattr(model_config, "dtype", None), resolve_dtype(cfg["dtype"])
         if self.subcommand in ("validate", "test") and isinstance(saved, torch.dtype) and saved != used:
             saved, used = (str(d).removeprefix("torch.") for d in (saved, used))
@@ -646,6 +654,14 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
                             "(the run's latest)")
     if not zipfile.is_zipfile(path):  # what torch.save writes
         raise GaqpruneError(f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (not a file torch.save wrote)")
+    import pickle
+
+    try:  # torch's weights_only reader runs nothing: it refuses any global beyond tensors and plain containers
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise GaqpruneError(f"--ckpt_path {ckpt_path!r} holds more than a Lightning checkpoint of tensors and plain "
+                            f"values ({' '.join(str(err).split())[-160:]}); gaqprune never runs code from a checkpoint "
+                            "file") from None
 
 
 def validate_data_settings(data: dict, trains: bool) -> None:

@@ -268,9 +268,9 @@ def check_output(path: Path, out_type: str, overwrite: bool, ffn_multiple: int |
         raise GaqpruneError(f"GGUF output {str(path)!r} is a folder; give a file name ending in .gguf")
     if path.exists() and not overwrite:
         raise GaqpruneError(f"output file {str(path)!r} already exists; pass overwrite (--overwrite true) to replace it")
-    locked = unwritable(path)
-    if locked is not None:
-        raise GaqpruneError(f"GGUF output {str(path)!r}: cannot write to {str(locked)!r} (read-only or no permission)")
+    refused = unwritable(path.parent)
+    if refused is not None:
+        raise GaqpruneError(f"GGUF output {str(path)!r}: cannot write to {str(refused[0])!r} ({refused[1]})")
     return ffn_multiple or (Q8_BLOCK if out_type == "q8_0" else 1)
 
 

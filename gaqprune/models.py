@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -205,6 +206,29 @@ def check_tokenizer_files(base_model: str) -> None:
                             "tokenizer.model or vocab files); copy the tokenizer files of the model it came from into it")
 
 
+def check_weight_files(base_model: str) -> None:
+    """Refuse a local model folder whose weights are a pickle holding more than tensors (``pytorch_model.bin``: a
+    pickle may name any function to call while it is read), before anything is loaded. Nothing in it is run: torch's
+    ``weights_only`` reader, which accepts tensors and plain containers only, reads it (memory-mapped, no tensor
+    data), and refuses anything else. Folders with safetensors weights (what transformers loads first) pass."""
+    path = Path(str(base_model)).expanduser()
+    if base_model == EMBEDDED or not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    import pickle
+
+    for file in sorted(path.glob("pytorch_model*.bin")):
+        try:
+            torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+            reason = " ".join(str(err).split())
+            if "Weights only load failed" in reason:  # torch's own words name the refused global
+                found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", reason)
+                reason = f"it names {found.group(1)}" if found else "it is not a plain state dict"
+            raise GaqpruneError(f"--base_model {base_model!r}: {file.name} is a pickle that holds more than tensors "
+                                f"({reason[:200]}); gaqprune never runs code from a model file: give safetensors "
+                                "weights (model.safetensors) or a .bin that holds only tensors") from None
+
+
 def load_tokenizer(base_model: str = EMBEDDED):
     """The tokenizer that belongs to ``--base_model``, with a pad token set."""
     from transformers import AutoTokenizer
@@ -235,6 +259,7 @@ def load_model(base_model: str = EMBEDDED, dtype: str | torch.dtype = "float32",
     path = resolve_model_path(base_model)
     from gaqprune import export
 
+    check_weight_files(path)
     if export.is_pruned_checkpoint(path):
         try:
             model = export.load_pruned(path, dtype=torch_dtype)

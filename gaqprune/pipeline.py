@@ -59,10 +59,10 @@ def check_run_dir(run: RunSettings, results: tuple[str, ...] = FINISHED) -> Path
             f"--save_ckpt_log_name {run.save_ckpt_log_name!r}: run folder {str(path)!r} already holds results "
             f"({', '.join(found)}); pick another name or pass --overwrite true"
         )
-    locked = unwritable(path)
-    if locked is not None:
-        raise GaqpruneError(f"--output_dir: cannot write to {str(locked)!r} (read-only or no permission); give "
-                            "--output_dir a folder you can write to")
+    refused = unwritable(path)
+    if refused is not None:
+        raise GaqpruneError(f"--output_dir: cannot write to {str(refused[0])!r} ({refused[1]}); give --output_dir a "
+                            "folder you can write to")
     if path.is_dir():  # leftovers of a killed write: never complete, never reused
         for stale in path.glob(".*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)

@@ -63,6 +63,17 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
         notok.mkdir()
         for name in ("config.json", "model.safetensors"):
             shutil.copy(model / name, notok / name)
+    pickled = tmp / "pickled"  # weights that are a pickle naming a function: refused unread, never run
+    if not pickled.exists():
+        import shutil
+
+        import torch
+
+        pickled.mkdir()
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(model / name, pickled / name)
+        torch.save({"model.embed_tokens.weight": torch.zeros(2), "payload": Payload(tmp / "payload-ran")},
+                   pickled / "pytorch_model.bin")
     deci = tmp / "pruned.gguf"  # what --save_gguf writes: llama.cpp's 'deci' architecture, not readable back
     if not deci.exists():
         import gguf
@@ -159,6 +170,11 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
                                  "is a folder; give the layer_importance_config.json file in it"),
         "eval_fraction_above_one": ([*data, "--data.eval_fraction", "1.5"], "--data.eval_fraction 1.5 is invalid"),
         "model_without_tokenizer": (["--base_model", str(notok), *data], "has no tokenizer (no tokenizer.json"),
+        "pickled_weights": (["--base_model", str(pickled), *data],
+                            "pytorch_model.bin is a pickle that holds more than tensors (it names os.makedirs)"),
+        # root may write anywhere by the permission bits, yet nothing can be created under /proc
+        "output_dir_uncreatable": ([*data, "--output_dir", "/proc/gaqprune-test/runs"],
+                                   "--output_dir: cannot write to '/proc' (cannot create '/proc/gaqprune-test'"),
         # the fit validates: too little evaluation text was found after the pruning and the save
         "finetune_eval_text_too_short": ([*data, "--finetune", "true", "--data.eval_fraction", "0.001"],
                                          "holds no full window of 32 tokens"),
@@ -181,7 +197,20 @@ CASE_NAMES = [
     "run_name_dot", "run_name_with_path", "seed_overflow", "val_check_interval_above_epoch",
     "finetune_eval_text_too_short", "eval_fraction_above_one", "model_without_tokenizer", "layer_start_not_integer",
     "ratio_not_a_number", "whole_layer_rate_above_one", "finetune_max_steps_zero", "importance_is_folder",
+    "pickled_weights", "output_dir_uncreatable",
 ]
+
+
+class Payload:
+    """What a malicious pickle holds: reading it back with pickle's defaults would create ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.makedirs, (str(self.marker),)
 
 
 def run_prune(args: list[str], capsys) -> tuple[int, str]:
@@ -206,6 +235,24 @@ def test_bad_input_is_refused_cleanly(name, tmp_path, monkeypatch, capsys, tiny_
     assert not (tmp_path / "prune_log" / RUN).exists()
     assert not (tmp_path / "prune_log").exists() or not any((tmp_path / "prune_log").iterdir())
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_pickled_weights_are_never_run(tmp_path, monkeypatch, capsys, tiny_model_dir, text_file):
+    monkeypatch.chdir(tmp_path)
+    extra, expected = cases(tmp_path, tiny_model_dir, text_file)["pickled_weights"]
+    for call in (lambda: run_prune([*SMALL, *extra], capsys),
+                 lambda: __import__("gaqprune").load_model(str(tmp_path / "pickled"))):  # the Python API too
+        try:
+            call()
+        except SystemExit as err:
+            assert err.code == 2
+        except Exception as err:
+            assert type(err).__name__ == "GaqpruneError" and "holds more than tensors" in str(err)
+        assert not (tmp_path / "payload-ran").exists()
+    import pickle
+
+    with pytest.raises(pickle.UnpicklingError):  # the file does hold a call (torch refuses it, naming it)
+        __import__("torch").load(tmp_path / "pickled" / "pytorch_model.bin", weights_only=True)
 
 
 def test_case_list_is_complete(tmp_path, tiny_model_dir, text_file):
@@ -375,14 +422,19 @@ def test_a_missing_or_junk_checkpoint_is_refused_before_the_model_is_loaded(comm
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(lit_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint" * 10)
+    import torch
+
+    torch.save({"state_dict": {}, "payload": Payload(tmp_path / "payload-ran")}, tmp_path / "pickled.ckpt")
     for ckpt, expected in (("nope.ckpt", "--ckpt_path 'nope.ckpt': file not found"),
-                           ("junk.ckpt", "--ckpt_path 'junk.ckpt' is not a Lightning checkpoint")):
+                           ("junk.ckpt", "--ckpt_path 'junk.ckpt' is not a Lightning checkpoint"),
+                           ("pickled.ckpt", "--ckpt_path 'pickled.ckpt' holds more than a Lightning checkpoint")):
         with pytest.raises(SystemExit) as exit_info:
             run([command, "--base_model", str(tiny_model_dir), "--data.source", str(text_file), "--ckpt_path", ckpt,
                  "--trainer.logger", "false"])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and expected in err and "Traceback" not in err, err[-2000:]
     assert not (tmp_path / "lightning_logs").exists() and not (tmp_path / "prune_log").exists()
+    assert not (tmp_path / "payload-ran").exists()
 
 
 def test_pruning_flags_without_prune_in_fit_are_refused(tmp_path, monkeypatch, capsys, tiny_model_dir, text_file):

@@ -8,13 +8,14 @@ them without size-mismatch warnings. The forward pass is the stock model's (Qwen
 ``head_dim`` and need no change): attention infers the head count from the projection width (``view(..., -1,
 head_dim)``), and only ``num_key_value_groups`` has to follow the layer.
 
-This file must only import torch/transformers (and peft, only where installed): it is copied next to the weights for
-``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``.
+This file must only import torch/transformers: it is copied next to the weights for
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``, and transformers' ``check_imports`` reads
+every ``import`` in it and refuses to load the model when one of them names a missing package, even one guarded by
+``importlib.util.find_spec``; it skips only the imports inside a ``try`` block. So peft, which most serving and
+evaluation set-ups do not have, is imported in a ``try: ... except ImportError``.
 """
 
 from __future__ import annotations
-
-import importlib.util
 
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
@@ -64,10 +65,10 @@ STOCK_MODEL_TYPES = {"gaqprune_llama": "llama", "gaqprune_mistral": "mistral", "
 def register_lora_targets(model_type: str) -> None:
     """Give ``model_type`` peft's default LoRA targets of its stock model type, so ``LoraConfig()`` without
     ``target_modules`` works on a pruned model as on the model it came from (nothing happens without peft)."""
-    if importlib.util.find_spec("peft") is None:
+    try:  # (inside ``try``: transformers' check_imports does not make peft a requirement of the checkpoint)
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as targets
+    except ImportError:
         return
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as targets
-
     targets.setdefault(model_type, list(targets.get(STOCK_MODEL_TYPES.get(model_type, ""), ["q_proj", "v_proj"])))
 
 
