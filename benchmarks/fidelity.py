@@ -20,8 +20,8 @@ import torch
 from common import table
 from quality import load_embedded
 
-from gaqprune.metrics import causal_losses
-from gaqprune.models import load_model
+from gaqprune.core.metrics import causal_losses
+from gaqprune.models.load import load_model
 
 
 @torch.no_grad()

@@ -51,10 +51,10 @@ import torch
 import torch.nn.functional as F
 from common import EMBEDDED, MODEL_CHOICES, default_device, is_cuda, load, machine, matmul_params, sync, table, write_json
 
-from gaqprune import surgery, units
-from gaqprune.layer_importance import compute_layer_importance
-from gaqprune.models import resolve_dtype
-from gaqprune.pruning import apply_plan, build_plan, layer_range, select_units
+from gaqprune.core import surgery, units
+from gaqprune.core.importance import compute_layer_importance
+from gaqprune.core.plan import apply_plan, build_plan, layer_range, select_units
+from gaqprune.models.load import resolve_dtype
 from gaqprune.settings import PruneSettings
 
 # --------------------------------------------------------------------------- static per-layer KV cache decoding

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from gaqprune.layer_importance import compute_layer_importance, removal_importance_naive
+from gaqprune.core.importance import compute_layer_importance, removal_importance_naive
 
 # Real shapes with random weights and tokens: GPU speed does not depend on weight values.
 RANDOM_SHAPES = {
@@ -42,7 +42,7 @@ def _timed(device: str, fn, *args, **kwargs):
 
 
 def _load(args):
-    from gaqprune.models import resolve_dtype
+    from gaqprune.models.load import resolve_dtype
 
     dtype = resolve_dtype(args.dtype)
     if args.random_model:
@@ -56,8 +56,8 @@ def _load(args):
             model = LlamaForCausalLM(LlamaConfig(**shape)).to(dtype).eval()
         windows = torch.randint(0, shape["vocab_size"], (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
         return model, windows, f"random {args.random_model}"
-    from gaqprune.data import LMDataModule
-    from gaqprune.models import load_model
+    from gaqprune.data.text import LMDataModule
+    from gaqprune.models.load import load_model
 
     model = load_model("embedded", dtype=dtype, device=args.device)
     windows = LMDataModule().calibration_windows(args.samples, args.seq_len, what="--importance_samples")

@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gaqprune import compensation, surgery, units
-from gaqprune.layers import call_layer
-from gaqprune.metrics import perplexity
-from gaqprune.pruning import apply_plan, build_plan
+from gaqprune.core import compensation, surgery, units
+from gaqprune.core.layers import call_layer
+from gaqprune.core.metrics import perplexity
+from gaqprune.core.plan import apply_plan, build_plan
 from gaqprune.settings import PruneSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from gaqprune import allocation, units
-from gaqprune.metrics import perplexity
-from gaqprune.pruning import apply_plan, build_plan, channel_alignment, layer_range, plan_from_scores
+from gaqprune.core import allocation, units
+from gaqprune.core.metrics import perplexity
+from gaqprune.core.plan import apply_plan, build_plan, channel_alignment, layer_range, plan_from_scores
+from gaqprune.core.taylor import taylor_scores
 from gaqprune.settings import PruneSettings
-from gaqprune.taylor import taylor_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import finish, log, ratio_for_decoder_fraction, start_lever  # noqa: E402

@@ -27,9 +27,9 @@ from dataclasses import replace
 import torch
 from quality import finish, log, ratio_for_decoder_fraction, start_lever
 
-from gaqprune import units
-from gaqprune.metrics import perplexity
-from gaqprune.pruning import apply_plan, build_plan, plan_from_scores
+from gaqprune.core import units
+from gaqprune.core.metrics import perplexity
+from gaqprune.core.plan import apply_plan, build_plan, plan_from_scores
 from gaqprune.settings import PruneSettings
 
 

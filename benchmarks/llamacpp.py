@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     import llama_cpp
 
-    from gaqprune.data import LMDataModule
-    from gaqprune.gguf_export import save_gguf
-    from gaqprune.metrics import perplexity
-    from gaqprune.models import load_model, load_tokenizer
+    from gaqprune.core.metrics import perplexity
+    from gaqprune.data.text import LMDataModule
+    from gaqprune.models.gguf import save_gguf
+    from gaqprune.models.load import load_model, load_tokenizer
 
     names = {"dense": args.dense, "pruned": args.pruned}
     models = {key: load_model(path) for key, path in names.items()}

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from gaqprune import baselines, units
-from gaqprune.data import LMDataModule
+from gaqprune.core import baselines, units
+from gaqprune.core.metrics import perplexity
+from gaqprune.core.plan import apply_plan, build_plan, layer_range
+from gaqprune.data.text import LMDataModule
 from gaqprune.errors import GaqpruneError
-from gaqprune.metrics import perplexity
-from gaqprune.models import load_model
-from gaqprune.pruning import apply_plan, build_plan, layer_range
+from gaqprune.models.load import load_model
 from gaqprune.settings import ImportanceSettings, PruneSettings
 
 PEERS = ("magnitude", "taylor_uniform", "taylor_mlp", "shortgpt")
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     if needs_importance and cache is not None and cache.is_file():
         importance = read_importance(cache)
     elif needs_importance:
-        from gaqprune.layer_importance import compute_layer_importance
+        from gaqprune.core.importance import compute_layer_importance
 
         imp_windows = data.calibration_windows(args.importance_samples, 128, what="--importance_samples")
         importance = dict(compute_layer_importance(dense, imp_windows, args.importance_method, progress=False))

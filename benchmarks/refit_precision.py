@@ -13,7 +13,7 @@ import sys
 import torch
 from common import default_device, timed
 
-from gaqprune.compensation import LinearStats, refit_weight
+from gaqprune.core.compensation import LinearStats, refit_weight
 
 
 def accumulate(wide: bool, linear: torch.nn.Linear, batches: list[torch.Tensor],

@@ -47,9 +47,9 @@ from common import (
     write_json,
 )
 
-from gaqprune.layer_importance import compute_layer_importance
-from gaqprune.models import resolve_dtype
-from gaqprune.pruning import apply_plan, build_plan, layer_range
+from gaqprune.core.importance import compute_layer_importance
+from gaqprune.core.plan import apply_plan, build_plan, layer_range
+from gaqprune.models.load import resolve_dtype
 from gaqprune.settings import ImportanceSettings, PruneSettings
 
 SCHEMES = {  # (importance_samples, num_examples); seq lens 128 / 64 as in the settings defaults
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         })
 
     if not args.skip_save:
-        from gaqprune.export import save_pretrained_model
+        from gaqprune.models.pruned import save_pretrained_model
 
         report(final=False)  # the results so far survive a slow disk or a timeout during the save
         tmp = tempfile.mkdtemp(prefix="gaqprune-bench-", dir=args.save_dir)

@@ -23,12 +23,12 @@ import sys
 import torch
 from common import MODEL_CHOICES, default_device, extra_peak_bytes, gib, is_cuda, load, machine, timed, write_json
 
-from gaqprune import units
-from gaqprune.metrics import causal_nll
-from gaqprune.models import resolve_dtype
-from gaqprune.pruning import layer_range
+from gaqprune.core import units
+from gaqprune.core.metrics import causal_nll
+from gaqprune.core.plan import layer_range
+from gaqprune.core.taylor import taylor_scores, unit_scores_from_grads
+from gaqprune.models.load import resolve_dtype
 from gaqprune.settings import PruneSettings
-from gaqprune.taylor import taylor_scores, unit_scores_from_grads
 
 
 def _prunable_params(layer: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -13,11 +13,11 @@ def __getattr__(name):  # lazy: importing the package must stay cheap (no torch 
 
         return getattr(api, name)
     if name == "load_model":
-        from gaqprune.models import load_model
+        from gaqprune.models.load import load_model
 
         return load_model
     if name == "load_pruned":
-        from gaqprune.export import load_pruned
+        from gaqprune.models.pruned import load_pruned
 
         return load_pruned
     raise AttributeError(name)

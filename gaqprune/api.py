@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from gaqprune.errors import GaqpruneError
-from gaqprune.models import EMBEDDED
+from gaqprune.models.load import EMBEDDED
 from gaqprune.settings import ImportanceSettings, PruneSettings
 
 _SETTINGS = (ImportanceSettings, PruneSettings)
 
 
 def _datamodule(tokenizer, data: str | os.PathLike, **kw):
-    from gaqprune.data import LMDataModule
+    from gaqprune.data.text import LMDataModule
 
     named = isinstance(tokenizer, (str, os.PathLike))
     datamodule = LMDataModule(source=str(data), tokenizer=str(tokenizer) if named else EMBEDDED, **kw)
@@ -131,7 +131,7 @@ def _check_is_model(function: str, model) -> None:
 def _check_model(model, tokenizer) -> None:
     import torch
 
-    from gaqprune.models import check_architecture
+    from gaqprune.models.load import check_architecture
 
     _check_is_model("gaqprune.prune", model)
     if hasattr(model, "get_base_model") or any("lora_" in name for name, _ in model.named_parameters()):
@@ -165,9 +165,9 @@ def prune(model, tokenizer, *, data: str | os.PathLike = EMBEDDED, seed: int = 4
             importance_samples=128, num_examples=32, pruning_strategy="inverse", alpha=1.0, layer_start=3,
             skip_importance_analysis=True, importance_config="prune_log/run/layer_importance_config.json"``.
     """
-    from gaqprune import pipeline
-    from gaqprune.cli import validate_pruning, validate_seed
-    from gaqprune.pruning import apply_plan
+    from gaqprune.cli.app import validate_pruning, validate_seed
+    from gaqprune.core.plan import apply_plan
+    from gaqprune.run import stages as pipeline
 
     _check_args("gaqprune.prune", seed=(seed, int), progress=(progress, bool), data=(data, str))
     imp, prune_settings = _settings(settings)
@@ -200,7 +200,7 @@ def _adopt_pruned_class(model) -> None:
     ``Qwen3ForCausalLM``) into the ``Gaqprune*ForCausalLM`` a saved one loads as: its config records the per-layer
     shapes, and the class ships its code, so any ``save_pretrained`` writes a loadable checkpoint. (The subclass only
     builds layers from the config; the modules are already the right shapes.)"""
-    from gaqprune.export import PRUNED_FAMILIES, build_config, pruned_classes, register_pruned_classes
+    from gaqprune.models.pruned import PRUNED_FAMILIES, build_config, pruned_classes, register_pruned_classes
 
     old = model.config
     stock = {family[3]: pruned_type for pruned_type, family in PRUNED_FAMILIES.items()}
@@ -226,8 +226,8 @@ def perplexity(model, tokenizer, *, data: str | os.PathLike = EMBEDDED, seq_len:
     """Perplexity on ``data``'s evaluation split, by the protocol of `gaqprune validate` (``--data.max_seq_len`` =
     ``seq_len``, ``--data.max_eval_windows`` = ``max_windows``, ``--data.eval_batch_size`` = ``batch_size``). A peft
     model is measured with its adapters."""
-    from gaqprune.cli import validate_data_settings
-    from gaqprune.metrics import perplexity as measure
+    from gaqprune.cli.app import validate_data_settings
+    from gaqprune.core.metrics import perplexity as measure
 
     _check_args("gaqprune.perplexity", data=(data, str), seq_len=(seq_len, int), max_windows=(max_windows, int | None),
                 batch_size=(batch_size, int), progress=(progress, bool))
@@ -252,14 +252,14 @@ def save_pretrained(model, tokenizer, out_dir: str | os.PathLike, overwrite: boo
     """Save a (pruned) model as the CLI's ``model/`` folder: safetensors, tokenizer and a config with per-layer shapes
     that ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)`` and ``gaqprune.load_pruned`` load.
     ``base_model`` names the dense model it came from (default: the one it was loaded from)."""
-    from gaqprune.export import save_pretrained_model
+    from gaqprune.models.pruned import save_pretrained_model
 
     _check_args("gaqprune.save_pretrained", out_dir=(out_dir, str), overwrite=(overwrite, bool),
                 base_model=(base_model, str | None))
     _check_is_model("gaqprune.save_pretrained", model)
     _check_tokenizer("gaqprune.save_pretrained", model, tokenizer)  # a saved model without one cannot be evaluated
     if isinstance(tokenizer, (str, os.PathLike)):
-        from gaqprune.models import load_tokenizer
+        from gaqprune.models.load import load_tokenizer
 
         tokenizer = load_tokenizer(str(tokenizer))
     try:

@@ -49,7 +49,7 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def embedded_tokenizer():
-    from gaqprune.models import load_tokenizer
+    from gaqprune.models.load import load_tokenizer
 
     return load_tokenizer("embedded")
 

@@ -13,7 +13,7 @@ class ShapeProbe(L.Callback):
         self.out_dir = out_dir
 
     def on_train_start(self, trainer, pl_module):
-        from gaqprune.units import layer_shapes
+        from gaqprune.core.units import layer_shapes
 
         digest = hashlib.sha256()
         for name, p in sorted(pl_module.model.named_parameters()):

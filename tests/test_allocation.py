@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gaqprune.allocation import allocate_rates, positive_importance
+from gaqprune.core.allocation import allocate_rates, positive_importance
+from gaqprune.core.plan import select_units, validate_prune_settings
 from gaqprune.errors import GaqpruneError
-from gaqprune.pruning import select_units, validate_prune_settings
 from gaqprune.settings import PruneSettings
 
 IMPORTANCE = [3.2, 0.4, 12.0, 1.1, 7.5, 0.9, 2.2, 5.0]
@@ -147,7 +147,7 @@ def test_select_units_hits_rate_within_one_channel(split, rate):
 def test_kept_channels_are_aligned_for_tensor_cores():
     import torch
 
-    from gaqprune.pruning import channel_alignment, select_units
+    from gaqprune.core.plan import channel_alignment, select_units
 
     assert channel_alignment(14336, None) == 64 and channel_alignment(1536, None) == 8
     assert channel_alignment(128, None) == 1 and channel_alignment(14336, 1) == 1

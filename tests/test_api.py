@@ -9,7 +9,7 @@ import torch
 from test_reliability import ARGS, corpus
 
 import gaqprune
-from gaqprune.cli import run
+from gaqprune.cli.app import run
 
 SETTINGS = {"importance_samples": 4, "importance_seq_len": 32, "num_examples": 4, "max_seq_len": 32,
             "pruning_ratio": 0.3, "min_pruning_rate": 0.1, "layer_start": 0, "layer_end": 4}
@@ -100,8 +100,8 @@ def test_api_refuses_what_it_cannot_prune(tiny_model_dir):
 def test_embedded_model_is_recorded_by_its_source(embedded_tokenizer):
     from conftest import tiny_llama
 
-    from gaqprune.export import build_config
-    from gaqprune.models import EMBEDDED_SOURCE
+    from gaqprune.models.load import EMBEDDED_SOURCE
+    from gaqprune.models.pruned import build_config
 
     model = tiny_llama(vocab_size=len(embedded_tokenizer))
     model.config._name_or_path = "embedded"  # what load_model("embedded") leaves (not its conversion cache path)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gaqprune.cli import run
+from gaqprune.cli.app import run
 
 RUN = "bad"
 SMALL = ["--importance_samples", "2", "--importance_seq_len", "32", "--num_examples", "2", "--max_seq_len", "32",
@@ -24,7 +24,7 @@ def text_file(tmp_path) -> Path:
 
 
 def importance_json(path: Path, num_layers: int = 4, fingerprint: str = "0" * 16) -> Path:
-    from gaqprune.layer_importance import importance_record, save_importance
+    from gaqprune.core.importance import importance_record, save_importance
 
     meta = {"base_model": "other", "model_fingerprint": fingerprint, "num_layers": num_layers, "method": "removal",
             "samples": 2, "seq_len": 32, "data_source": "x", "layer_start": 0, "layer_end": num_layers, "seed": 42,
@@ -283,7 +283,7 @@ def test_unwritable_output_dir_is_refused_before_any_work(tmp_path, monkeypatch,
     # found at the first write, after the layer importance (prune) or the whole fine-tune (fit), with a traceback
     import os
 
-    from gaqprune import pipeline
+    from gaqprune.run import stages as pipeline
 
     monkeypatch.chdir(tmp_path)
     locked = tmp_path / "locked"
@@ -301,8 +301,8 @@ def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, monkeypatch, ca
     import subprocess
     import sys
 
-    from gaqprune.pipeline import hold_run_dir
-    from gaqprune.run_settings import RunSettings
+    from gaqprune.run.stages import hold_run_dir
+    from gaqprune.settings import RunSettings
 
     monkeypatch.chdir(tmp_path)
     held = hold_run_dir(RunSettings(save_ckpt_log_name=RUN))  # as a running job would
@@ -321,7 +321,7 @@ def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, monkeypatch, ca
 def test_only_the_launching_process_claims_the_run_folder(monkeypatch, tmp_path):
     # the ranks Lightning's DDP launcher starts carry LOCAL_RANK only; under `srun --pty bash` they also inherit
     # SLURM_PROCID=0, which made rank 1 claim (and fail on) the folder rank 0 held
-    from gaqprune import pipeline
+    from gaqprune.run import stages as pipeline
 
     for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
         monkeypatch.delenv(var, raising=False)
@@ -334,7 +334,7 @@ def test_only_the_launching_process_claims_the_run_folder(monkeypatch, tmp_path)
     monkeypatch.setenv("RANK", "3")
     assert not pipeline._launch_rank_is_zero()
     # an unusable temp folder (another user's, read-only) costs the guard, not the run
-    from gaqprune.run_settings import RunSettings
+    from gaqprune.settings import RunSettings
 
     monkeypatch.setenv("RANK", "0")
     blocker = tmp_path / "not-a-folder"
@@ -348,7 +348,7 @@ def test_own_model_checkpoint_subclasses_are_recognised():
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from gaqprune.cli import _configures_checkpoints
+    from gaqprune.cli.app import _configures_checkpoints
 
     class Mine(ModelCheckpoint):
         pass
@@ -404,7 +404,7 @@ def test_overwrite_keeps_the_previous_run_when_a_check_fails(command, tmp_path, 
 def test_cheap_checks_come_before_the_model_is_loaded(extra, expected, tmp_path, monkeypatch, capsys, tiny_model_dir,
                                                       text_file):
     # found after minutes of loading an 8B model
-    from gaqprune import lit_module
+    from gaqprune.train import module as lit_module
 
     monkeypatch.chdir(tmp_path)
     importance_json(tmp_path / "l.json", num_layers=30)
@@ -417,7 +417,7 @@ def test_cheap_checks_come_before_the_model_is_loaded(extra, expected, tmp_path,
 @pytest.mark.parametrize("command", ["fit", "validate"])
 def test_a_missing_or_junk_checkpoint_is_refused_before_the_model_is_loaded(command, tmp_path, monkeypatch, capsys,
                                                                            tiny_model_dir, text_file):
-    from gaqprune import lit_module
+    from gaqprune.train import module as lit_module
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(lit_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -456,7 +456,7 @@ def test_pruning_flags_without_prune_in_fit_are_refused(tmp_path, monkeypatch, c
 
 
 def test_checkpoint_forms_lightning_resolves_itself_pass(tmp_path):
-    from gaqprune.cli import check_ckpt_path
+    from gaqprune.cli.app import check_ckpt_path
 
     for ckpt in ("last", "best", "hpc", "registry", "registry:model:latest", "REGISTRY", "s3://bucket/x.ckpt",
                  str(tmp_path)):  # a folder: a sharded FSDP / DeepSpeed checkpoint
@@ -487,7 +487,7 @@ def test_an_unfinished_runs_leftovers_do_not_stay_beside_a_new_run(tmp_path, mon
 
 
 def test_guide_switches_work_without_a_value():
-    from gaqprune.cli import expand_bare_flags
+    from gaqprune.cli.app import expand_bare_flags
 
     args = ["prune", "--save_model", "--test_after_prune", "--pruning_ratio", "0.25", "--finetune",
             "--skip_importance_analysis", "--importance_config", "x.json", "--overwrite", "false", "--finetune"]
@@ -522,7 +522,7 @@ def test_fit_with_prune_checks_before_any_work(extra, expected, tmp_path, monkey
 ])
 def test_trainer_mistakes_cost_no_model_load(extra, expected, tmp_path, monkeypatch, capsys, tiny_model_dir):
     """Lightning judges --trainer.* when it builds the Trainer, after the model (minutes for 8B): checked first."""
-    from gaqprune import lit_module
+    from gaqprune.train import module as lit_module
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(lit_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -543,7 +543,7 @@ def test_prune_finetune_under_an_external_launcher_is_refused(tmp_path, monkeypa
 
 
 def test_parser_type_errors_become_one_line_with_what_is_accepted():
-    from gaqprune.cli import one_line
+    from gaqprune.cli.app import one_line
 
     union = ('Parser key "save_gguf": Does not validate against any of the Union subtypes\nSubtypes: '
              "[typing.Literal['f32', 'f16'], typing.Literal['f16', 'q8_0'], <class 'NoneType'>]\nErrors:\n  - Expected a "

@@ -17,8 +17,9 @@ import pytest
 import torch
 from helpers import random_ids, run_bare, tiny_family
 
-from gaqprune import export, surgery
-from gaqprune.pruning import apply_plan, build_plan
+from gaqprune.core import surgery
+from gaqprune.core.plan import apply_plan, build_plan
+from gaqprune.models import pruned as export
 from gaqprune.settings import PruneSettings
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -80,7 +81,7 @@ def _with_lora(model, seed: int = 0):
     """LoRA adapters injected as a fit attaches them, with non-zero weights (as after training)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from gaqprune.lit_module import DEFAULT_LORA_TARGETS
+    from gaqprune.train.module import DEFAULT_LORA_TARGETS
 
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=list(DEFAULT_LORA_TARGETS)), model)
     generator = torch.Generator().manual_seed(seed)
@@ -117,7 +118,7 @@ with torch.no_grad():
 def test_finetuned_checkpoint_and_its_adapter_load_without_gaqprune(tmp_path):
     """A fine-tune's outputs: model_finetuned/ (merged) without gaqprune or peft; lora_adapter/ with peft added, on
     the pruned model the run saved, reproducing the merged model."""
-    from gaqprune.finetune import export_finetuned
+    from gaqprune.train.lora import export_finetuned
 
     model = pruned("llama")
     base = export.save_pretrained_model(model, None, tmp_path / "run" / "model")
@@ -176,7 +177,7 @@ print(json.dumps(PIP_LIST))
 def test_gguf_file_runs_where_only_llama_cpp_is_installed(tmp_path, embedded_tokenizer):
     import numpy as np
 
-    from gaqprune.gguf_export import save_gguf
+    from gaqprune.models.gguf import save_gguf
 
     model = pruned("llama", vocab_size=len(embedded_tokenizer))
     path = save_gguf(model, embedded_tokenizer, tmp_path / "m.gguf", out_type="f32", progress=False)
@@ -204,7 +205,7 @@ def test_shipped_remote_code_needs_only_torch_and_transformers():
 FINGERPRINT = """
 import json, sys
 import gaqprune
-from gaqprune.layer_importance import load_importance, model_fingerprint
+from gaqprune.core.importance import load_importance, model_fingerprint
 model = gaqprune.load_model(sys.argv[1])
 scores = load_importance(sys.argv[2], {"model_fingerprint": model_fingerprint(model), "num_layers": 4,
                                        "layer_start": 0, "layer_end": 4})
@@ -218,8 +219,8 @@ def test_importance_record_is_reused_from_another_folder_and_process(tmp_path, t
     import shutil
     import subprocess
 
-    from gaqprune.layer_importance import importance_record, model_fingerprint, save_importance
-    from gaqprune.models import load_model
+    from gaqprune.core.importance import importance_record, model_fingerprint, save_importance
+    from gaqprune.models.load import load_model
 
     model = load_model(str(tiny_model_dir))
     meta = {"base_model": str(tiny_model_dir), "model_fingerprint": model_fingerprint(model), "num_layers": 4,

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
 
-from gaqprune import export, surgery, units
-from gaqprune.lit_module import LitCausalLM, teacher_source
-from gaqprune.metrics import causal_losses, causal_nll
-from gaqprune.models import EMBEDDED, EMBEDDED_SOURCE
+from gaqprune.core import surgery, units
+from gaqprune.core.metrics import causal_losses, causal_nll
+from gaqprune.models import pruned as export
+from gaqprune.models.load import EMBEDDED, EMBEDDED_SOURCE
+from gaqprune.train.module import LitCausalLM, teacher_source
 
 
 def pruned_copy(model):
@@ -75,7 +76,7 @@ def test_distillation_gradients_pull_the_student_toward_the_teacher(random_windo
 
 def pruned_checkpoint(tiny_model_dir, path):
     """A saved pruned copy of the tiny model in ``tiny_model_dir``, recording that folder as its source."""
-    from gaqprune.models import load_model, load_tokenizer
+    from gaqprune.models.load import load_model, load_tokenizer
 
     return export.save_pretrained_model(pruned_copy(load_model(str(tiny_model_dir))), load_tokenizer(str(tiny_model_dir)),
                                         path, base_model=str(tiny_model_dir))

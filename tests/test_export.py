@@ -13,10 +13,10 @@ import torch
 from conftest import spread, tiny_llama, tiny_llama_config
 from torch import nn
 
-from gaqprune import export
+from gaqprune.core.units import layer_shapes
 from gaqprune.errors import GaqpruneError
-from gaqprune.remote_code.configuration_gaqprune_llama import GaqpruneLlamaConfig
-from gaqprune.units import layer_shapes
+from gaqprune.models import pruned as export
+from gaqprune.models.remote_code.configuration_gaqprune_llama import GaqpruneLlamaConfig
 
 HEAD_DIM = 8  # tiny_llama: hidden 64 / 8 query heads
 PRUNED_SHAPES = [
@@ -143,7 +143,7 @@ def test_pruned_checkpoint_reloads_bit_exactly_in_fresh_processes(tmp_path):
     ours = run_child("gaqprune", ckpt, tmp_path)
     stock = run_child("stock", ckpt, tmp_path)
 
-    assert ours["module"] == "gaqprune.remote_code.modeling_gaqprune_llama"
+    assert ours["module"] == "gaqprune.models.remote_code.modeling_gaqprune_llama"
     assert stock["module"].startswith("transformers_modules.") and not stock["gaqprune_loaded"]
     for result in (ours, stock):
         assert result["logits"].shape == (2, 12, 256)
@@ -197,7 +197,7 @@ def test_per_layer_heads_need_not_divide_hidden_size():
 
 
 def test_gaqprune_loaders_restore_shapes_and_logits(tmp_path):
-    from gaqprune.models import load_model
+    from gaqprune.models.load import load_model
 
     model = prune(tiny_llama())
     ids = tokens()
@@ -228,7 +228,7 @@ def test_weights_that_disagree_with_config_are_an_error(tmp_path):
     assert "3 weights do not have the shapes config.json's per_layer_config gives" in str(info.value)
     assert f"model.layers.2.mlp.down_proj.weight: [64, {saved}] saved, [64, 112] expected" in str(info.value)
     # a truncated weights file: one line, not safetensors' traceback
-    from gaqprune.models import load_model
+    from gaqprune.models.load import load_model
 
     config["per_layer_config"]["2"]["intermediate_size"] = saved
     (ckpt / "config.json").write_text(json.dumps(config))
@@ -368,7 +368,7 @@ def test_tokenizer_reloads_with_auto_tokenizer(tmp_path, embedded_tokenizer):
 
 def test_load_tokenizer_of_pruned_checkpoint_never_prompts(tmp_path, monkeypatch, embedded_tokenizer):
     """A user at a terminal must not meet transformers' "run the custom code? [y/N]" prompt."""
-    from gaqprune.models import load_tokenizer
+    from gaqprune.models.load import load_tokenizer
 
     prompts = []
     model = prune(tiny_llama(vocab_size=len(embedded_tokenizer)))
@@ -441,7 +441,7 @@ print(sorted({name.split(".lora_A")[0].split(".")[-1] for name, _ in peft_model.
 
 def test_stock_peft_finds_default_lora_targets_on_a_pruned_checkpoint(tmp_path):
     # A user with transformers + peft only (no gaqprune import): LoraConfig() must work as on the dense model.
-    from gaqprune.remote_code.modeling_gaqprune_llama import STOCK_MODEL_TYPES
+    from gaqprune.models.remote_code.modeling_gaqprune_llama import STOCK_MODEL_TYPES
 
     assert STOCK_MODEL_TYPES == {kind: family[4][0] for kind, family in export.PRUNED_FAMILIES.items()}
     ckpt = export.save_pretrained_model(prune(tiny_llama()), None, tmp_path / "ckpt")
@@ -473,7 +473,7 @@ def test_repruned_checkpoint_config_follows_its_layers(tmp_path):
     # sized from the config, HF's save_pretrained), not the ones it was loaded with.
     from test_surgery import settings
 
-    from gaqprune.pruning import apply_plan, build_plan
+    from gaqprune.core.plan import apply_plan, build_plan
 
     ckpt = export.save_pretrained_model(prune(tiny_llama()), None, tmp_path / "ckpt")
     model = export.load_pruned(ckpt)
@@ -509,7 +509,7 @@ def test_pruned_checkpoint_loads_by_hub_id(tmp_path):
     shutil.copytree(ckpt, snapshot)
     (tmp_path / "hub" / "models--someone--pruned-tiny" / "refs").mkdir()
     (tmp_path / "hub" / "models--someone--pruned-tiny" / "refs" / "main").write_text("a" * 40)
-    code = ("import torch\nfrom gaqprune.models import load_model\nfrom gaqprune.units import layer_shapes\n"
+    code = ("import torch\nfrom gaqprune.models.load import load_model\nfrom gaqprune.core.units import layer_shapes\n"
             "m = load_model('someone/pruned-tiny')\nprint(type(m.config).__name__, layer_shapes(m))")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,

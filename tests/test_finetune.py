@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gaqprune.lit_module import LitCausalLM
+from gaqprune.train.module import LitCausalLM
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,8 +51,8 @@ def test_only_lora_weights_get_gradients_and_loss_falls(tiny_model_dir):
 
 
 def test_merged_export_reloads_bit_identically(tiny_model_dir, tmp_path, embedded_tokenizer):
-    from gaqprune.finetune import export_finetuned
-    from gaqprune.models import load_model
+    from gaqprune.models.load import load_model
+    from gaqprune.train.lora import export_finetuned
 
     lit = lora_module(tiny_model_dir)
     with torch.no_grad():  # make the adapters non-trivial
@@ -107,9 +107,9 @@ def plot_size(path: Path) -> tuple[int, int]:
 
 def dense_val_ppl(model_dir) -> float:
     """The perplexity of the saved model on FIT_ARGS' validation windows, measured in this process."""
-    from gaqprune.data import LMDataModule
-    from gaqprune.metrics import perplexity
-    from gaqprune.models import load_model
+    from gaqprune.core.metrics import perplexity
+    from gaqprune.data.text import LMDataModule
+    from gaqprune.models.load import load_model
 
     data = LMDataModule(tokenizer=str(model_dir), max_seq_len=32, max_eval_windows=4)
     return perplexity(load_model(str(model_dir)), data.eval_windows(), data.eval_batch_size)
@@ -192,8 +192,8 @@ def test_ddp_two_ranks_prune_identically_and_train(tiny_model_dir, tmp_path):
     assert [(probe / f"rank{i}.steps").read_text() for i in (0, 1)] == ["2", "2"]
     plan = json.loads((tmp_path / "prune_log" / "ddp" / "pruning_plan.json").read_text())
     assert 0.25 < plan["totals"]["achieved_ratio_selected"] < 0.35
-    from gaqprune.export import load_pruned
-    from gaqprune.units import layer_shapes
+    from gaqprune.core.units import layer_shapes
+    from gaqprune.models.pruned import load_pruned
 
     run_dir = tmp_path / "prune_log" / "ddp"
     assert layer_shapes(load_pruned(run_dir / "model")) == ranks[0]["shapes"]
@@ -225,8 +225,8 @@ def test_ddp_prune_then_finetune_prunes_once(tiny_model_dir, tmp_path):
     ranks = [json.loads((probe / f"rank{i}.json").read_text()) for i in (0, 1)]
     assert ranks[0]["world"] == 2 and ranks[0]["shapes"] == ranks[1]["shapes"] and ranks[0]["sha"] == ranks[1]["sha"]
     assert [(probe / f"rank{i}.steps").read_text() for i in (0, 1)] == ["2", "2"]
-    from gaqprune.export import load_pruned
-    from gaqprune.units import layer_shapes
+    from gaqprune.core.units import layer_shapes
+    from gaqprune.models.pruned import load_pruned
 
     run_dir = tmp_path / "prune_log" / "pf"
     assert layer_shapes(load_pruned(run_dir / "model")) == ranks[0]["shapes"]
@@ -244,7 +244,7 @@ def alpaca_file(tmp_path: Path) -> Path:
 
 
 def test_instruction_data_masks_the_prompt(tmp_path, embedded_tokenizer):
-    from gaqprune.data import alpaca_prompt, instruction_records, tokenize_instructions
+    from gaqprune.data.text import alpaca_prompt, instruction_records, tokenize_instructions
 
     records = instruction_records(str(alpaca_file(tmp_path)))
     ids, mask, labels = tokenize_instructions(records[:2], embedded_tokenizer, seq_len=96)
@@ -307,8 +307,8 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
     import gguf
     from test_gguf import gguf_forward
 
-    from gaqprune.export import load_pruned
-    from gaqprune.units import layer_shapes
+    from gaqprune.core.units import layer_shapes
+    from gaqprune.models.pruned import load_pruned
 
     merged = load_pruned(run_dir / "model_finetuned")
     shapes = layer_shapes(merged)
@@ -337,7 +337,7 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
 
 def test_prune_finetune_honours_trainer_max_epochs(tiny_model_dir, tmp_path, monkeypatch):
     # --finetune_epochs (3) replaced an explicit --trainer.max_epochs 1
-    from gaqprune.cli import run
+    from gaqprune.cli.app import run
 
     monkeypatch.chdir(tmp_path)
     text = tmp_path / "corpus.txt"
@@ -427,7 +427,7 @@ def test_terminated_prune_finetune_resumes_its_fine_tune_when_run_again(tiny_mod
     # another plan cannot resume that fine-tune: said before any training, and --overwrite true starts over
     import shutil
 
-    from gaqprune.pipeline import FINISHED
+    from gaqprune.run.stages import FINISHED
 
     for name in FINISHED:  # back to an unfinished run (its checkpoint only)
         shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink(missing_ok=True)

@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from gaqprune.data import LMDataModule, make_windows, sample_windows, token_streams
+from gaqprune.core.metrics import Perplexity, causal_nll, perplexity
+from gaqprune.data.text import LMDataModule, make_windows, sample_windows, token_streams
 from gaqprune.errors import GaqpruneError
-from gaqprune.metrics import Perplexity, causal_nll, perplexity
-from gaqprune.models import embedded_gguf_path, load_model, resolve_dtype
+from gaqprune.models.load import embedded_gguf_path, load_model, resolve_dtype
 
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -69,7 +69,7 @@ def test_ptb_is_evaluated_on_its_validation_split(monkeypatch):
     # LLM-Pruner's PTB perplexity is on the validation split (wikitext2: test), so published numbers compare
     import datasets
 
-    from gaqprune.data import source_texts
+    from gaqprune.data.text import source_texts
 
     class Split(dict):
         column_names = ["sentence"]
@@ -84,7 +84,7 @@ def test_c4_is_a_fixed_draw_of_training_documents_and_the_papers_validation_docu
     # validation documents joined by spaces (SparseGPT, Wanda)
     import datasets
 
-    from gaqprune.data import C4, source_texts
+    from gaqprune.data.text import C4, source_texts
 
     splits = {"train": datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(C4["train_docs"] + 5000)]}),
               "validation": datasets.Dataset.from_dict({"text": [f"v{i}" for i in range(3000)]})}
@@ -104,7 +104,7 @@ def test_a_large_hub_dataset_is_a_fixed_draw_and_its_test_split_is_evaluated_who
     # any hub id: a train split of millions of documents would be tokenized whole (hours, tens of GB)
     import datasets
 
-    from gaqprune.data import C4, _source_key, source_texts
+    from gaqprune.data.text import C4, _source_key, source_texts
 
     n_train = C4["train_docs"] + 3000
     splits = {"train": datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(n_train)]}),
@@ -125,7 +125,7 @@ def test_a_large_hub_dataset_is_a_fixed_draw_and_its_test_split_is_evaluated_who
 def test_padded_eval_sampler_counts_every_window_once():
     from torch.utils.data import DataLoader
 
-    from gaqprune.data import EvalWindows, PaddedEvalSampler
+    from gaqprune.data.text import EvalWindows, PaddedEvalSampler
 
     windows = torch.arange(5 * 4).reshape(5, 4)
     data = EvalWindows(windows)
@@ -138,8 +138,8 @@ def test_padded_eval_sampler_counts_every_window_once():
 
 
 def test_embedded_corpus_split_is_disjoint():
-    from gaqprune.corpus import embedded_articles
-    from gaqprune.models import cache_root
+    from gaqprune.data.corpus import embedded_articles
+    from gaqprune.models.load import cache_root
 
     parts = embedded_articles(cache_root())
     assert len(parts["train"]) > 80 and len(parts["eval"]) >= 9
@@ -207,7 +207,7 @@ def test_missing_and_non_llama_models_are_refused(tmp_path):
 # -- CLI --------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_validate_cli_matches_plain_transformers_loop(tmp_path):
-    from gaqprune.cli import run
+    from gaqprune.cli.app import run
 
     cli = run(["validate", "--data.max_eval_windows", "24", "--trainer.logger", "false",
                "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
@@ -238,7 +238,7 @@ def test_validate_cli_on_local_text_file(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_validate_under_ddp_counts_each_window_once(tmp_path, tiny_model_dir):
     # 3 windows on 2 ranks: the sampler pads rank 1 with a copy of window 0, which must not count
-    from gaqprune.data import LMDataModule as DM
+    from gaqprune.data.text import LMDataModule as DM
 
     args = ["validate", "--base_model", str(tiny_model_dir), "--data.max_eval_windows", "3", "--data.max_seq_len", "32",
             "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",

@@ -18,9 +18,10 @@ from conftest import tiny_llama
 from test_export import _keep_cols, _keep_rows, prune, tied_tiny, tokens
 from test_qwen import pruned_qwen
 
-from gaqprune import export, gguf_export
+from gaqprune.core.units import layer_shapes
 from gaqprune.errors import GaqpruneError
-from gaqprune.units import layer_shapes
+from gaqprune.models import gguf as gguf_export
+from gaqprune.models import pruned as export
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
@@ -267,7 +268,7 @@ def test_bad_inputs_and_existing_files(tmp_path, monkeypatch, embedded_tokenizer
 def test_console_script(tmp_path, embedded_tokenizer):
     ckpt = export.save_pretrained_model(prune(tiny_llama(vocab_size=len(embedded_tokenizer))), embedded_tokenizer,
                                         tmp_path / "ckpt")
-    run = [sys.executable, "-c", "from gaqprune.gguf_export import cli; cli()", str(ckpt)]
+    run = [sys.executable, "-c", "from gaqprune.models.gguf import cli; cli()", str(ckpt)]
     ok = subprocess.run([*run, str(tmp_path / "m.gguf"), "--out_type", "q8_0"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     fields, _ = read(tmp_path / "m.gguf")
@@ -296,8 +297,8 @@ def split_bpe_tokenizer(split: str, bos: str | None, eos: str):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from gaqprune.corpus import embedded_articles
-    from gaqprune.models import cache_root
+    from gaqprune.data.corpus import embedded_articles
+    from gaqprune.models.load import cache_root
 
     texts = [text for split in embedded_articles(cache_root()).values() for text in split][:40]
     tok = Tokenizer(models.BPE(ignore_merges=True))

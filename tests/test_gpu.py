@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from gaqprune.callbacks import GQAPrune, LayerImportance
-from gaqprune.lit_module import LitCausalLM
+from gaqprune.core.units import layer_shapes
 from gaqprune.settings import ImportanceSettings, PruneSettings
-from gaqprune.units import layer_shapes
+from gaqprune.train.callbacks import GQAPrune, LayerImportance
+from gaqprune.train.module import LitCausalLM
 from tests.conftest import tiny_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

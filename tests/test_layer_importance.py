@@ -8,8 +8,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from gaqprune.errors import GaqpruneError
-from gaqprune.layer_importance import (
+from gaqprune.core.importance import (
     compute_layer_importance,
     importance_record,
     load_importance,
@@ -18,6 +17,7 @@ from gaqprune.layer_importance import (
     removal_importance_naive,
     save_importance,
 )
+from gaqprune.errors import GaqpruneError
 
 
 def _assert_close(cached: dict, naive: dict, rel: float = 1e-4) -> None:
@@ -85,7 +85,7 @@ def test_eager_attention_and_uneven_batches(random_windows):
 
 
 def test_micro_batches_of_one_shape_share_one_copy_of_the_layer_kwargs(random_windows):
-    from gaqprune.layers import batch_layer_inputs, micro_batches
+    from gaqprune.core.layers import batch_layer_inputs, micro_batches
 
     model = tiny_llama(attn_implementation="eager")
     batches = micro_batches(random_windows[:5], 2, "cpu")
@@ -241,8 +241,8 @@ def test_plot(tmp_path):
 
 @pytest.mark.slow
 def test_embedded_model_cached_equals_naive():
-    from gaqprune.data import LMDataModule
-    from gaqprune.models import load_model
+    from gaqprune.data.text import LMDataModule
+    from gaqprune.models.load import load_model
 
     model = load_model("embedded")
     windows = LMDataModule().calibration_windows(4, 64, what="--importance_samples")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gaqprune.cli import run
+from gaqprune.cli.app import run
 
 ARGS = ["--importance_samples", "2", "--importance_seq_len", "32", "--num_examples", "2", "--max_seq_len", "32",
         "--compensation_samples", "4", "--compensation_seq_len", "32", "--data.max_seq_len", "32",
@@ -26,7 +26,7 @@ def prune_args(tmp_path, monkeypatch, tiny_model_dir) -> list[str]:
 def test_default_bars_are_tqdm_the_lr_is_monitored_and_stage_bars_show(prune_args, capsys):
     from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, TQDMProgressBar
 
-    from gaqprune.callbacks import ProgressBar
+    from gaqprune.train.callbacks import ProgressBar
 
     cli = run([*prune_args, "--save_ckpt_log_name", "bars"])  # (rich or not, the stock bar is replaced)
     bar = cli.trainer.progress_bar_callback
@@ -59,7 +59,7 @@ def test_the_fit_bar_shows_no_version_number():
 
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from gaqprune.callbacks import ProgressBar
+    from gaqprune.train.callbacks import ProgressBar
 
     original = TQDMProgressBar.get_metrics
     try:
@@ -154,7 +154,7 @@ def test_importance_axes_turn_logarithmic_above_a_tenfold_spread(values, scale):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gaqprune.layer_importance import scale_importance_axis
+    from gaqprune.core.importance import scale_importance_axis
 
     fig, ax = plt.subplots()
     try:
@@ -167,7 +167,7 @@ def test_importance_axes_turn_logarithmic_above_a_tenfold_spread(values, scale):
 def test_fit_curves_draw_the_dense_reference(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from gaqprune import pipeline
+    from gaqprune.run import stages as pipeline
 
     drawn = []
     monkeypatch.setattr(plt, "close", lambda fig: drawn.append(fig))  # keep the figure to look at
@@ -183,7 +183,7 @@ def test_fit_curves_draw_the_dense_reference(tmp_path, monkeypatch):
 def test_only_a_fraction_of_one_validates_every_window(limit, everything):
     # Lightning reads the integer 1 as one batch: the fit's curve must not then start at (or be drawn against) the
     # perplexity --test_after_prune measured on all the windows
-    from gaqprune.cli import GaqpruneTrainer
+    from gaqprune.cli.app import GaqpruneTrainer
 
     trainer = GaqpruneTrainer(limit_val_batches=limit, logger=False, enable_checkpointing=False,
                               enable_progress_bar=False, enable_model_summary=False)
@@ -194,7 +194,7 @@ def test_per_layer_scalars_reach_a_tensorboard_logger_that_is_not_the_first(tmp_
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from gaqprune import pipeline
+    from gaqprune.run import stages as pipeline
 
     tb = TensorBoardLogger(tmp_path / "tb", name="run")
     pipeline.log_per_layer([CSVLogger(tmp_path / "csv"), tb], pipeline.RATE_TAG, {0: 0.2, 1: 0.35})

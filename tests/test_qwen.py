@@ -15,10 +15,12 @@ from conftest import spread
 from test_reliability import ARGS, corpus
 
 import gaqprune
-from gaqprune import export, models, surgery
-from gaqprune.cli import run
+from gaqprune.cli.app import run
+from gaqprune.core import surgery
+from gaqprune.core.plan import apply_plan, build_plan
 from gaqprune.errors import GaqpruneError
-from gaqprune.pruning import apply_plan, build_plan
+from gaqprune.models import load as models
+from gaqprune.models import pruned as export
 from gaqprune.settings import PruneSettings
 
 HEAD_DIM = 8
@@ -165,7 +167,7 @@ def test_cli_prunes_validates_and_fits_a_qwen3(tmp_path, monkeypatch, embedded_t
 
 def test_gguf_export_refuses_qwen3(tmp_path, embedded_tokenizer):
     # Qwen2 is written (tests/test_gguf.py); Qwen3's per-head q/k norms have no place in llama.cpp's 'deci' layers
-    from gaqprune.gguf_export import save_gguf
+    from gaqprune.models.gguf import save_gguf
 
     with pytest.raises(GaqpruneError, match="cannot write a 'qwen3' model as GGUF: Qwen3's per-head q/k norms"):
         save_gguf(pruned_qwen("qwen3"), embedded_tokenizer, tmp_path / "qwen3.gguf")
@@ -200,9 +202,9 @@ def test_layers_mixing_full_and_sliding_attention_are_each_run_with_their_own_ma
     # max_window_layers below the layer count were calibrated as full attention (importance, Taylor, refit)
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from gaqprune.compensation import capture_layer_inputs, run_layer
-    from gaqprune.layer_importance import compute_layer_importance, removal_importance_naive
-    from gaqprune.taylor import taylor_scores
+    from gaqprune.core.compensation import capture_layer_inputs, run_layer
+    from gaqprune.core.importance import compute_layer_importance, removal_importance_naive
+    from gaqprune.core.taylor import taylor_scores
 
     config = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=4, use_sliding_window=True, sliding_window=8,
@@ -228,7 +230,7 @@ def test_layers_mixing_full_and_sliding_attention_are_each_run_with_their_own_ma
         for kind in ("attention", "mlp"):
             torch.testing.assert_close(streamed[layer][kind], accumulated[layer][kind], rtol=1e-4, atol=1e-9)
     # GGUF ('deci' layers have no window): refused for the sliding layers it names; a window no layer uses is no reason
-    from gaqprune.gguf_export import _check_config
+    from gaqprune.models.gguf import _check_config
 
     with pytest.raises(GaqpruneError, match=r"layers \[2, 3\] use a sliding window \(8 tokens\)"):
         _check_config(config)

@@ -131,8 +131,8 @@ def test_saved_files_are_readable_by_others_as_plain_writes_are(tmp_path):
 def test_reuse_of_importance_config_spends_no_forward_pass(tmp_path, monkeypatch, tiny_model_dir, caplog):
     import torch
 
-    from gaqprune import layer_importance
-    from gaqprune.cli import run
+    from gaqprune.cli.app import run
+    from gaqprune.core import importance as layer_importance
 
     monkeypatch.chdir(tmp_path)
     text = corpus(tmp_path)
@@ -156,7 +156,7 @@ def test_reuse_of_importance_config_spends_no_forward_pass(tmp_path, monkeypatch
         return original_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(layer_importance, "compute_layer_importance", counting)
-    from gaqprune import pipeline
+    from gaqprune.run import stages as pipeline
 
     real_stage = pipeline.layer_importance_stage
 
@@ -189,9 +189,9 @@ def test_dense_perplexity_is_measured_once_per_model_and_windows(tmp_path, monke
     import torch
     from conftest import tiny_llama
 
-    from gaqprune.layer_importance import model_fingerprint
-    from gaqprune.metrics import perplexity
-    from gaqprune.pipeline import dense_perplexity
+    from gaqprune.core.importance import model_fingerprint
+    from gaqprune.core.metrics import perplexity
+    from gaqprune.run.stages import dense_perplexity
 
     monkeypatch.setenv("GAQPRUNE_CACHE", str(tmp_path))
     model = tiny_llama()
@@ -221,7 +221,7 @@ def test_saved_model_names_its_origin_by_absolute_path(tmp_path, monkeypatch, ti
     from) must resolve from any folder, not from wherever that fit runs."""
     import shutil
 
-    from gaqprune.cli import run
+    from gaqprune.cli.app import run
 
     shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
     monkeypatch.chdir(tmp_path)
@@ -239,7 +239,7 @@ def test_validate_notes_a_dtype_other_than_the_saved_one(tmp_path, monkeypatch, 
     import torch
     from conftest import tiny_llama
 
-    from gaqprune.cli import run
+    from gaqprune.cli.app import run
 
     tiny_llama(vocab_size=len(embedded_tokenizer)).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     embedded_tokenizer.save_pretrained(tmp_path / "bf16")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from gaqprune import surgery, units
-from gaqprune.pruning import apply_plan, build_plan
+from gaqprune.core import surgery, units
+from gaqprune.core.plan import apply_plan, build_plan
 from gaqprune.settings import PruneSettings
 
 IMPORTANCE = {0: 4.0, 1: 0.5, 2: 1.5, 3: 2.5}
@@ -183,7 +183,7 @@ class _Windows:
 
 
 def test_compensation_windows_follow_the_settings():
-    from gaqprune.pipeline import compensation_windows, taylor_windows
+    from gaqprune.run.stages import compensation_windows, taylor_windows
 
     data = _Windows()
     taylor = taylor_windows(data, settings(), 42, torch.device("cpu"))
@@ -269,7 +269,7 @@ def test_residual_refit_of_a_biased_layer_equals_lstsq_when_the_streams_agree(ra
 def test_refit_at_ridge_zero_with_fewer_tokens_than_inputs_stays_near_the_weights():
     # 16 tokens, 100 kept inputs: G_KK is singular. The solve at ridge 0 used to return the float32 round-off's
     # solution (weights 40x the dense ones); it must stay the least-squares solution closest to the original weights.
-    from gaqprune.compensation import refit_weight
+    from gaqprune.core.compensation import refit_weight
 
     gen = torch.Generator().manual_seed(0)
     x, weight = torch.randn(16, 128, generator=gen), torch.randn(64, 128, generator=gen) * 0.1

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from gaqprune import units
-from gaqprune.metrics import causal_nll
-from gaqprune.taylor import taylor_scores
+from gaqprune.core import units
+from gaqprune.core.metrics import causal_nll
+from gaqprune.core.taylor import taylor_scores
 
 
 def brute_force(model, windows):
@@ -78,8 +78,8 @@ def test_nan_in_the_model_stops_the_taylor_pass_with_a_clear_error(method):
     import pytest
     import torch
 
+    from gaqprune.core.taylor import taylor_scores
     from gaqprune.errors import GaqpruneError
-    from gaqprune.taylor import taylor_scores
     from tests.conftest import tiny_llama
 
     model = tiny_llama()
@@ -92,7 +92,7 @@ def test_nan_in_the_model_stops_the_taylor_pass_with_a_clear_error(method):
 
 def test_chunked_reduction_equals_one_chunk(random_windows, monkeypatch):
     # Scores are reduced in chunks of CHUNK_ELEMENTS (bounded memory): tiny chunks (a few rows) give the same scores.
-    from gaqprune import taylor
+    from gaqprune.core import taylor
 
     whole = taylor_scores(tiny_llama(), random_windows, [1, 2], batch_size=3)
     monkeypatch.setattr(taylor, "CHUNK_ELEMENTS", 100)  # 1 row of a 64-wide weight, 1 row of down_proj
@@ -115,7 +115,7 @@ def test_float16_scores_keep_float32_precision():
 
 def _gradient_census(monkeypatch):
     """Record, each time a layer is scored, which layers hold weight gradients at that moment."""
-    from gaqprune import taylor
+    from gaqprune.core import taylor
 
     census = []
     original = taylor.unit_scores_from_grads
@@ -147,7 +147,7 @@ def test_streamed_backward_holds_one_layers_gradients_at_a_time(random_windows, 
 
 
 def test_auto_picks_accumulated_for_small_gradients_else_the_method_that_keeps_fewer_bytes(monkeypatch):
-    from gaqprune import taylor
+    from gaqprune.core import taylor
 
     model = tiny_llama()
     picked = []

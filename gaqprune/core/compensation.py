@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from gaqprune.layers import batch_layer_inputs, call_layer, micro_batches
+from gaqprune.core.layers import batch_layer_inputs, call_layer, micro_batches
 
 MIN_RIDGE = 1e-6  # smallest relative ridge the refit uses (see refit_weight)
 

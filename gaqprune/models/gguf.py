@@ -199,7 +199,7 @@ def check_supported(config, tokenizer, tokenizer_pre_name: str | None = None) ->
 
 
 def _check_config(config) -> None:
-    from gaqprune.export import PRUNED_MODEL_TYPE, PRUNED_TYPE_OF
+    from gaqprune.models.pruned import PRUNED_MODEL_TYPE, PRUNED_TYPE_OF
 
     family = PRUNED_TYPE_OF.get(getattr(config, "model_type", None))
     if family == "gaqprune_qwen3":
@@ -287,7 +287,7 @@ def save_gguf(hf_model, tokenizer, path: str | os.PathLike, out_type: str = "f16
     """
     from tqdm.auto import tqdm
 
-    from gaqprune.export import _checked_layer_shapes
+    from gaqprune.models.pruned import _checked_layer_shapes
 
     gguf = _gguf()
     path = Path(path)
@@ -361,7 +361,7 @@ def main(model: str, out: str, out_type: str = "f16", overwrite: bool = False, t
             256 for an f16 file meant for llama.cpp's K-quants).
         dtype: dtype the model is loaded in (bfloat16 halves the memory an 8B model needs).
     """
-    from gaqprune.models import load_config, load_model, load_tokenizer
+    from gaqprune.models.load import load_config, load_model, load_tokenizer
 
     check_output(Path(out), out_type, overwrite, ffn_multiple)  # before the (possibly 16 GB) model is loaded
     try:

@@ -182,7 +182,7 @@ def load_config(base_model: str):
     from transformers import AutoConfig
 
     path = resolve_model_path(base_model)
-    from gaqprune import export
+    from gaqprune.models import pruned as export
 
     if export.is_pruned_checkpoint(path):
         return export.load_pruned_config(path)
@@ -234,7 +234,7 @@ def load_tokenizer(base_model: str = EMBEDDED):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(base_model)
-    from gaqprune import export
+    from gaqprune.models import pruned as export
 
     # A pruned checkpoint's config names remote code: hand AutoTokenizer gaqprune's own config, so that
     # transformers neither asks to run that code (an interactive y/N prompt) nor runs it.
@@ -257,7 +257,7 @@ def load_model(base_model: str = EMBEDDED, dtype: str | torch.dtype = "float32",
 
     torch_dtype = resolve_dtype(dtype)
     path = resolve_model_path(base_model)
-    from gaqprune import export
+    from gaqprune.models import pruned as export
 
     check_weight_files(path)
     if export.is_pruned_checkpoint(path):

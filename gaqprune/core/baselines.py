@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from gaqprune import units
-from gaqprune.pruning import plan_from_scores
+from gaqprune.core import units
+from gaqprune.core.plan import plan_from_scores
+from gaqprune.core.taylor import taylor_scores
 from gaqprune.settings import PruneSettings
-from gaqprune.taylor import taylor_scores
 
 
 def magnitude_scores(hf_model, layers: list[int]) -> dict[int, dict[str, torch.Tensor]]:
@@ -35,7 +35,7 @@ def magnitude_scores(hf_model, layers: list[int]) -> dict[int, dict[str, torch.T
 
 def uniform_plan(hf_model, windows: torch.Tensor, settings: PruneSettings, scoring: str = "taylor") -> dict:
     """Same rate (``settings.pruning_ratio``) in every layer of the range; ``scoring`` taylor | magnitude."""
-    from gaqprune.pruning import layer_range
+    from gaqprune.core.plan import layer_range
 
     start, end = layer_range(settings, len(hf_model.model.layers))
     selected = list(range(start, end))
@@ -49,7 +49,7 @@ def uniform_plan(hf_model, windows: torch.Tensor, settings: PruneSettings, scori
 
 def shortgpt_plan(hf_model, windows: torch.Tensor, num_remove: int, settings: PruneSettings) -> dict:
     """Remove the ``num_remove`` layers with the lowest block influence (1 - cos(input, output)) on ``windows``."""
-    from gaqprune.layer_importance import compute_layer_importance
+    from gaqprune.core.importance import compute_layer_importance
 
     influence = compute_layer_importance(hf_model, windows, "block_influence", progress=False)
     order = sorted(influence, key=lambda i: (influence[i], i))[:num_remove]

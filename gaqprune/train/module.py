@@ -11,10 +11,10 @@ from typing import Literal
 import lightning as L
 import torch
 
+from gaqprune.core.metrics import Perplexity, causal_losses, causal_nll
+from gaqprune.core.units import layer_shapes
 from gaqprune.errors import GaqpruneError
-from gaqprune.metrics import Perplexity, causal_losses, causal_nll
-from gaqprune.models import EMBEDDED, EMBEDDED_SOURCE, load_config, load_model
-from gaqprune.units import layer_shapes
+from gaqprune.models.load import EMBEDDED, EMBEDDED_SOURCE, load_config, load_model
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

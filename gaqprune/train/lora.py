@@ -64,8 +64,8 @@ def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str |
     ``adapter_base`` (the pruned model this run saved), else ``--base_model``, unless the model was pruned in this
     run (``pruned_here``) and not saved: then none exists, and it names none (``null``).
     """
-    from gaqprune.export import save_pretrained_model
-    from gaqprune.models import absolute_if_local, model_origin
+    from gaqprune.models.load import absolute_if_local, model_origin
+    from gaqprune.models.pruned import save_pretrained_model
 
     out_dir = Path(out_dir)
     paths = {}
@@ -79,7 +79,7 @@ def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str |
                                         else None if pruned_here else absolute_if_local(hp.base_model)),
         }
         if config["target_modules"] is None:
-            from gaqprune.lit_module import DEFAULT_LORA_TARGETS
+            from gaqprune.train.module import DEFAULT_LORA_TARGETS
 
             config["target_modules"] = list(DEFAULT_LORA_TARGETS)
         paths["adapter"] = str(save_lora_adapter(hf_model, out_dir / "lora_adapter", config))
@@ -98,7 +98,7 @@ def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str |
     paths["model"] = str(save_pretrained_model(hf_model, tokenizer, out_dir / "model_finetuned", overwrite=True,
                                                base_model=origin))
     if gguf_type:
-        from gaqprune.gguf_export import save_gguf
+        from gaqprune.models.gguf import save_gguf
 
         paths["gguf"] = str(save_gguf(hf_model, tokenizer, out_dir / "model_finetuned.gguf", out_type=gguf_type,
                                       overwrite=True, progress=progress))

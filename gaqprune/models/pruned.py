@@ -29,7 +29,7 @@ from gaqprune.atomic import atomic_dir
 from gaqprune.errors import GaqpruneError
 
 if TYPE_CHECKING:  # the remote code imports transformers; keep `is_pruned_checkpoint` cheap
-    from gaqprune.remote_code.configuration_gaqprune_llama import GaqpruneLlamaConfig
+    from gaqprune.models.remote_code.configuration_gaqprune_llama import GaqpruneLlamaConfig
 
 PRUNED_MODEL_TYPE = "gaqprune_llama"  # == GaqpruneLlamaConfig.model_type (asserted in tests)
 REMOTE_CODE_DIR = Path(__file__).resolve().parent / "remote_code"
@@ -59,7 +59,7 @@ def auto_map(pruned_type: str = PRUNED_MODEL_TYPE) -> dict[str, str]:
 
 def pruned_classes(pruned_type: str = PRUNED_MODEL_TYPE):
     """gaqprune's own (config class, model class) of a pruned model type (the files shipped as remote code)."""
-    from gaqprune.remote_code import configuration_gaqprune_llama, modeling_gaqprune_llama
+    from gaqprune.models.remote_code import configuration_gaqprune_llama, modeling_gaqprune_llama
 
     config_class, model_class = PRUNED_FAMILIES[pruned_type][:2]
     return getattr(configuration_gaqprune_llama, config_class), getattr(modeling_gaqprune_llama, model_class)
@@ -75,14 +75,14 @@ _DROPPED_KEYS = ("per_layer_config", "auto_map", "architectures", "model_type", 
 
 
 def _global_shape(config) -> dict[str, int]:
-    from gaqprune.remote_code.configuration_gaqprune_llama import PER_LAYER_FIELDS
+    from gaqprune.models.remote_code.configuration_gaqprune_llama import PER_LAYER_FIELDS
 
     return {field: int(getattr(config, field)) for field in PER_LAYER_FIELDS}
 
 
 def _checked_layer_shapes(hf_model) -> list[dict[str, int]]:
     """Per-layer shapes read from the modules, refusing layers a half-finished surgery left inconsistent."""
-    from gaqprune.units import layer_shapes
+    from gaqprune.core.units import layer_shapes
 
     config = hf_model.config
     head_dim = _head_dim(config)
@@ -134,7 +134,7 @@ def _base_model_name(hf_model, base_model: str | None) -> str | None:
     """The model this one was pruned from: explicit, else inherited from a pruned checkpoint, else its load path."""
     if base_model:
         return str(base_model)
-    from gaqprune.models import model_origin
+    from gaqprune.models.load import model_origin
 
     inherited = getattr(hf_model.config, "gaqprune_base_model", None)
     loaded_from = getattr(hf_model.config, "_name_or_path", None)
@@ -259,7 +259,7 @@ def register_pruned_classes() -> None:
     """Make a pruned model in this process behave like one loaded through ``trust_remote_code``: HF's own
     ``save_pretrained`` (a Trainer's, ``push_to_hub``) ships the modeling code with it, and peft's default LoRA
     targets know ``gaqprune_*`` (else ``LoraConfig()`` without ``target_modules`` fails on a pruned model)."""
-    from gaqprune.remote_code.modeling_gaqprune_llama import register_lora_targets
+    from gaqprune.models.remote_code.modeling_gaqprune_llama import register_lora_targets
 
     for pruned_type in PRUNED_FAMILIES:
         config_class, model_class = pruned_classes(pruned_type)
@@ -312,7 +312,7 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
     ``dtype=None`` keeps the saved dtype. Every weight must match the recorded per-layer shapes:
     a missing, unexpected or mis-sized tensor is an error, not a silently re-initialised weight.
     """
-    from gaqprune.models import resolve_dtype
+    from gaqprune.models.load import resolve_dtype
 
     config = load_pruned_config(path)
     _, model_class = pruned_classes(config.model_type)

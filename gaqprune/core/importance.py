@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gaqprune.core.layers import batch_layer_inputs, call_layer, layer_inputs, micro_batches
+from gaqprune.core.metrics import lm_head
 from gaqprune.errors import GaqpruneError
-from gaqprune.layers import batch_layer_inputs, call_layer, layer_inputs, micro_batches
-from gaqprune.metrics import lm_head
 
 METHODS = ("removal", "activation", "block_influence")
 RECORD_FORMAT = "gaqprune.layer_importance"
@@ -230,7 +230,7 @@ def removal_importance_naive(hf_model, windows: torch.Tensor, layer_start: int =
 
     Uses ``gaqprune.metrics.causal_nll`` on the real model, independent of the cached path's code.
     """
-    from gaqprune.metrics import causal_nll
+    from gaqprune.core.metrics import causal_nll
 
     _check_windows(windows)
     start, end = _resolve_range(hf_model, layer_start, layer_end)

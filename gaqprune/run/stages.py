@@ -20,8 +20,7 @@ import torch
 from gaqprune import __version__
 from gaqprune.atomic import unwritable
 from gaqprune.errors import GaqpruneError
-from gaqprune.run_settings import RunSettings
-from gaqprune.settings import ImportanceSettings, PruneSettings
+from gaqprune.settings import ImportanceSettings, PruneSettings, RunSettings
 
 log = logging.getLogger(__name__)
 IMPORTANCE_FILE = "layer_importance_config.json"
@@ -167,7 +166,7 @@ def clear_results(run: RunSettings, results: tuple[str, ...] = RUN_FILES) -> Non
 
 def importance_meta(hf_model, imp: ImportanceSettings, start: int, end: int, base_model: str, source: str,
                     seed: int) -> dict:
-    from gaqprune.layer_importance import model_fingerprint
+    from gaqprune.core.importance import model_fingerprint
 
     return {
         "base_model": base_model,
@@ -193,7 +192,7 @@ def check_importance_config(imp: ImportanceSettings, meta: dict) -> None:
     ``meta["model_fingerprint"]``, another model) before anything is written or removed: from the model's config
     before it is loaded, and again from its weights."""
     if imp.skip_importance_analysis:
-        from gaqprune import layer_importance as li
+        from gaqprune.core import importance as li
 
         li.load_importance(imp.importance_config, {k: meta[k] for k in IMPORTANCE_MATCH if k in meta})
 
@@ -201,7 +200,7 @@ def check_importance_config(imp: ImportanceSettings, meta: dict) -> None:
 def layer_importance_stage(hf_model, datamodule, imp: ImportanceSettings, start: int, end: int, out_dir: Path | None,
                            meta: dict, device: torch.device, progress: bool) -> dict[int, float]:
     """Compute (or reuse) per-layer importance; writes the cache JSON and a bar chart when ``out_dir`` is set."""
-    from gaqprune import layer_importance as li
+    from gaqprune.core import importance as li
 
     expected = {k: meta[k] for k in IMPORTANCE_MATCH}
     if imp.skip_importance_analysis:
@@ -272,8 +271,8 @@ def dense_perplexity(hf_model, windows: torch.Tensor, batch_size: int, fingerpri
     import transformers
 
     from gaqprune.atomic import write_json
-    from gaqprune.metrics import perplexity
-    from gaqprune.models import cache_root
+    from gaqprune.core.metrics import perplexity
+    from gaqprune.models.load import cache_root
 
     config = {k: v for k, v in hf_model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     # the fingerprint samples 256 values per tensor; a sum and a norm of every tensor also see a change anywhere else
@@ -304,7 +303,7 @@ def dense_perplexity(hf_model, windows: torch.Tensor, batch_size: int, fingerpri
 def plan_stage(hf_model, scores: dict[int, float], windows: torch.Tensor, settings: PruneSettings,
                progress: bool) -> dict:
     """Taylor scores + allocation -> a deterministic plan."""
-    from gaqprune.pruning import build_plan
+    from gaqprune.core.plan import build_plan
 
     plan = build_plan(hf_model, scores, windows, settings, progress=progress)
     totals = plan["totals"]
@@ -388,7 +387,7 @@ def plot_rates(scores: dict[int, float], plan: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     from gaqprune.atomic import save_figure
-    from gaqprune.layer_importance import scale_importance_axis
+    from gaqprune.core.importance import scale_importance_axis
 
     entries = plan["layers"]
     chosen = [e for e in entries if e["selected"]]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from gaqprune import units
+from gaqprune.core import units
 
 
 def _sliced_linear(lin: nn.Linear, dim: int, index: torch.Tensor) -> nn.Linear:

@@ -13,9 +13,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from gaqprune import pipeline
 from gaqprune.atomic import write_json
-from gaqprune.pruning import apply_plan, layer_range
+from gaqprune.core.plan import apply_plan, layer_range
+from gaqprune.run import stages as pipeline
 from gaqprune.settings import ImportanceSettings, PruneSettings
 
 
@@ -99,12 +99,12 @@ class GQAPrune(L.Callback):
             write_json(self.out_dir / pipeline.PLAN_FILE, self.plan)
             pipeline.plot_rates(scores or {}, self.plan, self.out_dir / "pruning_rates.png")
             if self.save_model_of is not None:
-                from gaqprune.export import save_pretrained_model
+                from gaqprune.models.pruned import save_pretrained_model
 
                 save_pretrained_model(hf_model, trainer.datamodule.tokenizer, self.out_dir / "model", overwrite=True,
                                       base_model=self.save_model_of)
             if self.save_gguf is not None:
-                from gaqprune.gguf_export import save_gguf
+                from gaqprune.models.gguf import save_gguf
 
                 save_gguf(hf_model, trainer.datamodule.tokenizer, self.out_dir / "model.gguf", out_type=self.save_gguf,
                           overwrite=True, name=self.gguf_name, progress=pipeline.shows_progress(trainer))

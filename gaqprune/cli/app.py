@@ -28,14 +28,13 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gaqprune import pipeline
 from gaqprune.atomic import Terminated, sigterm_unwinds, write_json, write_text
-from gaqprune.data import LMDataModule
+from gaqprune.data.text import LMDataModule
 from gaqprune.errors import GaqpruneError
-from gaqprune.lit_module import LitCausalLM
-from gaqprune.models import EMBEDDED, model_name, model_origin
-from gaqprune.run_settings import FinetuneSettings, RunSettings
-from gaqprune.settings import ImportanceSettings, PruneSettings
+from gaqprune.models.load import EMBEDDED, model_name, model_origin
+from gaqprune.run import stages as pipeline
+from gaqprune.settings import FinetuneSettings, ImportanceSettings, PruneSettings, RunSettings
+from gaqprune.train.module import LitCausalLM
 
 log = logging.getLogger("gaqprune")
 # The settings dataclasses document each field in a docstring under it: show those in --help.
@@ -59,8 +58,8 @@ class PruneJob:
 class GaqpruneTrainer(L.Trainer):
     def prune(self, model: LitCausalLM, datamodule: LMDataModule | None = None, job: PruneJob | None = None) -> dict:
         """Load, analyse layer importance, Taylor-score, prune, (evaluate), save; optionally fine-tune."""
-        from gaqprune.metrics import perplexity
-        from gaqprune.pruning import apply_plan, layer_range
+        from gaqprune.core.metrics import perplexity
+        from gaqprune.core.plan import apply_plan, layer_range
 
         job = job or PruneJob(ImportanceSettings(), PruneSettings(), RunSettings(), FinetuneSettings(), EMBEDDED)
         datamodule = datamodule or LMDataModule(tokenizer=job.base_model)
@@ -115,13 +114,13 @@ class GaqpruneTrainer(L.Trainer):
                 metrics["ppl_after"] = perplexity(hf_model, eval_windows, datamodule.eval_batch_size,
                                                   progress="pruned perplexity" if progress else None)
         if job.run.save_model:
-            from gaqprune.export import save_pretrained_model
+            from gaqprune.models.pruned import save_pretrained_model
 
             with clock("save"):
                 save_pretrained_model(hf_model, datamodule.tokenizer, out_dir / "model", overwrite=True,
                                       base_model=model_origin(job.base_model))
         if job.run.save_gguf:
-            from gaqprune.gguf_export import save_gguf
+            from gaqprune.models.gguf import save_gguf
 
             with clock("save_gguf"):
                 save_gguf(hf_model, datamodule.tokenizer, out_dir / "model.gguf", out_type=job.run.save_gguf,
@@ -133,7 +132,7 @@ class GaqpruneTrainer(L.Trainer):
             pipeline.log_results(self.loggers, logged)
             print(pipeline.summary_table(plan, metrics))
         if job.finetune.finetune:
-            from gaqprune.finetune import export_finetuned
+            from gaqprune.train.lora import export_finetuned
 
             if not job.trainer_limits:
                 self.fit_loop.max_epochs = job.finetune.finetune_epochs
@@ -186,7 +185,7 @@ class GaqpruneTrainer(L.Trainer):
         refit is the same computation on the same windows (equal on identical devices)."""
         import json
 
-        from gaqprune.pruning import apply_plan
+        from gaqprune.core.plan import apply_plan
 
         path, _, digest = os.environ.get(PLAN_ENV, "").rpartition("#")
         plan_path = out_dir / pipeline.PLAN_FILE
@@ -274,7 +273,7 @@ class GaqpruneCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Cheap validation of every flag before the model is loaded or any folder is written."""
-        from gaqprune.models import (
+        from gaqprune.models.load import (
             check_tokenizer_files,
             check_weight_files,
             load_config,
@@ -305,7 +304,7 @@ class GaqpruneCLI(LightningCLI):
             imp, prune, run, fin = (self._settings(c) for c in SETTINGS.values())
             validate_pruning(imp, prune, model_config)
             if imp.skip_importance_analysis:  # its layers, now (its model: once the weights are loaded)
-                from gaqprune.pruning import layer_range
+                from gaqprune.core.plan import layer_range
 
                 start, end = layer_range(prune, model_config.num_hidden_layers)
                 pipeline.check_importance_config(imp, {"num_layers": model_config.num_hidden_layers,
@@ -328,7 +327,7 @@ class GaqpruneCLI(LightningCLI):
                 given = [f"--{f.name} {cfg[f.name]}" for cls in (ImportanceSettings, PruneSettings)
                          for f in dataclasses.fields(cls) if cfg[f.name] != f.default]
                 given += ["--test_after_prune true"] if run.test_after_prune else []
-                from gaqprune.export import is_pruned_checkpoint
+                from gaqprune.models.pruned import is_pruned_checkpoint
 
                 if given and is_pruned_checkpoint(resolve_model_path(cfg["base_model"])):
                     # the recovery fine-tune of a pruned model, e.g. with the pruning run's config file reused
@@ -379,7 +378,7 @@ class GaqpruneCLI(LightningCLI):
         cfg = self.config[self.subcommand]
         bar = trainer.progress_bar_callback
         if type(bar) in (RichProgressBar, TQDMProgressBar) and not own_bar:
-            from gaqprune.callbacks import ProgressBar  # Lightning's stock pick (Rich when installed): see ProgressBar
+            from gaqprune.train.callbacks import ProgressBar  # Lightning's stock pick (Rich when installed): see ProgressBar
 
             trainer.callbacks[trainer.callbacks.index(bar)] = ProgressBar()
         if self.subcommand in ("prune", "fit") and trainer.loggers and not own_lr_monitor:
@@ -421,7 +420,7 @@ class GaqpruneCLI(LightningCLI):
         if cfg.trainer.max_epochs is None and cfg.trainer.max_steps == -1:
             self.trainer.fit_loop.max_epochs = fin.finetune_epochs
         if cfg.get("prune"):
-            from gaqprune.callbacks import GQAPrune, LayerImportance
+            from gaqprune.train.callbacks import GQAPrune, LayerImportance
 
             pipeline.check_calibration_budget(self.datamodule, imp, prune, run.seed)  # before any work, like `prune`
             out_dir = str(pipeline.run_dir(run))
@@ -437,7 +436,7 @@ class GaqpruneCLI(LightningCLI):
             batches = max(1, train_batches(self.trainer, self.datamodule, examples) // self.trainer.accumulate_grad_batches)
             self.trainer.fit_loop.max_epochs = math.ceil(cfg.trainer.max_steps / batches)
         if cfg.get("prune"):  # a reused importance config that does not fit: refused before anything is removed
-            from gaqprune.pruning import layer_range
+            from gaqprune.core.plan import layer_range
 
             hf_model = self.model.model
             meta = pipeline.importance_meta(hf_model, imp, *layer_range(prune, len(hf_model.model.layers)),
@@ -458,7 +457,7 @@ class GaqpruneCLI(LightningCLI):
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         if not self.trainer.is_global_zero:
             return
-        from gaqprune.finetune import export_finetuned
+        from gaqprune.train.lora import export_finetuned
 
         run = self._settings(RunSettings)
         pruned_here = bool(self.config.fit.get("prune"))
@@ -581,7 +580,7 @@ def validate_seed(seed) -> None:
 def validate_pruning(imp: ImportanceSettings, prune: PruneSettings, model_config) -> tuple[int, int]:
     """Every layer-importance and pruning setting against the model's config (no weights needed); returns the
     resolved layer range. Shared by `gaqprune prune`, `fit --prune` and ``gaqprune.prune``."""
-    from gaqprune.pruning import validate_prune_settings
+    from gaqprune.core.plan import validate_prune_settings
 
     context = getattr(model_config, "max_position_embeddings", None)
     validate_importance_settings(imp, context)
@@ -677,14 +676,14 @@ def validate_data_settings(data: dict, trains: bool) -> None:
                             "null for every window")
     if trains and data["instruction_data"] and not Path(data["instruction_data"]).expanduser().is_file():
         raise GaqpruneError(f"--data.instruction_data {data['instruction_data']!r}: file not found")
-    from gaqprune.data import check_local_source
+    from gaqprune.data.text import check_local_source
 
     check_local_source(data["source"])
     check_local_source(data["eval_source"])
 
 
 def validate_finetune_settings(fin: FinetuneSettings, model_cfg) -> None:
-    from gaqprune.lit_module import DEFAULT_LORA_TARGETS
+    from gaqprune.train.module import DEFAULT_LORA_TARGETS
 
     for flag, value, ok, accepted in (
         ("lora_r", model_cfg["lora_r"], model_cfg["lora_r"] >= 1, "an integer >= 1"),
@@ -725,8 +724,8 @@ def validate_teacher(fin: FinetuneSettings, base_model: str, student_config) -> 
     """With --distill_weight > 0: the teacher must be readable and share the student's vocabulary."""
     if fin.distill_weight == 0:
         return
-    from gaqprune.lit_module import teacher_source
-    from gaqprune.models import load_config
+    from gaqprune.models.load import load_config
+    from gaqprune.train.module import teacher_source
 
     source = teacher_source(base_model, fin.teacher_model)
     try:
@@ -742,8 +741,8 @@ def validate_teacher(fin: FinetuneSettings, base_model: str, student_config) -> 
 def check_gguf(run: RunSettings, base_model: str, model_config) -> None:
     """With --save_gguf, refuse a model or tokenizer the GGUF export cannot write before any work is done."""
     if run.save_gguf:
-        from gaqprune.gguf_export import check_supported
-        from gaqprune.models import load_tokenizer
+        from gaqprune.models.gguf import check_supported
+        from gaqprune.models.load import load_tokenizer
 
         check_supported(model_config, load_tokenizer(base_model))
 
@@ -774,11 +773,6 @@ def one_line(message: str) -> str:
             flag, types, value = match.groups()
             return f"--{flag} {value.strip()!r} is not accepted; give {_accepted(types)}"
     return " ".join(message.split())
-
-
-def main(args: list[str] | None = None) -> None:
-    """Console entry point (``gaqprune``)."""
-    run(args)
 
 
 def bool_flags() -> set[str]:
@@ -864,8 +858,4 @@ def run(args: list[str] | None = None) -> GaqpruneCLI:
             signal.signal(signal.SIGINT, previous)
 
 
-if __name__ == "__main__":
-    main()
-
-
-__all__ = ["GaqpruneCLI", "GaqpruneTrainer", "PruneJob", "main", "run"]
+__all__ = ["GaqpruneCLI", "GaqpruneTrainer", "PruneJob", "run"]

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from gaqprune.errors import GaqpruneError
-from gaqprune.models import EMBEDDED, cache_root
+from gaqprune.models.load import EMBEDDED, cache_root
 
 HF_PRESETS = {
     # name: (dataset path, config, train split, eval split, text column)
@@ -190,7 +190,7 @@ def _hf_texts(source: str) -> tuple[list[str], list[str]]:
 def source_texts(source: str) -> tuple[str, str] | str:
     """Raw text of a source: ``(train, eval)`` joined documents, or one string for a local file."""
     if source == EMBEDDED:
-        from gaqprune.corpus import embedded_articles
+        from gaqprune.data.corpus import embedded_articles
 
         parts = embedded_articles(cache_root())
         return "\n\n".join(parts["train"]), "\n\n".join(parts["eval"])
@@ -358,7 +358,7 @@ class LMDataModule(L.LightningDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from gaqprune.models import load_tokenizer
+            from gaqprune.models.load import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.tokenizer_name)
         return self._tokenizer

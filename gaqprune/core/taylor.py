@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gaqprune import units
+from gaqprune.core import units
+from gaqprune.core.layers import batch_layer_inputs, call_layer, micro_batches
+from gaqprune.core.metrics import causal_nll, tail_nll
 from gaqprune.errors import GaqpruneError
-from gaqprune.layers import batch_layer_inputs, call_layer, micro_batches
-from gaqprune.metrics import causal_nll, tail_nll
 
 CHUNK_ELEMENTS = 1 << 22  # elements of |w * g| (float32) materialised at once when reducing a weight: 16 MB
 # The backward runs on the summed NLL scaled to this many tokens (not on the mean): with the mean, weight gradients

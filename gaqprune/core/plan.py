@@ -14,10 +14,10 @@ from functools import partial
 
 import torch
 
-from gaqprune import allocation, compensation, surgery, units
+from gaqprune.core import allocation, compensation, surgery, units
+from gaqprune.core.taylor import taylor_scores
 from gaqprune.errors import GaqpruneError
 from gaqprune.settings import PruneSettings
-from gaqprune.taylor import taylor_scores
 
 log = logging.getLogger(__name__)
 

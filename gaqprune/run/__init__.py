@@ -1,0 +1,1 @@
+"""One pruning run: its stages, its folder and its report."""
