@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from common import RANDOM_SHAPES, machine, write_json  # noqa: E402
 
-from gaqprune.models.load import resolve_dtype  # noqa: E402
+from gaqprune.models.names import resolve_dtype  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = "tiny"
@@ -80,7 +80,7 @@ def base_model(folder: Path, text_file: Path, dtype: torch.dtype) -> Path:
 def run(name: str, args: list[str], log_dir: Path, env: dict[str, str], timeout: int) -> dict:
     """One CLI command, run in ``log_dir``'s parent (where ``validate`` writes lightning_logs/); its output goes to
     ``log_dir/<name>.log``. Returns rc and seconds."""
-    cmd = [sys.executable, "-c", "from gaqprune.cli.app import main; main()", *args]
+    cmd = [sys.executable, "-c", "from gaqprune.cli import main; main()", *args]
     t0 = time.perf_counter()
     with open(log_dir / f"{name}.log", "w", encoding="utf-8") as log:
         log.write("gaqprune " + " ".join(args) + "\n\n")

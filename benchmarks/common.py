@@ -111,7 +111,7 @@ def random_windows(n: int, seq_len: int, vocab_size: int, seed: int = 0) -> torc
 def load(model: str, device: str, dtype: torch.dtype, layers: int | None = None):
     """``(hf_model, tokenizer or None, window_fn(n, seq_len, seed) -> [n, seq_len] ids, description)``."""
     if model == EMBEDDED:
-        from gaqprune.data.text import LMDataModule
+        from gaqprune.data.datamodule import LMDataModule
         from gaqprune.models.load import load_model, load_tokenizer
 
         hf_model = load_model(EMBEDDED, dtype=dtype, device=device)

@@ -20,7 +20,7 @@ import sys
 import torch
 from common import default_device, is_cuda, machine, sync, table, timed, write_json
 
-from gaqprune.models.load import resolve_dtype
+from gaqprune.models.names import resolve_dtype
 
 
 def widths(dense: int, fraction: float) -> dict[str, int]:

@@ -53,8 +53,8 @@ from common import EMBEDDED, MODEL_CHOICES, default_device, is_cuda, load, machi
 
 from gaqprune.core import surgery, units
 from gaqprune.core.importance import compute_layer_importance
-from gaqprune.core.plan import apply_plan, build_plan, layer_range, select_units
-from gaqprune.models.load import resolve_dtype
+from gaqprune.core.plan import apply_plan, build_plan, select_units
+from gaqprune.models.names import resolve_dtype
 from gaqprune.settings import PruneSettings
 
 # --------------------------------------------------------------------------- static per-layer KV cache decoding
@@ -456,7 +456,7 @@ def prune(hf_model, how: str, ratio: float, window_fn, device: str, importance_s
     """Prune ``hf_model`` in place at ``ratio`` of the prunable parameters of layers [layer_start, layer_end) (None:
     gaqprune's default range); returns a description."""
     settings = replace(PruneSettings(), pruning_ratio=ratio, layer_start=layer_start, layer_end=layer_end)
-    start, end = layer_range(settings, len(hf_model.model.layers))
+    start, end = settings.layer_range(len(hf_model.model.layers))
     if how == "slice":
         for i in range(start, end):
             layer = hf_model.model.layers[i]

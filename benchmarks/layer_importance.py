@@ -42,7 +42,7 @@ def _timed(device: str, fn, *args, **kwargs):
 
 
 def _load(args):
-    from gaqprune.models.load import resolve_dtype
+    from gaqprune.models.names import resolve_dtype
 
     dtype = resolve_dtype(args.dtype)
     if args.random_model:
@@ -56,7 +56,7 @@ def _load(args):
             model = LlamaForCausalLM(LlamaConfig(**shape)).to(dtype).eval()
         windows = torch.randint(0, shape["vocab_size"], (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
         return model, windows, f"random {args.random_model}"
-    from gaqprune.data.text import LMDataModule
+    from gaqprune.data.datamodule import LMDataModule
     from gaqprune.models.load import load_model
 
     model = load_model("embedded", dtype=dtype, device=args.device)

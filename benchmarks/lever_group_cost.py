@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402
 
-from gaqprune import pruning  # noqa: E402
+from gaqprune.core import plan as pruning  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

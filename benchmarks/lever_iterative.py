@@ -27,7 +27,7 @@ import torch
 
 from gaqprune.core import allocation, units
 from gaqprune.core.metrics import perplexity
-from gaqprune.core.plan import apply_plan, build_plan, channel_alignment, layer_range, plan_from_scores
+from gaqprune.core.plan import apply_plan, build_plan, channel_alignment, plan_from_scores
 from gaqprune.core.taylor import taylor_scores
 from gaqprune.settings import PruneSettings
 
@@ -44,7 +44,7 @@ def decoder_params(model) -> int:
 def one_shot_targets(model, importance: dict[int, float], settings: PruneSettings) -> tuple[dict[int, float], tuple]:
     """Per-layer target rates exactly as ``build_plan`` allocates them (same call, same settings)."""
     layers = model.model.layers
-    start, end = layer_range(settings, len(layers))
+    start, end = settings.layer_range(len(layers))
     selected = list(range(start, end))
     rates = allocation.allocate_rates(
         [importance[i] for i in selected], settings.pruning_ratio, settings.pruning_strategy, settings.alpha,
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     started, dense, _, eval_windows, calib, importance = start_lever(args.eval_windows, args.num_examples,
                                                                     args.max_seq_len, args.importance_cache)
     base = replace(PruneSettings(), num_examples=len(calib), max_seq_len=calib.shape[1])
-    start, end = layer_range(base, len(dense.model.layers))
+    start, end = base.layer_range(len(dense.model.layers))
     log(f"model loaded; {len(eval_windows)} eval windows, calibration {tuple(calib.shape)}, layers [{start}, {end})")
 
     t0 = time.time()

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     import llama_cpp
 
     from gaqprune.core.metrics import perplexity
-    from gaqprune.data.text import LMDataModule
+    from gaqprune.data.datamodule import LMDataModule
     from gaqprune.models.gguf import save_gguf
     from gaqprune.models.load import load_model, load_tokenizer
 

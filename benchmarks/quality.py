@@ -24,8 +24,8 @@ import torch
 
 from gaqprune.core import baselines, units
 from gaqprune.core.metrics import perplexity
-from gaqprune.core.plan import apply_plan, build_plan, layer_range
-from gaqprune.data.text import LMDataModule
+from gaqprune.core.plan import apply_plan, build_plan
+from gaqprune.data.datamodule import LMDataModule
 from gaqprune.errors import GaqpruneError
 from gaqprune.models.load import load_model
 from gaqprune.settings import ImportanceSettings, PruneSettings
@@ -82,7 +82,7 @@ def finish(summary: dict, out: str | None, started: float) -> dict:
 def ratio_for_decoder_fraction(model, fraction: float, settings: PruneSettings) -> float:
     """The ``--pruning_ratio`` (of the selected layers' prunable parameters) that removes ``fraction`` of the decoder."""
     layers = model.model.layers
-    start, end = layer_range(settings, len(layers))
+    start, end = settings.layer_range(len(layers))
     decoder = sum(p.numel() for p in layers.parameters())
     prunable = sum(units.prunable_params(layers[i]) for i in range(start, end))
     return fraction * decoder / prunable

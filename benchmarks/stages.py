@@ -48,8 +48,8 @@ from common import (
 )
 
 from gaqprune.core.importance import compute_layer_importance
-from gaqprune.core.plan import apply_plan, build_plan, layer_range
-from gaqprune.models.load import resolve_dtype
+from gaqprune.core.plan import apply_plan, build_plan
+from gaqprune.models.names import resolve_dtype
 from gaqprune.settings import ImportanceSettings, PruneSettings
 
 SCHEMES = {  # (importance_samples, num_examples); seq lens 128 / 64 as in the settings defaults
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     bf16_weights = weight_bytes(model, torch.bfloat16)
     if trace:  # weights read straight into their storage (safetensors) pass no op the tracer sees
         peaks["load"] = max(peaks["load"], weights)
-    start, end = layer_range(settings, num_layers)
+    start, end = settings.layer_range(num_layers)
     print(f"  model: {what}; {params_before / 1e9:.3f} B params, weights {gib(weights)}; layers [{start}, {end}) pruned")
 
     scores = stage("layer importance", compute_layer_importance, model, importance_windows.to(device), method="removal",

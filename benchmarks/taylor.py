@@ -25,9 +25,8 @@ from common import MODEL_CHOICES, default_device, extra_peak_bytes, gib, is_cuda
 
 from gaqprune.core import units
 from gaqprune.core.metrics import causal_nll
-from gaqprune.core.plan import layer_range
 from gaqprune.core.taylor import taylor_scores, unit_scores_from_grads
-from gaqprune.models.load import resolve_dtype
+from gaqprune.models.names import resolve_dtype
 from gaqprune.settings import PruneSettings
 
 
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     model, _, window_fn, what = load(args.model, args.device, dtype, args.layers)
     windows = window_fn(args.num_examples, args.max_seq_len, 1).to(args.device)
     num_layers = len(model.model.layers)
-    start, end = (0, num_layers) if args.all_layers else layer_range(PruneSettings(), num_layers)
+    start, end = (0, num_layers) if args.all_layers else PruneSettings().layer_range(num_layers)
     layers = list(range(start, end))
     print(f"taylor: {what}; {len(layers)} layers [{start}, {end}), {args.num_examples} x {args.max_seq_len} tokens, "
           f"micro-batch {args.batch_size}, {args.device} {str(dtype).removeprefix('torch.')}", flush=True)

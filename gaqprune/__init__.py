@@ -1,8 +1,7 @@
 """gaqprune: GQA-aware, layer-wise unbalanced structured pruning for Llama-family LLMs."""
 
-__version__ = "0.1.0"
-
-from gaqprune.errors import GaqpruneError  # noqa: E402
+from gaqprune.errors import GaqpruneError
+from gaqprune.version import __version__
 
 __all__ = ["GaqpruneError", "__version__", "load_model", "load_pruned", "perplexity", "prune", "save_pretrained"]
 

@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from gaqprune.errors import GaqpruneError
-from gaqprune.models.load import EMBEDDED
-from gaqprune.settings import ImportanceSettings, PruneSettings
+from gaqprune.models.names import EMBEDDED
+from gaqprune.settings import ImportanceSettings, PruneSettings, check_context, check_seed
 
 _SETTINGS = (ImportanceSettings, PruneSettings)
 
 
 def _datamodule(tokenizer, data: str | os.PathLike, **kw):
-    from gaqprune.data.text import LMDataModule
+    from gaqprune.data.datamodule import LMDataModule
 
     named = isinstance(tokenizer, (str, os.PathLike))
     datamodule = LMDataModule(source=str(data), tokenizer=str(tokenizer) if named else EMBEDDED, **kw)
@@ -165,30 +165,27 @@ def prune(model, tokenizer, *, data: str | os.PathLike = EMBEDDED, seed: int = 4
             importance_samples=128, num_examples=32, pruning_strategy="inverse", alpha=1.0, layer_start=3,
             skip_importance_analysis=True, importance_config="prune_log/run/layer_importance_config.json"``.
     """
-    from gaqprune.cli.app import validate_pruning, validate_seed
-    from gaqprune.core.plan import apply_plan
-    from gaqprune.run import stages as pipeline
+    from gaqprune.run import stages
 
     _check_args("gaqprune.prune", seed=(seed, int), progress=(progress, bool), data=(data, str))
     imp, prune_settings = _settings(settings)
     seed = _plain(seed)
-    validate_seed(seed)
+    check_seed(seed)
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: prune the module it runs (it recompiles)
     _check_model(model, tokenizer)
-    start, end = validate_pruning(imp, prune_settings, model.config)
+    context = getattr(model.config, "max_position_embeddings", None)
+    imp.check(context)
+    start, end = prune_settings.check(model.config.num_hidden_layers, getattr(model.config, "intermediate_size", None),
+                                      context)
     datamodule = _datamodule(tokenizer, data)
-    pipeline.check_calibration_budget(datamodule, imp, prune_settings, seed)  # a short text fails before any work
+    stages.check_calibration_budget(datamodule, imp, prune_settings, seed)  # a short text fails before any work
     device = next(model.parameters()).device
-    meta = pipeline.importance_meta(model, imp, start, end, getattr(model.config, "_name_or_path", "") or "in-memory",
-                                    datamodule.source, seed)
+    meta = stages.importance_meta(model, imp, start, end, getattr(model.config, "_name_or_path", "") or "in-memory",
+                                  datamodule.source, seed)
     was_training = model.training
     model.eval()
     try:
-        scores = pipeline.layer_importance_stage(model, datamodule, imp, start, end, None, meta, device, progress)
-        taylor = pipeline.taylor_windows(datamodule, prune_settings, seed, device)
-        refit = pipeline.compensation_windows(datamodule, prune_settings, seed, device, taylor)
-        plan = pipeline.plan_stage(model, scores, taylor, prune_settings, progress)
-        apply_plan(model, plan, refit, progress=progress)
+        _, plan = stages.prune_model(model, datamodule, imp, prune_settings, seed, meta, device, progress)
     finally:
         model.train(was_training)
     _adopt_pruned_class(model)
@@ -226,22 +223,20 @@ def perplexity(model, tokenizer, *, data: str | os.PathLike = EMBEDDED, seq_len:
     """Perplexity on ``data``'s evaluation split, by the protocol of `gaqprune validate` (``--data.max_seq_len`` =
     ``seq_len``, ``--data.max_eval_windows`` = ``max_windows``, ``--data.eval_batch_size`` = ``batch_size``). A peft
     model is measured with its adapters."""
-    from gaqprune.cli.app import validate_data_settings
     from gaqprune.core.metrics import perplexity as measure
+    from gaqprune.data.datamodule import LMDataModule
 
     _check_args("gaqprune.perplexity", data=(data, str), seq_len=(seq_len, int), max_windows=(max_windows, int | None),
                 batch_size=(batch_size, int), progress=(progress, bool))
     _check_is_model("gaqprune.perplexity", model)
     _check_tokenizer("gaqprune.perplexity", model, tokenizer)
     seq_len, max_windows, batch_size = (_plain(v) for v in (seq_len, max_windows, batch_size))
-    validate_data_settings({"source": str(data), "eval_source": None, "max_seq_len": seq_len,
+    LMDataModule.check_args({"source": str(data), "eval_source": None, "max_seq_len": seq_len,
                             "max_eval_windows": max_windows, "eval_batch_size": batch_size, "batch_size": 1,
                             "num_workers": 0, "instruction_data": None, "eval_fraction": 0.1}, False)
     if hasattr(model, "get_base_model"):  # a PeftModel: its base model runs with the adapters injected
         model = model.get_base_model()
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context and seq_len > context:
-        raise GaqpruneError(f"--data.max_seq_len {seq_len} exceeds the model's context of {context} tokens")
+    check_context("--data.max_seq_len", seq_len, getattr(model.config, "max_position_embeddings", None))
     windows = _datamodule(tokenizer, data, max_seq_len=seq_len, max_eval_windows=max_windows).eval_windows()
     device = next(model.parameters()).device
     return measure(model, windows.to(device), batch_size, progress="perplexity" if progress else None)

@@ -1,10 +1,18 @@
-"""Typed settings of each pipeline stage and of a run as a whole. The CLI exposes every field as a flag of the same name
-(``--importance_samples``, ``--pruning_ratio``, ...), so names follow the parameter guide."""
+"""Typed settings of each pipeline stage and of a run as a whole, and the checks of their values.
+
+The CLI exposes every field as a flag of the same name (``--importance_samples``, ``--pruning_ratio``, ...), so names
+follow the parameter guide. Each dataclass checks its own values (``check``): one place and one message per rule,
+used alike by the command line, the Python API and the Lightning callbacks, before any model is loaded."""
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+
+from gaqprune.errors import GaqpruneError
 
 
 @dataclass
@@ -21,6 +29,35 @@ class ImportanceSettings:
     """Reuse --importance_config instead of running the analysis."""
     importance_config: str | None = None
     """Path of a layer_importance_config.json to reuse (with --skip_importance_analysis)."""
+
+    def check(self, context: int | None = None) -> None:
+        """Every layer-importance value (``context``: the model's, if known); a reused record must be a readable file."""
+        if self.importance_samples < 1:
+            raise GaqpruneError(f"--importance_samples {self.importance_samples} must be at least 1")
+        if self.importance_method not in IMPORTANCE_METHODS:
+            raise GaqpruneError(f"--importance_method {self.importance_method!r} is not supported; use one of "
+                                f"{', '.join(IMPORTANCE_METHODS)}")
+        if self.importance_seq_len < 2:
+            raise GaqpruneError(f"--importance_seq_len {self.importance_seq_len} must be at least 2 tokens")
+        check_context("--importance_seq_len", self.importance_seq_len, context)
+        if not self.skip_importance_analysis:
+            if self.importance_config:
+                raise GaqpruneError(f"--importance_config {self.importance_config!r} is only read with "
+                                    "--skip_importance_analysis true")
+            return
+        if not self.importance_config:
+            raise GaqpruneError("--skip_importance_analysis true needs --importance_config PATH (a "
+                                "layer_importance_config.json)")
+        path = Path(self.importance_config)
+        if path.is_dir():
+            raise GaqpruneError(f"--importance_config {self.importance_config!r} is a folder; give the "
+                                "layer_importance_config.json file in it")
+        if not path.is_file():
+            raise GaqpruneError(f"--importance_config {self.importance_config!r}: file not found")
+        try:
+            json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+            raise GaqpruneError(f"--importance_config {self.importance_config!r} is not valid JSON ({err})") from None
 
 
 @dataclass
@@ -90,6 +127,55 @@ class PruneSettings:
     unaligned pruned 8B model 2x SLOWER than the dense one on an H200). None: 64 for MLPs of 8192+ channels,
     8 for 512+, 1 below (tiny test models); 1 disables alignment."""
 
+    def layer_range(self, num_layers: int) -> tuple[int, int]:
+        """``--layer_start`` / ``--layer_end`` as ``[start, end)`` (None: skip the edge layers, see the fields)."""
+        return layer_span(self.layer_start, self.layer_end, num_layers, round(EDGE_START_FRACTION * num_layers),
+                          num_layers - round(EDGE_END_FRACTION * num_layers))
+
+    def check(self, num_layers: int, mlp_channels: int | None = None, context: int | None = None) -> tuple[int, int]:
+        """Every pruning value against the model's shape (``mlp_channels``: its MLP width, ``context``: its
+        context, if known), without touching the model; returns the resolved layer range."""
+        check_ratio_bounds(self.pruning_ratio, self.min_pruning_rate, self.max_pruning_rate,
+                           self.whole_layer_rate is not None)
+        if self.pruning_strategy not in STRATEGIES:
+            raise GaqpruneError(f"--pruning_strategy {self.pruning_strategy!r} is invalid; use one of "
+                                f"{', '.join(STRATEGIES)}")
+        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
+            raise GaqpruneError(f"--alpha {self.alpha} is invalid; give a number >= 0 (0 = uniform, 1 = standard)")
+        if self.whole_layer_rate is not None and not 0.0 < self.whole_layer_rate <= 1.0:
+            # above 1 it reads as "never", yet a ratio above the maximum rate still removed whole layers (their
+            # unclipped rates are then unbounded)
+            raise GaqpruneError(f"--whole_layer_rate {self.whole_layer_rate} is invalid; give a rate in (0, 1], or "
+                                "None to never remove whole layers")
+        if self.num_examples < 1:
+            raise GaqpruneError(f"--num_examples {self.num_examples} is invalid; give at least 1 calibration window")
+        if self.max_seq_len < 2:
+            raise GaqpruneError(f"--max_seq_len {self.max_seq_len} is invalid; give at least 2 tokens (guide: 64-128)")
+        if self.unit_split not in SPLITS:
+            raise GaqpruneError(f"--unit_split {self.unit_split!r} is invalid; use one of {', '.join(SPLITS)}")
+        if self.compensation not in COMPENSATIONS:
+            raise GaqpruneError(f"--compensation {self.compensation!r} is invalid; use one of {', '.join(COMPENSATIONS)}")
+        if self.compensation_samples is not None and self.compensation_samples < 1:
+            raise GaqpruneError(f"--compensation_samples {self.compensation_samples} is invalid; give at least 1 "
+                                "window, or None to refit on the Taylor windows")
+        if self.compensation_seq_len < 2:
+            raise GaqpruneError(f"--compensation_seq_len {self.compensation_seq_len} is invalid; give at least 2 tokens")
+        if not (self.compensation_ridge >= 0 and math.isfinite(self.compensation_ridge)):
+            raise GaqpruneError(f"--compensation_ridge {self.compensation_ridge} is invalid; give a number >= 0, "
+                                "e.g. 1.0")
+        if self.channel_multiple is not None and self.channel_multiple < 1:
+            raise GaqpruneError(f"--channel_multiple {self.channel_multiple} is invalid; give a count >= 1 (1 = no "
+                                "alignment) or None")
+        if self.channel_multiple is not None and mlp_channels and self.channel_multiple >= mlp_channels:
+            raise GaqpruneError(f"--channel_multiple {self.channel_multiple} leaves no MLP channel prunable (the MLP "
+                                f"has {mlp_channels}); give a multiple below {mlp_channels}, e.g. 64, or 1 for no "
+                                "alignment")
+        if self.taylor_batch_size < 1:
+            raise GaqpruneError(f"--taylor_batch_size {self.taylor_batch_size} is invalid; give at least 1")
+        for flag, value in (("--max_seq_len", self.max_seq_len), ("--compensation_seq_len", self.compensation_seq_len)):
+            check_context(flag, value, context)
+        return self.layer_range(num_layers)
+
 
 @dataclass
 class RunSettings:
@@ -112,6 +198,14 @@ class RunSettings:
     seed: int = 42
     """Seed for sampling calibration windows (same seed + model + data = byte-identical plan)."""
 
+    def check(self) -> None:
+        """The run folder's name (a plain folder name) and the seed."""
+        name = self.save_ckpt_log_name
+        if not name or name in (".", "..") or Path(name).name != name:
+            raise GaqpruneError(f"--save_ckpt_log_name {name!r} is invalid; give a plain folder name (no '/', not '.' "
+                                "or '..')")
+        check_seed(self.seed)
+
 
 @dataclass
 class FinetuneSettings:
@@ -133,3 +227,72 @@ class FinetuneSettings:
     teacher_model: str | None = None
     """Teacher for --distill_weight > 0 (any --base_model form). Default: the dense model the pruned one came from
     (--base_model itself when pruning in the same run; the recorded source model of a saved pruned checkpoint)."""
+
+    def check(self) -> None:
+        """The fine-tune's own values (the LoRA ones are ``--model.*``: ``LitCausalLM.check_args``)."""
+        if self.finetune_samples < 1:
+            raise GaqpruneError(f"--finetune_samples {self.finetune_samples} must be at least 1")
+        if self.finetune_epochs < 1:
+            raise GaqpruneError(f"--finetune_epochs {self.finetune_epochs} must be at least 1")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise GaqpruneError(f"--distill_weight {self.distill_weight} must be in [0, 1] (0 = no distillation)")
+        if not self.distill_temperature > 0:
+            raise GaqpruneError(f"--distill_temperature {self.distill_temperature} must be > 0")
+        if self.teacher_model and self.distill_weight == 0:
+            raise GaqpruneError(f"--teacher_model {self.teacher_model!r} is only used with --distill_weight > 0")
+
+
+# ----------------------------------------------------------------------------------------------- the rules
+# Each rule is written once, here, with its one message; the command line, the Python API and the callbacks call
+# these methods before any model is loaded or any work is done.
+
+STRATEGIES = ("inverse", "proportional", "uniform")
+SPLITS = ("per_param", "same_rate", "mlp_only")
+COMPENSATIONS = ("residual", "lstsq", "none")
+IMPORTANCE_METHODS = ("removal", "activation", "block_influence")
+# Default layer range (None flags): skip the most important edge layers, like LLM-Pruner's 4..30 of 32.
+EDGE_START_FRACTION = 0.1
+EDGE_END_FRACTION = 0.07
+
+
+def check_context(flag: str, value: int, context: int | None) -> None:
+    """A window of ``value`` tokens (``flag``) must fit the model's context (``max_position_embeddings``)."""
+    if context and value > context:
+        raise GaqpruneError(f"{flag} {value} exceeds the model's context of {context} tokens")
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise GaqpruneError(f"--seed {seed} is invalid; give an integer in [0, 2**63)")
+
+
+def layer_span(start: int | None, end: int | None, num_layers: int, default_start: int = 0,
+               default_end: int | None = None) -> tuple[int, int]:
+    """``--layer_start`` / ``--layer_end`` as ``[start, end)``: None takes the default, a negative value counts from
+    the end; an empty or out-of-range span is refused."""
+    lo = default_start if start is None else start + num_layers if start < 0 else start
+    hi = (num_layers if default_end is None else default_end) if end is None else end + num_layers if end < 0 else end
+    if not 0 <= lo < hi <= num_layers:
+        raise GaqpruneError(
+            f"--layer_start {start} / --layer_end {end} give the layers [{lo}, {hi}), empty or outside the model's "
+            f"{num_layers} layers; need 0 <= layer_start < layer_end <= {num_layers}")
+    return lo, hi
+
+
+def check_ratio_bounds(ratio: float, min_rate: float, max_rate: float, whole_layers: bool = False) -> None:
+    """The target ratio and the per-layer rate bounds: each in range, and the ratio reachable with every
+    width-pruned layer's rate in [min_rate, max_rate] (or, with whole layers removed, at least min_rate)."""
+    if not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+        raise GaqpruneError(f"--pruning_ratio {ratio} is invalid; give a fraction in (0, 1), e.g. 0.25")
+    for flag, value in (("--min_pruning_rate", min_rate), ("--max_pruning_rate", max_rate)):
+        if not 0.0 <= value < 1.0:
+            raise GaqpruneError(f"{flag} {value} is invalid; give a rate in [0, 1)")
+    if min_rate > max_rate:
+        raise GaqpruneError(f"--min_pruning_rate {min_rate} is above --max_pruning_rate {max_rate}; need min <= max")
+    if whole_layers and ratio < min_rate - 1e-12:
+        raise GaqpruneError(f"--pruning_ratio {ratio} is below --min_pruning_rate {min_rate}; give a ratio >= the "
+                            "minimum rate")
+    if not whole_layers and not min_rate - 1e-12 <= ratio <= max_rate + 1e-12:
+        raise GaqpruneError(
+            f"--pruning_ratio {ratio} is not reachable with every layer's rate in [--min_pruning_rate {min_rate}, "
+            f"--max_pruning_rate {max_rate}]; give a ratio in that range or widen the bounds")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gaqprune.core.allocation import allocate_rates, positive_importance
-from gaqprune.core.plan import select_units, validate_prune_settings
+from gaqprune.core.plan import select_units
 from gaqprune.errors import GaqpruneError
 from gaqprune.settings import PruneSettings
 
@@ -112,16 +112,16 @@ def test_infeasible_refused(kwargs):
 ])
 def test_settings_refused_with_one_line(changes, flag):
     with pytest.raises(GaqpruneError) as err:
-        validate_prune_settings(PruneSettings(**changes), num_layers=4)
+        PruneSettings(**changes).check(num_layers=4)
     message = str(err.value)
     assert flag in message and "\n" not in message
 
 
 def test_default_layer_range():
-    assert validate_prune_settings(PruneSettings(), 30) == (3, 28)
-    assert validate_prune_settings(PruneSettings(), 32) == (3, 30)
-    assert validate_prune_settings(PruneSettings(), 4) == (0, 4)
-    assert validate_prune_settings(PruneSettings(layer_start=10, layer_end=-2), 30) == (10, 28)
+    assert PruneSettings().check(30) == (3, 28)
+    assert PruneSettings().check(32) == (3, 30)
+    assert PruneSettings().check(4) == (0, 4)
+    assert PruneSettings(layer_start=10, layer_end=-2).check(30) == (10, 28)
 
 
 @pytest.mark.parametrize("split", ["per_param", "same_rate", "mlp_only"])

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from test_reliability import ARGS, corpus
+from helpers import ARGS, corpus, tiny_llama
 
 import gaqprune
-from gaqprune.cli.app import run
+from gaqprune.cli.main import run
 
 SETTINGS = {"importance_samples": 4, "importance_seq_len": 32, "num_examples": 4, "max_seq_len": 32,
             "pruning_ratio": 0.3, "min_pruning_rate": 0.1, "layer_start": 0, "layer_end": 4}
@@ -98,7 +98,6 @@ def test_api_refuses_what_it_cannot_prune(tiny_model_dir):
 
 
 def test_embedded_model_is_recorded_by_its_source(embedded_tokenizer):
-    from conftest import tiny_llama
 
     from gaqprune.models.load import EMBEDDED_SOURCE
     from gaqprune.models.pruned import build_config
@@ -135,7 +134,6 @@ def test_api_refuses_bad_settings_before_any_work(tiny_model_dir):
 def test_api_arguments_of_the_wrong_kind_are_named(tiny_model_dir, tmp_path):
     # were TypeErrors from deep inside, AttributeErrors, or (tokenizer=None) a perplexity with the embedded model's
     # tokenizer: a wrong number for any other model
-    from conftest import tiny_llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

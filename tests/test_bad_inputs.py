@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import cli_command, tiny_llama_config
 
-from gaqprune.cli.app import run
+from gaqprune.cli.main import run
 
 RUN = "bad"
 SMALL = ["--importance_samples", "2", "--importance_seq_len", "32", "--num_examples", "2", "--max_seq_len", "32",
@@ -24,7 +25,7 @@ def text_file(tmp_path) -> Path:
 
 
 def importance_json(path: Path, num_layers: int = 4, fingerprint: str = "0" * 16) -> Path:
-    from gaqprune.core.importance import importance_record, save_importance
+    from gaqprune.run.records import importance_record, save_importance
 
     meta = {"base_model": "other", "model_fingerprint": fingerprint, "num_layers": num_layers, "method": "removal",
             "samples": 2, "seq_len": 32, "data_source": "x", "layer_start": 0, "layer_end": num_layers, "seed": 42,
@@ -44,7 +45,6 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
     data = ["--data.source", str(text)]
     gelu = tmp / "gelu"  # config and tokenizer only: --save_gguf must refuse it before any weight is loaded
     if not gelu.exists():
-        from conftest import tiny_llama_config
         from transformers import AutoTokenizer
 
         tiny_llama_config(vocab_size=49152, hidden_act="gelu").save_pretrained(gelu)
@@ -283,13 +283,13 @@ def test_unwritable_output_dir_is_refused_before_any_work(tmp_path, monkeypatch,
     # found at the first write, after the layer importance (prune) or the whole fine-tune (fit), with a traceback
     import os
 
-    from gaqprune.run import stages as pipeline
+    from gaqprune.run import rundir
 
     monkeypatch.chdir(tmp_path)
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(pipeline.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    monkeypatch.setattr(rundir.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
     code, err = run_prune(["--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file),
                            "--output_dir", str(locked / "runs")], capsys)
     assert code == 2 and f"cannot write to {str(locked)!r}" in err and "Traceback" not in err
@@ -299,15 +299,14 @@ def test_unwritable_output_dir_is_refused_before_any_work(tmp_path, monkeypatch,
 def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, monkeypatch, capsys, tiny_model_dir, text_file):
     # two runs of one name at once interleaved their files, and the later one's results silently replaced the other's
     import subprocess
-    import sys
 
-    from gaqprune.run.stages import hold_run_dir
+    from gaqprune.run.rundir import RunDir
     from gaqprune.settings import RunSettings
 
     monkeypatch.chdir(tmp_path)
-    held = hold_run_dir(RunSettings(save_ckpt_log_name=RUN))  # as a running job would
+    held = RunDir(RunSettings(save_ckpt_log_name=RUN)).hold()  # as a running job would
     args = ["--base_model", str(tiny_model_dir), *SMALL, "--data.source", str(text_file)]
-    r = subprocess.run([sys.executable, "-m", "gaqprune.cli", "prune", *args], cwd=tmp_path, capture_output=True,
+    r = subprocess.run(cli_command("prune", *args), cwd=tmp_path, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 2 and "is in use by another gaqprune run" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "prune_log").exists()  # refused without a trace
@@ -321,26 +320,26 @@ def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, monkeypatch, ca
 def test_only_the_launching_process_claims_the_run_folder(monkeypatch, tmp_path):
     # the ranks Lightning's DDP launcher starts carry LOCAL_RANK only; under `srun --pty bash` they also inherit
     # SLURM_PROCID=0, which made rank 1 claim (and fail on) the folder rank 0 held
-    from gaqprune.run import stages as pipeline
+    from gaqprune.run import rundir
 
     for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
         monkeypatch.delenv(var, raising=False)
-    assert pipeline._launch_rank_is_zero()
+    assert rundir.launch_rank_is_zero()
     monkeypatch.setenv("SLURM_PROCID", "0")
-    assert pipeline._launch_rank_is_zero()
+    assert rundir.launch_rank_is_zero()
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert not pipeline._launch_rank_is_zero()
+    assert not rundir.launch_rank_is_zero()
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("RANK", "3")
-    assert not pipeline._launch_rank_is_zero()
+    assert not rundir.launch_rank_is_zero()
     # an unusable temp folder (another user's, read-only) costs the guard, not the run
     from gaqprune.settings import RunSettings
 
     monkeypatch.setenv("RANK", "0")
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
-    monkeypatch.setattr(pipeline.tempfile, "gettempdir", lambda: str(blocker))
-    assert pipeline.hold_run_dir(RunSettings(save_ckpt_log_name="x", output_dir=str(tmp_path))) is None
+    monkeypatch.setattr(rundir.tempfile, "gettempdir", lambda: str(blocker))
+    assert rundir.RunDir(RunSettings(save_ckpt_log_name="x", output_dir=str(tmp_path))).hold() is None
 
 
 def test_own_model_checkpoint_subclasses_are_recognised():
@@ -348,7 +347,7 @@ def test_own_model_checkpoint_subclasses_are_recognised():
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from gaqprune.cli.app import _configures_checkpoints
+    from gaqprune.cli.launch import _configures_checkpoints
 
     class Mine(ModelCheckpoint):
         pass
@@ -456,7 +455,7 @@ def test_pruning_flags_without_prune_in_fit_are_refused(tmp_path, monkeypatch, c
 
 
 def test_checkpoint_forms_lightning_resolves_itself_pass(tmp_path):
-    from gaqprune.cli.app import check_ckpt_path
+    from gaqprune.train.job import check_ckpt_path
 
     for ckpt in ("last", "best", "hpc", "registry", "registry:model:latest", "REGISTRY", "s3://bucket/x.ckpt",
                  str(tmp_path)):  # a folder: a sharded FSDP / DeepSpeed checkpoint
@@ -487,7 +486,7 @@ def test_an_unfinished_runs_leftovers_do_not_stay_beside_a_new_run(tmp_path, mon
 
 
 def test_guide_switches_work_without_a_value():
-    from gaqprune.cli.app import expand_bare_flags
+    from gaqprune.cli.main import expand_bare_flags
 
     args = ["prune", "--save_model", "--test_after_prune", "--pruning_ratio", "0.25", "--finetune",
             "--skip_importance_analysis", "--importance_config", "x.json", "--overwrite", "false", "--finetune"]
@@ -543,7 +542,7 @@ def test_prune_finetune_under_an_external_launcher_is_refused(tmp_path, monkeypa
 
 
 def test_parser_type_errors_become_one_line_with_what_is_accepted():
-    from gaqprune.cli.app import one_line
+    from gaqprune.cli.main import one_line
 
     union = ('Parser key "save_gguf": Does not validate against any of the Union subtypes\nSubtypes: '
              "[typing.Literal['f32', 'f16'], typing.Literal['f16', 'q8_0'], <class 'NoneType'>]\nErrors:\n  - Expected a "

@@ -118,6 +118,7 @@ with torch.no_grad():
 def test_finetuned_checkpoint_and_its_adapter_load_without_gaqprune(tmp_path):
     """A fine-tune's outputs: model_finetuned/ (merged) without gaqprune or peft; lora_adapter/ with peft added, on
     the pruned model the run saved, reproducing the merged model."""
+    from gaqprune.run.rundir import RunDir
     from gaqprune.train.lora import export_finetuned
 
     model = pruned("llama")
@@ -126,7 +127,7 @@ def test_finetuned_checkpoint_and_its_adapter_load_without_gaqprune(tmp_path):
     lit = _Lit(_with_lora(model), str(base))
     with torch.no_grad():
         adapted = model(ids).logits
-    paths = export_finetuned(lit, None, tmp_path / "run", adapter_base=base, progress=False)
+    paths = export_finetuned(lit, None, RunDir.at(tmp_path / "run"), adapter_base=base, progress=False)
     with torch.no_grad():
         merged = model(ids).logits
     torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
@@ -205,7 +206,8 @@ def test_shipped_remote_code_needs_only_torch_and_transformers():
 FINGERPRINT = """
 import json, sys
 import gaqprune
-from gaqprune.core.importance import load_importance, model_fingerprint
+from gaqprune.core.importance import model_fingerprint
+from gaqprune.run.records import load_importance
 model = gaqprune.load_model(sys.argv[1])
 scores = load_importance(sys.argv[2], {"model_fingerprint": model_fingerprint(model), "num_layers": 4,
                                        "layer_start": 0, "layer_end": 4})
@@ -219,8 +221,9 @@ def test_importance_record_is_reused_from_another_folder_and_process(tmp_path, t
     import shutil
     import subprocess
 
-    from gaqprune.core.importance import importance_record, model_fingerprint, save_importance
+    from gaqprune.core.importance import model_fingerprint
     from gaqprune.models.load import load_model
+    from gaqprune.run.records import importance_record, save_importance
 
     model = load_model(str(tiny_model_dir))
     meta = {"base_model": str(tiny_model_dir), "model_fingerprint": model_fingerprint(model), "num_layers": 4,

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from helpers import cli, tiny_llama
 
 from gaqprune.core import surgery, units
 from gaqprune.core.metrics import causal_losses, causal_nll
@@ -118,16 +116,11 @@ def test_lit_module_mixes_the_two_losses(tiny_model_dir, tmp_path, random_window
     assert lit._teacher is None
 
 
-def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "gaqprune.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
-
-
 def test_fit_with_distillation_from_a_pruned_checkpoint(tiny_model_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ckpt = pruned_checkpoint(tiny_model_dir, tmp_path / "pruned")
-    r = _cli("fit", "--base_model", str(ckpt), "--distill_weight", "0.5", "--data.max_seq_len", "32",
+    r = cli("fit", "--base_model", str(ckpt), "--distill_weight", "0.5", "--data.max_seq_len", "32",
              "--data.max_eval_windows", "4", "--data.batch_size", "4", "--finetune_samples", "16",
              "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1", "--trainer.max_steps", "3",
              "--save_ckpt_log_name", "kd", "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path)
@@ -148,7 +141,7 @@ def test_fit_with_distillation_from_a_pruned_checkpoint(tiny_model_dir, tmp_path
      "--teacher_model '/nonexistent/teacher' cannot be used as the distillation teacher"),
 ])
 def test_bad_distillation_flags_fail_in_one_line(tiny_model_dir, tmp_path, args, message):
-    r = _cli("fit", "--base_model", str(tiny_model_dir), *args, "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path)
+    r = cli("fit", "--base_model", str(tiny_model_dir), *args, "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path)
     assert r.returncode != 0
     assert message in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "prune_log").exists()

@@ -30,7 +30,7 @@ def test_fit_logs_every_10_steps_by_default(capsys):
     # Lightning's default of 50 logs no training loss at all in a fit shorter than that (the README's 40 steps)
     import yaml
 
-    from gaqprune.cli.app import run
+    from gaqprune.cli.main import run
 
     with pytest.raises(SystemExit):
         run(["fit", "--print_config"])
@@ -42,7 +42,7 @@ def test_every_shipped_config_parses(config, capsys):
     """Each scenario YAML is a valid `gaqprune prune` config (unknown or mistyped keys would fail here)."""
     import yaml
 
-    from gaqprune.cli.app import run
+    from gaqprune.cli.main import run
 
     with pytest.raises(SystemExit) as done:
         run(["prune", "--config", str(REPO / "configs" / config), "--print_config"])

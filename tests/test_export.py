@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import spread, tiny_llama, tiny_llama_config
+from helpers import HEAD_DIM, keep_rows, prune, settings, tied_tiny, tiny_llama, tiny_mistral, tokens
 from torch import nn
 
 from gaqprune.core.units import layer_shapes
@@ -18,7 +18,6 @@ from gaqprune.errors import GaqpruneError
 from gaqprune.models import pruned as export
 from gaqprune.models.remote_code.configuration_gaqprune_llama import GaqpruneLlamaConfig
 
-HEAD_DIM = 8  # tiny_llama: hidden 64 / 8 query heads
 PRUNED_SHAPES = [
     {"num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 128},
     {"num_attention_heads": 4, "num_key_value_heads": 1, "intermediate_size": 128},
@@ -26,45 +25,14 @@ PRUNED_SHAPES = [
 ]
 
 
-def _keep_rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None, dtype=linear.weight.dtype)
-    new.weight.data = linear.weight.data[index].clone()
-    return new
 
 
-def _keep_cols(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None, dtype=linear.weight.dtype)
-    new.weight.data = linear.weight.data[:, index].clone()
-    return new
 
 
-def prune(model):
-    """Layer 1 keeps KV group 1 of 2 (its 4 query heads), layer 2 keeps 96 of 128 MLP channels, layer 3 goes."""
-    attn = model.model.layers[1].self_attn
-    q_rows = torch.arange(4 * HEAD_DIM, 8 * HEAD_DIM)
-    kv_rows = torch.arange(HEAD_DIM, 2 * HEAD_DIM)
-    attn.q_proj, attn.o_proj = _keep_rows(attn.q_proj, q_rows), _keep_cols(attn.o_proj, q_rows)
-    attn.k_proj, attn.v_proj = _keep_rows(attn.k_proj, kv_rows), _keep_rows(attn.v_proj, kv_rows)
-    mlp = model.model.layers[2].mlp
-    channels = torch.arange(16, 112)
-    mlp.gate_proj, mlp.up_proj = _keep_rows(mlp.gate_proj, channels), _keep_rows(mlp.up_proj, channels)
-    mlp.down_proj = _keep_cols(mlp.down_proj, channels)
-    del model.model.layers[3]
-    model.config.num_hidden_layers = 3
-    return model
 
 
-def tied_tiny(seed: int = 0):
-    from transformers import LlamaForCausalLM
-
-    config = tiny_llama_config()
-    config.tie_word_embeddings = True
-    torch.manual_seed(seed)
-    return spread(LlamaForCausalLM(config))
 
 
-def tokens(batch: int = 2, length: int = 12) -> torch.Tensor:
-    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
 @torch.no_grad()
@@ -379,18 +347,6 @@ def test_load_tokenizer_of_pruned_checkpoint_never_prompts(tmp_path, monkeypatch
     assert tokenizer("GQA groups")["input_ids"] == embedded_tokenizer("GQA groups")["input_ids"]
 
 
-def tiny_mistral(sliding_window: int | None):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    config = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=8, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
-                           sliding_window=sliding_window, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    model = MistralForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model.eval()
 
 
 MISTRAL_RELOAD = """
@@ -453,7 +409,7 @@ def test_stock_peft_finds_default_lora_targets_on_a_pruned_checkpoint(tmp_path):
 def test_inconsistent_or_unmerged_models_are_refused(tmp_path):
     model = tiny_llama()
     attn = model.model.layers[0].self_attn
-    attn.q_proj = _keep_rows(attn.q_proj, torch.arange(4 * HEAD_DIM))  # o_proj left full width
+    attn.q_proj = keep_rows(attn.q_proj, torch.arange(4 * HEAD_DIM))  # o_proj left full width
     with pytest.raises(GaqpruneError, match="layer 0 has inconsistent shapes"):
         export.save_pretrained_model(model, None, tmp_path / "bad")
     biased = tiny_llama()
@@ -471,7 +427,6 @@ def test_inconsistent_or_unmerged_models_are_refused(tmp_path):
 def test_repruned_checkpoint_config_follows_its_layers(tmp_path):
     # A loaded pruned checkpoint pruned again: its per-layer config must describe the new layers (a static cache
     # sized from the config, HF's save_pretrained), not the ones it was loaded with.
-    from test_surgery import settings
 
     from gaqprune.core.plan import apply_plan, build_plan
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli, cli_command, gguf_forward
 
 from gaqprune.train.module import LitCausalLM
 
@@ -52,6 +52,7 @@ def test_only_lora_weights_get_gradients_and_loss_falls(tiny_model_dir):
 
 def test_merged_export_reloads_bit_identically(tiny_model_dir, tmp_path, embedded_tokenizer):
     from gaqprune.models.load import load_model
+    from gaqprune.run.rundir import RunDir
     from gaqprune.train.lora import export_finetuned
 
     lit = lora_module(tiny_model_dir)
@@ -63,7 +64,7 @@ def test_merged_export_reloads_bit_identically(tiny_model_dir, tmp_path, embedde
     ids = torch.randint(3, 5000, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = lit.model(ids).logits
-    paths = export_finetuned(lit, embedded_tokenizer, tmp_path)
+    paths = export_finetuned(lit, embedded_tokenizer, RunDir.at(tmp_path))
     assert (Path(paths["adapter"]) / "adapter_model.safetensors").is_file()
     with torch.no_grad():
         merged = lit.model(ids).logits
@@ -80,11 +81,6 @@ def test_merged_export_reloads_bit_identically(tiny_model_dir, tmp_path, embedde
     with torch.no_grad():
         peft_logits = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), paths["adapter"])(ids).logits
     assert (peft_logits - before).abs().max() < 1e-5 < (peft_logits - load_model(str(tiny_model_dir))(ids).logits).abs().max()
-
-
-def _fit(*args, cwd, env=None, timeout=900):
-    cmd = [sys.executable, "-m", "gaqprune.cli", "fit", *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 FIT_ARGS = ["--data.max_seq_len", "32", "--data.max_eval_windows", "4", "--data.batch_size", "4",
@@ -108,7 +104,7 @@ def plot_size(path: Path) -> tuple[int, int]:
 def dense_val_ppl(model_dir) -> float:
     """The perplexity of the saved model on FIT_ARGS' validation windows, measured in this process."""
     from gaqprune.core.metrics import perplexity
-    from gaqprune.data.text import LMDataModule
+    from gaqprune.data.datamodule import LMDataModule
     from gaqprune.models.load import load_model
 
     data = LMDataModule(tokenizer=str(model_dir), max_seq_len=32, max_eval_windows=4)
@@ -116,7 +112,7 @@ def dense_val_ppl(model_dir) -> float:
 
 
 def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
-    r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "2", "--save_ckpt_log_name", "a",
+    r = cli("fit", "--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "2", "--save_ckpt_log_name", "a",
              "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = next(tmp_path.rglob("*.ckpt"))
@@ -134,7 +130,7 @@ def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
     assert curve[1][1] == pytest.approx(fit_metrics["val_ppl"], rel=1e-6)
     assert fit_metrics["val_ppl_start"] == pytest.approx(dense_val_ppl(tiny_model_dir), rel=1e-5)
     assert plot_size(tmp_path / "prune_log" / "a" / "fit_curves.png")[0] > 600  # loss and perplexity side by side
-    r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "4", "--save_ckpt_log_name", "b",
+    r = cli("fit", "--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "4", "--save_ckpt_log_name", "b",
              "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt), "--save_gguf", "f16",
              "--trainer.val_check_interval", "2", cwd=tmp_path)  # (checkpoints then save when a validation ends)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -148,9 +144,9 @@ def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
     assert history[-1] == (4, pytest.approx(fit_metrics["val_ppl"], rel=1e-6)), history
     assert (tmp_path / "prune_log" / "b" / "model_finetuned.gguf").stat().st_size > 6_000_000 * 2  # f16 weights
     # validating the fit's checkpoint measures the adapters it holds (not the base model without them)
-    r = subprocess.run([sys.executable, "-m", "gaqprune.cli", "validate", "--base_model", str(tiny_model_dir),
+    r = subprocess.run(cli_command("validate", "--base_model", str(tiny_model_dir),
                         "--data.max_seq_len", "32", "--data.max_eval_windows", "4", "--ckpt_path", str(resumed[-1]),
-                        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)],
+                        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)),
                        cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     validated = float(next(line.split("│")[2] for line in r.stdout.splitlines() if "val_ppl" in line))
@@ -161,7 +157,7 @@ def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
     wrong = torch.load(ckpt, weights_only=False)
     wrong["gaqprune_layer_shapes"][1]["intermediate_size"] = 64
     torch.save(wrong, tmp_path / "wrong.ckpt")
-    r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "4", "--save_ckpt_log_name", "c",
+    r = cli("fit", "--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "4", "--save_ckpt_log_name", "c",
              "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(tmp_path / "wrong.ckpt"), cwd=tmp_path)
     errors = [line for line in r.stderr.splitlines() if line.startswith("gaqprune: error:")]
     assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
@@ -173,7 +169,7 @@ def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
 def test_ddp_two_ranks_prune_identically_and_train(tiny_model_dir, tmp_path):
     probe = tmp_path / "probe"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--prune", "true", "--pruning_ratio", "0.3",
+    r = cli("fit", "--base_model", str(tiny_model_dir), *FIT_ARGS, "--prune", "true", "--pruning_ratio", "0.3",
              "--importance_samples", "4", "--importance_seq_len", "32", "--num_examples", "4", "--max_seq_len", "32",
              "--min_pruning_rate", "0.1", "--distill_weight", "0.5",  # each rank also loads the dense teacher
              "--save_model", "true",  # rank 0 saves the pruned model the adapters fit
@@ -212,13 +208,13 @@ def test_ddp_prune_then_finetune_prunes_once(tiny_model_dir, tmp_path):
     model to rank 0's plan instead of running the analysis again, writes nothing, and trains in step."""
     probe = tmp_path / "probe"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "gaqprune.cli", "prune", "--base_model", str(tiny_model_dir), *FIT_ARGS,
+    cmd = cli_command("prune", "--base_model", str(tiny_model_dir), *FIT_ARGS,
            "--pruning_ratio", "0.3", "--importance_samples", "4", "--importance_seq_len", "32", "--num_examples", "4",
            "--max_seq_len", "32", "--compensation_samples", "4", "--min_pruning_rate", "0.1", "--save_model", "true",
            "--test_after_prune", "true", "--finetune", "true", "--trainer.strategy", "ddp", "--trainer.devices", "2",
            "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--save_ckpt_log_name", "pf",
            "--trainer.default_root_dir", str(tmp_path),
-           "--trainer.callbacks+=tests.ddp_probe.ShapeProbe", f"--trainer.callbacks.out_dir={probe}"]
+           "--trainer.callbacks+=tests.ddp_probe.ShapeProbe", f"--trainer.callbacks.out_dir={probe}")
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "reusing layer importance" not in r.stderr  # rank 1 used to run the whole pipeline again
@@ -259,7 +255,7 @@ def test_instruction_data_masks_the_prompt(tmp_path, embedded_tokenizer):
 
 
 def test_fit_on_instruction_data(tiny_model_dir, tmp_path):
-    r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--data.max_seq_len", "96",
+    r = cli("fit", "--base_model", str(tiny_model_dir), *FIT_ARGS, "--data.max_seq_len", "96",
              "--data.instruction_data", str(alpaca_file(tmp_path)), "--trainer.max_steps", "2", "--save_ckpt_log_name", "i",
              "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -270,7 +266,7 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
     """The guide's workflow, its switches written bare: prune ... --finetune --finetune_method lora ..."""
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"Item {i}: the bridge over the river was rebuilt in stone." for i in range(800)))
-    cmd = [sys.executable, "-m", "gaqprune.cli", "prune", "--base_model", str(tiny_model_dir), "--data.source", str(text),
+    cmd = cli_command("prune", "--base_model", str(tiny_model_dir), "--data.source", str(text),
            "--save_ckpt_log_name", "one", "--importance_samples", "4", "--importance_seq_len", "32", "--num_examples", "4",
            "--max_seq_len", "32", "--pruning_ratio", "0.3", "--min_pruning_rate", "0.1", "--data.max_seq_len", "32",
            "--data.max_eval_windows", "4", "--save_model", "--save_gguf", "f32", "--test_after_prune", "--finetune",
@@ -278,7 +274,7 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
            "--finetune_samples", "16", "--finetune_epochs", "1", "--trainer.enable_progress_bar", "false",
            "--distill_weight", "0.3", "--trainer.log_every_n_steps", "1",  # the teacher: the model before pruning
            "--model.lora_dropout", "0.3",  # must be off when the fine-tuned model is evaluated
-           "--trainer.default_root_dir", str(tmp_path)]
+           "--trainer.default_root_dir", str(tmp_path))
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -305,7 +301,6 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
     assert (run_dir / "lora_adapter" / "adapter_model.safetensors").is_file()
     # The GGUF files carry the pruned per-layer shapes; the fine-tuned one reproduces the merged model's logits.
     import gguf
-    from test_gguf import gguf_forward
 
     from gaqprune.core.units import layer_shapes
     from gaqprune.models.pruned import load_pruned
@@ -337,7 +332,7 @@ def test_single_command_prune_then_lora(tiny_model_dir, tmp_path):
 
 def test_prune_finetune_honours_trainer_max_epochs(tiny_model_dir, tmp_path, monkeypatch):
     # --finetune_epochs (3) replaced an explicit --trainer.max_epochs 1
-    from gaqprune.cli.app import run
+    from gaqprune.cli.main import run
 
     monkeypatch.chdir(tmp_path)
     text = tmp_path / "corpus.txt"
@@ -371,19 +366,19 @@ def test_terminated_fit_resumes_with_ckpt_path_last_and_reports_the_whole_fit(ti
     args = ["--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "6", "--save_ckpt_log_name", "r",
             "--trainer.default_root_dir", str(tmp_path)]
     run = tmp_path / "prune_log" / "r"
-    r = _fit(*args, "--trainer.callbacks+=interrupt.SigtermAt", "--trainer.callbacks.step", "2", cwd=tmp_path, env=env)
+    r = cli("fit", *args, "--trainer.callbacks+=interrupt.SigtermAt", "--trainer.callbacks.step", "2", cwd=tmp_path, env=env)
     assert r.returncode == 143, r.stderr[-3000:]
     assert "terminated (SIGTERM)" in r.stderr
     last = run / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 2 and not (run / "fit_metrics.json").exists()
     start = torch.load(last, weights_only=False)["gaqprune_history"]["val_ppl_start"]
     # starting over would overwrite the unfinished fit's checkpoint: asked for, not done
-    r = _fit(*args, cwd=tmp_path, env=env)
+    r = cli("fit", *args, cwd=tmp_path, env=env)
     assert r.returncode == 2 and "unfinished fine-tune; resume it with --ckpt_path last" in r.stderr, r.stderr[-2000:]
-    r = _fit(*args, "--save_ckpt_log_name", "other", "--ckpt_path", "last", cwd=tmp_path, env=env)
+    r = cli("fit", *args, "--save_ckpt_log_name", "other", "--ckpt_path", "last", cwd=tmp_path, env=env)
     # (nothing to resume under that name: said, not a silent fresh start at step 0)
     assert r.returncode == 2 and "--ckpt_path last: no checkpoint to resume" in r.stderr, r.stderr[-2000:]
-    r = _fit(*args, "--ckpt_path", "last", cwd=tmp_path, env=env)
+    r = cli("fit", *args, "--ckpt_path", "last", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     fit_metrics = json.loads((run / "fit_metrics.json").read_text())
     assert fit_metrics["steps"] == 6 and fit_metrics["val_ppl_start"] == pytest.approx(start, rel=1e-12)
@@ -398,10 +393,10 @@ def test_a_fit_that_fails_before_training_leaves_nothing_to_resume(tiny_model_di
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     args = ["--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "2", "--save_ckpt_log_name", "f",
             "--trainer.default_root_dir", str(tmp_path)]
-    r = _fit(*args, "--trainer.callbacks+=interrupt.FailAtStart", cwd=tmp_path, env=env)
+    r = cli("fit", *args, "--trainer.callbacks+=interrupt.FailAtStart", cwd=tmp_path, env=env)
     assert r.returncode != 0 and "simulated failure before training" in r.stderr
     assert not list((tmp_path / "prune_log").rglob("*.ckpt"))
-    r = _fit(*args, cwd=tmp_path, env=env)
+    r = cli("fit", *args, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -409,10 +404,10 @@ def test_terminated_prune_finetune_resumes_its_fine_tune_when_run_again(tiny_mod
     # The README's promise for a killed run, "resumed by running it again", held for the layer importance only: the
     # fine-tune started over at step 0. The rerun prunes to the same plan and continues from checkpoints/last.ckpt.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "gaqprune.cli", "prune", "--base_model", str(tiny_model_dir), *FIT_ARGS,
+    cmd = cli_command("prune", "--base_model", str(tiny_model_dir), *FIT_ARGS,
            "--pruning_ratio", "0.3", "--importance_samples", "4", "--importance_seq_len", "32", "--num_examples", "4",
            "--max_seq_len", "32", "--compensation_samples", "4", "--min_pruning_rate", "0.1", "--finetune", "true",
-           "--trainer.max_steps", "6", "--save_ckpt_log_name", "pf", "--trainer.default_root_dir", str(tmp_path)]
+           "--trainer.max_steps", "6", "--save_ckpt_log_name", "pf", "--trainer.default_root_dir", str(tmp_path))
     run = tmp_path / "prune_log" / "pf"
     r = subprocess.run([*cmd, "--trainer.callbacks+=interrupt.SigtermAt", "--trainer.callbacks.step", "3"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=900, env=env)
@@ -427,9 +422,9 @@ def test_terminated_prune_finetune_resumes_its_fine_tune_when_run_again(tiny_mod
     # another plan cannot resume that fine-tune: said before any training, and --overwrite true starts over
     import shutil
 
-    from gaqprune.run.stages import FINISHED
+    from gaqprune.run.rundir import RunDir
 
-    for name in FINISHED:  # back to an unfinished run (its checkpoint only)
+    for name in RunDir.FINISHED:  # back to an unfinished run (its checkpoint only)
         shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink(missing_ok=True)
     # (8 Taylor windows instead of 4: the same rates and layer shapes, other kept channels)
     r = subprocess.run([*cmd, "--num_examples", "8"], cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
@@ -440,7 +435,7 @@ def test_terminated_prune_finetune_resumes_its_fine_tune_when_run_again(tiny_mod
 def test_ctrl_c_during_a_fit_exits_130_with_a_checkpoint(tiny_model_dir, tmp_path):
     # Lightning turns a fit's KeyboardInterrupt into exit status 1, indistinguishable from a crash
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "6", "--save_ckpt_log_name", "i",
+    r = cli("fit", "--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "6", "--save_ckpt_log_name", "i",
              "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks+=interrupt.SigintAt",
              "--trainer.callbacks.step", "2", cwd=tmp_path, env=env)
     assert r.returncode == 130 and "gaqprune: interrupted" in r.stderr, r.stderr[-3000:]
@@ -451,7 +446,7 @@ def test_ctrl_c_during_a_fit_exits_130_with_a_checkpoint(tiny_model_dir, tmp_pat
 def test_an_error_on_one_ddp_rank_ends_the_fit_instead_of_hanging_it(tiny_model_dir, tmp_path):
     # saving a checkpoint on an exception is a collective: with one rank failing alone, the others waited in it forever
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    r = _fit("--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "6", "--save_ckpt_log_name", "d",
+    r = cli("fit", "--base_model", str(tiny_model_dir), *FIT_ARGS, "--trainer.max_steps", "6", "--save_ckpt_log_name", "d",
              "--trainer.default_root_dir", str(tmp_path), "--trainer.strategy", "ddp", "--trainer.devices", "2",
              "--trainer.accelerator", "cpu", "--trainer.callbacks+=interrupt.FailOnRank", cwd=tmp_path, env=env,
              timeout=240)

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import cli
 
 from gaqprune.core.metrics import Perplexity, causal_nll, perplexity
-from gaqprune.data.text import LMDataModule, make_windows, sample_windows, token_streams
+from gaqprune.data.datamodule import LMDataModule
+from gaqprune.data.text import make_windows, sample_windows, token_streams
 from gaqprune.errors import GaqpruneError
 from gaqprune.models.load import embedded_gguf_path, load_model, resolve_dtype
-
-
-def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gaqprune.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
 
 
 # -- windowing --------------------------------------------------------------------------------
@@ -125,7 +120,7 @@ def test_a_large_hub_dataset_is_a_fixed_draw_and_its_test_split_is_evaluated_who
 def test_padded_eval_sampler_counts_every_window_once():
     from torch.utils.data import DataLoader
 
-    from gaqprune.data.text import EvalWindows, PaddedEvalSampler
+    from gaqprune.data.datamodule import EvalWindows, PaddedEvalSampler
 
     windows = torch.arange(5 * 4).reshape(5, 4)
     data = EvalWindows(windows)
@@ -207,7 +202,7 @@ def test_missing_and_non_llama_models_are_refused(tmp_path):
 # -- CLI --------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_validate_cli_matches_plain_transformers_loop(tmp_path):
-    from gaqprune.cli.app import run
+    from gaqprune.cli.main import run
 
     cli = run(["validate", "--data.max_eval_windows", "24", "--trainer.logger", "false",
                "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
@@ -229,7 +224,7 @@ def test_validate_cli_matches_plain_transformers_loop(tmp_path):
 def test_validate_cli_on_local_text_file(tmp_path, tiny_model_dir):
     f = tmp_path / "notes.txt"
     f.write_text("The quick brown fox jumps over the lazy dog. " * 200)
-    r = run_cli("validate", "--base_model", str(tiny_model_dir), "--data.source", str(f), "--data.max_seq_len", "64",
+    r = cli("validate", "--base_model", str(tiny_model_dir), "--data.source", str(f), "--data.max_seq_len", "64",
                 "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "val_ppl" in r.stdout
@@ -238,12 +233,12 @@ def test_validate_cli_on_local_text_file(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_validate_under_ddp_counts_each_window_once(tmp_path, tiny_model_dir):
     # 3 windows on 2 ranks: the sampler pads rank 1 with a copy of window 0, which must not count
-    from gaqprune.data.text import LMDataModule as DM
+    from gaqprune.data.datamodule import LMDataModule as DM
 
     args = ["validate", "--base_model", str(tiny_model_dir), "--data.max_eval_windows", "3", "--data.max_seq_len", "32",
             "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
-    r = run_cli(*args, cwd=tmp_path)
+    r = cli(*args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     ppl_ddp = float(re.search(r"val_ppl\W+([0-9.]+)", r.stdout).group(1))
     windows = DM(tokenizer=str(tiny_model_dir), max_seq_len=32, max_eval_windows=3).eval_windows()
@@ -269,7 +264,7 @@ def test_cli_bad_inputs_fail_in_one_line(tmp_path, tiny_model_dir, case):
         GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "g")
         args += ["--base_model", str(tmp_path / "g")]
         expect = "gaqprune prunes Llama-family"
-    r = run_cli(*args, cwd=tmp_path)
+    r = cli(*args, cwd=tmp_path)
     assert r.returncode == 2
     errors = [line for line in r.stderr.splitlines() if line.startswith("gaqprune: error:")]
     assert len(errors) == 1 and expect in errors[0]

@@ -14,9 +14,19 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
-from test_export import _keep_cols, _keep_rows, prune, tied_tiny, tokens
-from test_qwen import pruned_qwen
+from helpers import (
+    gguf_forward,
+    keep_cols,
+    keep_rows,
+    prune,
+    pruned_qwen,
+    read,
+    tied_tiny,
+    tiny_llama,
+    tiny_llama_config,
+    tokens,
+    weight,
+)
 
 from gaqprune.core.units import layer_shapes
 from gaqprune.errors import GaqpruneError
@@ -27,70 +37,16 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
-def read(path):
-    reader = gguf.GGUFReader(path)
-    fields = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
-    tensors = {t.name: t for t in reader.tensors}
-    return fields, tensors
 
 
-def weight(tensors, name: str) -> torch.Tensor:
-    t = tensors[name]
-    data = gguf.quants.dequantize(t.data, t.tensor_type)
-    return torch.from_numpy(np.array(data, dtype=np.float32)).reshape(*reversed([int(n) for n in t.shape]))
 
 
-def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def rope_pairs(x: torch.Tensor, base: float, factors: torch.Tensor | None) -> torch.Tensor:
-    """llama.cpp's 'normal' rotary: consecutive pairs (x[2i], x[2i+1]) rotate by pos * base^(-2i/d) / factor[i]."""
-    seq, d = x.shape[-2], x.shape[-1]
-    freq = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    if factors is not None:
-        freq = freq / factors.double()
-    angle = torch.arange(seq, dtype=torch.float64)[:, None] * freq[None]
-    cos, sin = angle.cos().float(), angle.sin().float()
-    x0, x1 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
 
 
-def _project(tensors, h: torch.Tensor, name: str, heads: int, head_dim: int) -> torch.Tensor:
-    """``[B, heads, T, head_dim]`` of one projection, with its optional bias (Qwen2's q/k/v)."""
-    out = h @ weight(tensors, f"{name}.weight").T
-    if f"{name}.bias" in tensors:
-        out = out + weight(tensors, f"{name}.bias")
-    return out.view(*h.shape[:2], heads, head_dim).transpose(1, 2)
 
 
-@torch.no_grad()
-def gguf_forward(path, ids: torch.Tensor) -> torch.Tensor:
-    """The logits of llama.cpp's 'deci' graph, computed from the file alone (metadata + tensors)."""
-    fields, tensors = read(path)
-    arch = fields["general.architecture"]
-    heads, kv_heads = fields[f"{arch}.attention.head_count"], fields[f"{arch}.attention.head_count_kv"]
-    head_dim, eps = fields[f"{arch}.attention.key_length"], fields[f"{arch}.attention.layer_norm_rms_epsilon"]
-    base = fields[f"{arch}.rope.freq_base"]
-    factors = weight(tensors, "rope_freqs.weight") if "rope_freqs.weight" in tensors else None
-    x = weight(tensors, "token_embd.weight")[ids]
-    batch, seq, _ = x.shape
-    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
-    for i in range(fields[f"{arch}.block_count"]):
-        h = rms(x, weight(tensors, f"blk.{i}.attn_norm.weight"), eps)
-        q, k, v = (_project(tensors, h, f"blk.{i}.{name}", count, head_dim)
-                   for name, count in (("attn_q", heads[i]), ("attn_k", kv_heads[i]), ("attn_v", kv_heads[i])))
-        q, k = rope_pairs(q, base, factors), rope_pairs(k, base, factors)
-        group = heads[i] // kv_heads[i]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = (q @ k.transpose(-1, -2)) / head_dim**0.5
-        attn = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
-        x = x + attn.transpose(1, 2).reshape(batch, seq, -1) @ weight(tensors, f"blk.{i}.attn_output.weight").T
-        h = rms(x, weight(tensors, f"blk.{i}.ffn_norm.weight"), eps)
-        gate = torch.nn.functional.silu(h @ weight(tensors, f"blk.{i}.ffn_gate.weight").T)
-        x = x + (gate * (h @ weight(tensors, f"blk.{i}.ffn_up.weight").T)) @ weight(tensors, f"blk.{i}.ffn_down.weight").T
-    head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
-    return rms(x, weight(tensors, "output_norm.weight"), eps) @ weight(tensors, head).T
 
 
 @torch.no_grad()
@@ -169,8 +125,8 @@ def hundred_channel_model():
     model = tiny_llama()
     mlp = model.model.layers[1].mlp
     keep = torch.arange(100)
-    mlp.gate_proj, mlp.up_proj = _keep_rows(mlp.gate_proj, keep), _keep_rows(mlp.up_proj, keep)
-    mlp.down_proj = _keep_cols(mlp.down_proj, keep)
+    mlp.gate_proj, mlp.up_proj = keep_rows(mlp.gate_proj, keep), keep_rows(mlp.up_proj, keep)
+    mlp.down_proj = keep_cols(mlp.down_proj, keep)
     return model
 
 
@@ -283,7 +239,6 @@ def test_console_script(tmp_path, embedded_tokenizer):
     bad = subprocess.run([*run[:-1], str(tmp_path / "absent"), str(tmp_path / "x.gguf")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().startswith(f"gaqprune-gguf: error: model {str(tmp_path / 'absent')!r}")
     # so is a model GGUF cannot express: refused from its config, before its weights (here: none) are loaded
-    from conftest import tiny_llama_config
 
     tiny_llama_config(vocab_size=49152, hidden_act="gelu").save_pretrained(tmp_path / "gelu")
     embedded_tokenizer.save_pretrained(tmp_path / "gelu")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from helpers import tiny_llama
 from torch.utils.data import DataLoader, TensorDataset
 
 from gaqprune.core.units import layer_shapes
 from gaqprune.settings import ImportanceSettings, PruneSettings
 from gaqprune.train.callbacks import GQAPrune, LayerImportance
 from gaqprune.train.module import LitCausalLM
-from tests.conftest import tiny_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

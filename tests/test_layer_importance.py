@@ -6,18 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 
-from gaqprune.core.importance import (
-    compute_layer_importance,
-    importance_record,
-    load_importance,
-    model_fingerprint,
-    plot_layer_importance,
-    removal_importance_naive,
-    save_importance,
-)
+from gaqprune.core.importance import compute_layer_importance, model_fingerprint, removal_importance_naive
 from gaqprune.errors import GaqpruneError
+from gaqprune.run.records import importance_record, load_importance, save_importance
+from gaqprune.run.report import plot_layer_importance
 
 
 def _assert_close(cached: dict, naive: dict, rel: float = 1e-4) -> None:
@@ -241,7 +235,7 @@ def test_plot(tmp_path):
 
 @pytest.mark.slow
 def test_embedded_model_cached_equals_naive():
-    from gaqprune.data.text import LMDataModule
+    from gaqprune.data.datamodule import LMDataModule
     from gaqprune.models.load import load_model
 
     model = load_model("embedded")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gaqprune.cli.app import run
+from gaqprune.cli.main import run
 
 ARGS = ["--importance_samples", "2", "--importance_seq_len", "32", "--num_examples", "2", "--max_seq_len", "32",
         "--compensation_samples", "4", "--compensation_seq_len", "32", "--data.max_seq_len", "32",
@@ -154,7 +154,7 @@ def test_importance_axes_turn_logarithmic_above_a_tenfold_spread(values, scale):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gaqprune.core.importance import scale_importance_axis
+    from gaqprune.run.report import scale_importance_axis
 
     fig, ax = plt.subplots()
     try:
@@ -167,12 +167,12 @@ def test_importance_axes_turn_logarithmic_above_a_tenfold_spread(values, scale):
 def test_fit_curves_draw_the_dense_reference(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from gaqprune.run import stages as pipeline
+    from gaqprune.run import report
 
     drawn = []
     monkeypatch.setattr(plt, "close", lambda fig: drawn.append(fig))  # keep the figure to look at
     history = {"train_loss": [(0, 10.8), (1, 10.7)], "val_ppl": [(0, 520.0), (2, 480.0)]}
-    pipeline.plot_fit(history, tmp_path / "fit.png", references={"dense": 300.0})
+    report.plot_fit(history, tmp_path / "fit.png", references={"dense": 300.0})
     ppl_ax = drawn[0].axes[1]
     assert [tuple(line.get_ydata()) for line in ppl_ax.lines[1:]] == [(300.0, 300.0)]
     assert ppl_ax.get_legend().get_texts()[0].get_text() == "dense 300.00"
@@ -184,19 +184,20 @@ def test_only_a_fraction_of_one_validates_every_window(limit, everything):
     # Lightning reads the integer 1 as one batch: the fit's curve must not then start at (or be drawn against) the
     # perplexity --test_after_prune measured on all the windows
     from gaqprune.cli.app import GaqpruneTrainer
+    from gaqprune.train.job import validates_everything
 
     trainer = GaqpruneTrainer(limit_val_batches=limit, logger=False, enable_checkpointing=False,
                               enable_progress_bar=False, enable_model_summary=False)
-    assert trainer._validates_everything() is everything
+    assert validates_everything(trainer) is everything
 
 
 def test_per_layer_scalars_reach_a_tensorboard_logger_that_is_not_the_first(tmp_path):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from gaqprune.run import stages as pipeline
+    from gaqprune.run import report
 
     tb = TensorBoardLogger(tmp_path / "tb", name="run")
-    pipeline.log_per_layer([CSVLogger(tmp_path / "csv"), tb], pipeline.RATE_TAG, {0: 0.2, 1: 0.35})
+    report.log_per_layer([CSVLogger(tmp_path / "csv"), tb], report.RATE_TAG, {0: 0.2, 1: 0.35})
     events = EventAccumulator(tb.log_dir).Reload()
-    assert [(e.step, round(e.value, 6)) for e in events.Scalars(pipeline.RATE_TAG)] == [(0, 0.2), (1, 0.35)]
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars(report.RATE_TAG)] == [(0, 0.2), (1, 0.35)]

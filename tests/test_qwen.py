@@ -6,55 +6,25 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import spread
-from test_reliability import ARGS, corpus
+from helpers import ARGS, corpus, pruned_qwen, random_ids, spread, tiny_mistral, tiny_qwen
 
 import gaqprune
-from gaqprune.cli.app import run
-from gaqprune.core import surgery
-from gaqprune.core.plan import apply_plan, build_plan
+from gaqprune.cli.main import run
 from gaqprune.errors import GaqpruneError
 from gaqprune.models import load as models
 from gaqprune.models import pruned as export
-from gaqprune.settings import PruneSettings
 
 HEAD_DIM = 8
 
 
-def tiny_qwen(kind: str, seed: int = 0, vocab_size: int = 256, layers: int = 4):
-    """A random tiny Qwen2 / Qwen3 (hidden 64, 8 query / 4 KV heads), weights and biases spread so units differ."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[kind]
-    # Qwen2 configs (Qwen2.5's released ones too) have no head_dim: hidden_size // num_attention_heads; Qwen3's do.
-    head_dim = {"head_dim": HEAD_DIM} if kind == "qwen3" else {}
-    config = config_class(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2, **head_dim)
-    assert kind == "qwen3" or not hasattr(config, "head_dim")
-    torch.manual_seed(seed)
-    return spread(model_class(config), 0.05)
 
 
-def windows(n: int, seq_len: int, seed: int) -> torch.Tensor:
-    return torch.randint(3, 256, (n, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-def pruned_qwen(kind: str, vocab_size: int = 256):
-    """Groups and channels removed in every layer (LLM-Pruner's same-rate split), the residual refit, then layer 2
-    removed whole: unequal layers and a shorter stack."""
-    model = tiny_qwen(kind, vocab_size=vocab_size)
-    settings = replace(PruneSettings(), pruning_ratio=0.3, layer_start=0, layer_end=4, unit_split="same_rate",
-                       min_pruning_rate=0.1)
-    plan = build_plan(model, {i: 1.0 + i for i in range(4)}, windows(4, 16, 1), settings, progress=False)
-    apply_plan(model, plan, windows(8, 16, 2))
-    surgery.remove_layers(model, [2])
-    return model
 
 
 RELOAD = """
@@ -88,7 +58,7 @@ def test_pruned_qwen_saves_and_reloads_bit_exactly(tmp_path, kind):
     assert [shape["num_key_value_heads"] for shape in config["per_layer_config"].values()] == kv
     assert export.is_pruned_checkpoint(ckpt)
 
-    ids = windows(2, 12, 7)
+    ids = random_ids(2, 12, 7)
     with torch.no_grad():
         expected = model(ids).logits
         ours = gaqprune.load_pruned(ckpt)
@@ -114,7 +84,6 @@ def test_qwen_biases_that_its_config_cannot_express_are_refused(tmp_path):
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])
 def test_in_memory_pruned_model_becomes_the_saved_class(tmp_path, embedded_tokenizer, kind):
-    from test_export import tiny_mistral
     from transformers import AutoModelForCausalLM
 
     text = corpus(tmp_path)
@@ -130,7 +99,7 @@ def test_in_memory_pruned_model_becomes_the_saved_class(tmp_path, embedded_token
     assert model.config.model_type == f"gaqprune_{kind}"
     model.save_pretrained(tmp_path / "hf_saved")  # transformers' own save: ships the remote code
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_saved", trust_remote_code=True)
-    ids = windows(2, 24, 3)
+    ids = random_ids(2, 24, 3)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
@@ -192,7 +161,7 @@ def test_dense_qwen_saves_as_a_stock_checkpoint(tmp_path):
     assert "auto_map" not in config and not list(Path(ckpt).glob("*.py"))
     reloaded = AutoModelForCausalLM.from_pretrained(ckpt)
     assert type(reloaded) is Qwen2ForCausalLM
-    ids = windows(1, 8, 4)
+    ids = random_ids(1, 8, 4)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
@@ -212,7 +181,7 @@ def test_layers_mixing_full_and_sliding_attention_are_each_run_with_their_own_ma
     assert config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
     torch.manual_seed(0)
     model = spread(Qwen2ForCausalLM(config), 0.05).eval()
-    ids = windows(4, 32, 3)  # longer than the window
+    ids = random_ids(4, 32, 3)  # longer than the window
     # the layers run one by one reproduce the model's own forward
     stream = capture_layer_inputs(model, ids, 2)
     for layer in model.model.layers:

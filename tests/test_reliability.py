@@ -5,27 +5,16 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-ARGS = ["--importance_seq_len", "32", "--num_examples", "4", "--max_seq_len", "32", "--pruning_ratio", "0.3",
-        "--min_pruning_rate", "0.1", "--layer_start", "0", "--layer_end", "4", "--data.max_seq_len", "32",
-        "--trainer.logger", "false"]
-
-
-def corpus(tmp_path: Path) -> Path:
-    f = tmp_path / "corpus.txt"
-    f.write_text("\n\n".join(f"Section {i}. The committee met on day {i % 7} to discuss the harbour, the mill and "
-                             f"the {['north', 'south', 'east'][i % 3]} road." for i in range(1500)))
-    return f
+from helpers import ARGS, cli_command, corpus, tiny_llama
 
 
 def prune_cmd(model: Path, text: Path, name: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gaqprune.cli", "prune", "--base_model", str(model), "--data.source", str(text),
-            "--save_ckpt_log_name", name, *ARGS, *extra]
+    return cli_command("prune", "--base_model", str(model), "--data.source", str(text),
+            "--save_ckpt_log_name", name, *ARGS, *extra)
 
 
 def strip_created(path: Path) -> dict:
@@ -44,8 +33,8 @@ def test_two_identical_runs_write_byte_identical_plans(tmp_path, tiny_model_dir)
     assert (a / "pruning_plan.json").read_bytes() == (b / "pruning_plan.json").read_bytes()
     assert r.stdout.strip().splitlines()[-1].startswith("results in prune_log/b/: config.yaml, layer_importance.png")
     # the run's config.yaml re-runs it as it is (`prune --config FILE`, like the files in configs/)
-    r = subprocess.run([sys.executable, "-m", "gaqprune.cli", "prune", "--config", str(a / "config.yaml"),
-                        "--save_ckpt_log_name", "c"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cli_command("prune", "--config", str(a / "config.yaml"),
+                        "--save_ckpt_log_name", "c"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "prune_log" / "c" / "pruning_plan.json").read_bytes() == (a / "pruning_plan.json").read_bytes()
     assert strip_created(a / "layer_importance_config.json") == strip_created(b / "layer_importance_config.json")
@@ -131,7 +120,7 @@ def test_saved_files_are_readable_by_others_as_plain_writes_are(tmp_path):
 def test_reuse_of_importance_config_spends_no_forward_pass(tmp_path, monkeypatch, tiny_model_dir, caplog):
     import torch
 
-    from gaqprune.cli.app import run
+    from gaqprune.cli.main import run
     from gaqprune.core import importance as layer_importance
 
     monkeypatch.chdir(tmp_path)
@@ -187,7 +176,6 @@ def test_dense_perplexity_is_measured_once_per_model_and_windows(tmp_path, monke
     """A ratio sweep or a rerun reads the dense perplexity back instead of measuring it again, but only for the same
     weights and the same evaluation windows."""
     import torch
-    from conftest import tiny_llama
 
     from gaqprune.core.importance import model_fingerprint
     from gaqprune.core.metrics import perplexity
@@ -221,7 +209,7 @@ def test_saved_model_names_its_origin_by_absolute_path(tmp_path, monkeypatch, ti
     from) must resolve from any folder, not from wherever that fit runs."""
     import shutil
 
-    from gaqprune.cli.app import run
+    from gaqprune.cli.main import run
 
     shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
     monkeypatch.chdir(tmp_path)
@@ -237,9 +225,8 @@ def test_validate_notes_a_dtype_other_than_the_saved_one(tmp_path, monkeypatch, 
     import logging
 
     import torch
-    from conftest import tiny_llama
 
-    from gaqprune.cli.app import run
+    from gaqprune.cli.main import run
 
     tiny_llama(vocab_size=len(embedded_tokenizer)).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     embedded_tokenizer.save_pretrained(tmp_path / "bf16")

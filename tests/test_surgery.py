@@ -7,20 +7,14 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import settings, tiny_llama
 
 from gaqprune.core import surgery, units
 from gaqprune.core.plan import apply_plan, build_plan
-from gaqprune.settings import PruneSettings
 
 IMPORTANCE = {0: 4.0, 1: 0.5, 2: 1.5, 3: 2.5}
 
 
-def settings(**kw) -> PruneSettings:
-    base = {"pruning_ratio": 0.3, "layer_start": 0, "layer_end": 4, "min_pruning_rate": 0.1, "max_pruning_rate": 0.6,
-            "compensation": "none", "num_examples": 6, "max_seq_len": 32}
-    base.update(kw)
-    return PruneSettings(**base)
 
 
 def n_params(model) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 from gaqprune.core import units
 from gaqprune.core.metrics import causal_nll
@@ -80,7 +80,6 @@ def test_nan_in_the_model_stops_the_taylor_pass_with_a_clear_error(method):
 
     from gaqprune.core.taylor import taylor_scores
     from gaqprune.errors import GaqpruneError
-    from tests.conftest import tiny_llama
 
     model = tiny_llama()
     with torch.no_grad():

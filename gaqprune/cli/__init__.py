@@ -3,6 +3,6 @@
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point (``gaqprune``; ``python -m gaqprune.cli``)."""
-    from gaqprune.cli.app import run
+    from gaqprune.cli.main import run
 
     run(args)

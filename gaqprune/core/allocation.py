@@ -1,4 +1,4 @@
-"""Per-layer pruning rates from layer importance (pure math, no torch).
+"""Per-layer pruning rates from layer importance (pure math, no torch; the bounds are checked by ``gaqprune.settings``).
 
 rate_i = clip(c * w_i, min_rate, max_rate), where w_i is a power of the layer's importance and
 ``c`` is solved (bisection) so that the parameters removed equal ``ratio`` of the prunable
@@ -22,7 +22,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-STRATEGIES = ("inverse", "proportional", "uniform")
+from gaqprune.settings import STRATEGIES, check_ratio_bounds
+
 RELATIVE_FLOOR = 1e-6  # zero/negative importances go below this fraction of the largest |importance|
 
 
@@ -76,19 +77,6 @@ def _solve_scale(weights: Sequence[float], params: Sequence[float], target: floa
     return b
 
 
-def check_feasible(ratio: float, min_rate: float, max_rate: float, whole_layers: bool = False) -> None:
-    """Refuse bounds that make ``ratio`` unreachable (each rate in [min_rate, max_rate], or 1 with ``whole_layers``)."""
-    if not 0.0 < ratio < 1.0:
-        raise ValueError(f"--pruning_ratio {ratio} must lie in (0, 1)")
-    if not 0.0 <= min_rate <= max_rate < 1.0:
-        raise ValueError(f"need 0 <= --min_pruning_rate ({min_rate}) <= --max_pruning_rate ({max_rate}) < 1")
-    if ratio < min_rate - 1e-12 or (ratio > max_rate + 1e-12 and not whole_layers):
-        raise ValueError(
-            f"--pruning_ratio {ratio} is not reachable with every layer's rate in "
-            f"[--min_pruning_rate {min_rate}, --max_pruning_rate {max_rate}]; the ratio must lie in that range"
-        )
-
-
 def allocate_rates(importance: Sequence[float], ratio: float, strategy: str = "inverse", alpha: float = 1.0,
                    min_rate: float = 0.15, max_rate: float = 0.5, layer_params: Sequence[float] | None = None,
                    whole_layer_rate: float | None = None) -> list[float]:
@@ -109,7 +97,7 @@ def allocate_rates(importance: Sequence[float], ratio: float, strategy: str = "i
         raise ValueError("no layers selected to prune")
     if alpha < 0:
         raise ValueError(f"--alpha {alpha} must be >= 0")
-    check_feasible(ratio, min_rate, max_rate, whole_layer_rate is not None)
+    check_ratio_bounds(ratio, min_rate, max_rate, whole_layer_rate is not None)  # (a GaqpruneError is a ValueError)
     params = [float(p) for p in (layer_params if layer_params is not None else [1.0] * n)]
     if len(params) != n or any(p <= 0 for p in params):
         raise ValueError("layer_params must give one positive count per layer")

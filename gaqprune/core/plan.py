@@ -1,4 +1,4 @@
-"""The pruning plan: settings checks, per-layer rates, unit selection from Taylor scores, and applying it.
+"""The pruning plan: per-layer rates, unit selection from Taylor scores, and applying it.
 
 ``build_plan`` decides (JSON-serialisable, deterministic, written verbatim to pruning_plan.json);
 ``apply_plan`` performs the surgery (plus least-squares compensation when the plan asks for it), so
@@ -7,8 +7,9 @@ every DDP rank applying the same plan to the same model ends with the same weigh
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import math
 from dataclasses import asdict
 from functools import partial
 
@@ -17,93 +18,11 @@ import torch
 from gaqprune.core import allocation, compensation, surgery, units
 from gaqprune.core.taylor import taylor_scores
 from gaqprune.errors import GaqpruneError
-from gaqprune.settings import PruneSettings
+from gaqprune.settings import SPLITS, PruneSettings
 
 log = logging.getLogger(__name__)
 
 PLAN_FORMAT = "gaqprune-plan/1"
-SPLITS = ("per_param", "same_rate", "mlp_only")
-COMPENSATIONS = ("residual", "lstsq", "none")
-# Default layer range (None flags): skip the most important edge layers, like LLM-Pruner's 4..30 of 32.
-EDGE_START_FRACTION = 0.1
-EDGE_END_FRACTION = 0.07
-
-
-def layer_range(settings: PruneSettings, num_layers: int) -> tuple[int, int]:
-    """Resolve ``--layer_start`` / ``--layer_end`` (None = defaults, negative = from the end) to ``[start, end)``."""
-    start, end = settings.layer_start, settings.layer_end
-    if start is None:
-        start = round(EDGE_START_FRACTION * num_layers)
-    elif start < 0:
-        start += num_layers
-    if end is None:
-        end = num_layers - round(EDGE_END_FRACTION * num_layers)
-    elif end < 0:
-        end += num_layers
-    if not 0 <= start < end <= num_layers:
-        raise GaqpruneError(
-            f"--layer_start {settings.layer_start} / --layer_end {settings.layer_end} give the empty or out-of-range "
-            f"layers [{start}, {end}); the model has {num_layers} layers, need 0 <= layer_start < layer_end <= {num_layers}"
-        )
-    return start, end
-
-
-def validate_prune_settings(settings: PruneSettings, num_layers: int, mlp_channels: int | None = None) -> tuple[int, int]:
-    """Check every pruning setting without touching the model (``mlp_channels``: its MLP width, if known); returns
-    the resolved layer range."""
-    s = settings
-    if not isinstance(s.pruning_ratio, (int, float)) or not 0.0 < s.pruning_ratio < 1.0:
-        raise GaqpruneError(f"--pruning_ratio {s.pruning_ratio} is invalid; give a fraction in (0, 1), e.g. 0.25")
-    if s.pruning_strategy not in allocation.STRATEGIES:
-        accepted = ", ".join(allocation.STRATEGIES)
-        raise GaqpruneError(f"--pruning_strategy {s.pruning_strategy!r} is invalid; use one of {accepted}")
-    if not (s.alpha >= 0 and math.isfinite(s.alpha)):
-        raise GaqpruneError(f"--alpha {s.alpha} is invalid; give a number >= 0 (0 = uniform, 1 = standard)")
-    for flag, value in (("--min_pruning_rate", s.min_pruning_rate), ("--max_pruning_rate", s.max_pruning_rate)):
-        if not 0.0 <= value < 1.0:
-            raise GaqpruneError(f"{flag} {value} is invalid; give a rate in [0, 1)")
-    if s.min_pruning_rate > s.max_pruning_rate:
-        raise GaqpruneError(
-            f"--min_pruning_rate {s.min_pruning_rate} is above --max_pruning_rate {s.max_pruning_rate}; need min <= max"
-        )
-    if s.whole_layer_rate is None and not s.min_pruning_rate <= s.pruning_ratio <= s.max_pruning_rate:
-        raise GaqpruneError(
-            f"--pruning_ratio {s.pruning_ratio} is not reachable with every layer's rate in [--min_pruning_rate "
-            f"{s.min_pruning_rate}, --max_pruning_rate {s.max_pruning_rate}]; give a ratio in that range or widen the bounds"
-        )
-    if s.whole_layer_rate is not None:
-        if not 0.0 < s.whole_layer_rate <= 1.0:  # above 1 it reads as "never", yet a ratio above the maximum rate
-            # still removed whole layers (their unclipped rates are then unbounded)
-            raise GaqpruneError(f"--whole_layer_rate {s.whole_layer_rate} is invalid; give a rate in (0, 1], or None "
-                                "to never remove whole layers")
-        if s.pruning_ratio < s.min_pruning_rate:
-            raise GaqpruneError(
-                f"--pruning_ratio {s.pruning_ratio} is below --min_pruning_rate {s.min_pruning_rate}; "
-                "give a ratio >= the minimum rate"
-            )
-    if s.num_examples < 1:
-        raise GaqpruneError(f"--num_examples {s.num_examples} is invalid; give at least 1 calibration window")
-    if s.max_seq_len < 2:
-        raise GaqpruneError(f"--max_seq_len {s.max_seq_len} is invalid; give at least 2 tokens (guide: 64-128)")
-    if s.unit_split not in SPLITS:
-        raise GaqpruneError(f"--unit_split {s.unit_split!r} is invalid; use one of {', '.join(SPLITS)}")
-    if s.compensation not in COMPENSATIONS:
-        raise GaqpruneError(f"--compensation {s.compensation!r} is invalid; use one of {', '.join(COMPENSATIONS)}")
-    if s.compensation_samples is not None and s.compensation_samples < 1:
-        raise GaqpruneError(f"--compensation_samples {s.compensation_samples} is invalid; give at least 1 window, or None "
-                            "to refit on the Taylor windows")
-    if s.compensation_seq_len < 2:
-        raise GaqpruneError(f"--compensation_seq_len {s.compensation_seq_len} is invalid; give at least 2 tokens")
-    if not (s.compensation_ridge >= 0 and math.isfinite(s.compensation_ridge)):
-        raise GaqpruneError(f"--compensation_ridge {s.compensation_ridge} is invalid; give a number >= 0, e.g. 1.0")
-    if s.channel_multiple is not None and s.channel_multiple < 1:
-        raise GaqpruneError(f"--channel_multiple {s.channel_multiple} is invalid; give a count >= 1 (1 = no alignment) or None")
-    if s.channel_multiple is not None and mlp_channels and s.channel_multiple >= mlp_channels:
-        raise GaqpruneError(f"--channel_multiple {s.channel_multiple} leaves no MLP channel prunable (the MLP has "
-                            f"{mlp_channels}); give a multiple below {mlp_channels}, e.g. 64, or 1 for no alignment")
-    if s.taylor_batch_size < 1:
-        raise GaqpruneError(f"--taylor_batch_size {s.taylor_batch_size} is invalid; give at least 1")
-    return layer_range(s, num_layers)
 
 
 def channel_alignment(num_channels: int, channel_multiple: int | None) -> int:
@@ -182,7 +101,7 @@ def build_plan(hf_model, layer_importance: dict[int, float] | None, calib_window
     """
     layers = hf_model.model.layers
     num_layers = len(layers)
-    start, end = validate_prune_settings(settings, num_layers, max(units.num_channels(layer) for layer in layers))
+    start, end = settings.check(num_layers, max(units.num_channels(layer) for layer in layers))
     selected = list(range(start, end))
     if calib_windows is None or calib_windows.ndim != 2 or len(calib_windows) < 1:
         raise GaqpruneError("--num_examples: build_plan needs calibration windows [num_examples, max_seq_len]")
@@ -277,6 +196,13 @@ def plan_from_scores(hf_model, target: dict[int, float], scores: dict[int, dict[
             "achieved_ratio_model": 1.0 - model_after / model_before,
         },
     }
+
+
+def plan_digest(plan: dict) -> str:
+    """A hash of what the pruned model's structure is (which units each layer kept): a fine-tune's checkpoint
+    resumes only onto the same cut, not onto other channels of equal count."""
+    kept = [(e["index"], e["removed_whole"], e["kept_groups"], e["kept_channels"]) for e in plan["layers"]]
+    return hashlib.sha256(json.dumps(kept).encode()).hexdigest()
 
 
 def _check_plan(hf_model, plan: dict) -> None:

@@ -1,4 +1,4 @@
-"""Text sources, tokenization (once, cached) and fixed-length token windows.
+"""Text sources, tokenization (once, cached) and fixed-length token windows (``LMDataModule`` serves them).
 
 A source gives two disjoint parts: ``train`` (calibration for importance/Taylor, and fine-tuning)
 and ``eval`` (perplexity). Sources:
@@ -22,13 +22,11 @@ import json
 import random
 from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from gaqprune.errors import GaqpruneError
-from gaqprune.models.load import EMBEDDED, cache_root
+from gaqprune.models.names import EMBEDDED, cache_root
 
 HF_PRESETS = {
     # name: (dataset path, config, train split, eval split, text column)
@@ -103,19 +101,19 @@ def tokenize_instructions(records: list[dict], tokenizer, seq_len: int, template
     return ids, mask, labels
 
 
-def _is_local(source: str) -> bool:
+def is_local(source: str) -> bool:
     return Path(source).suffix.lower() in TEXT_SUFFIXES or Path(source).expanduser().exists()
 
 
-def _resolved_source(source: str) -> str:
+def resolved_source(source: str) -> str:
     """One name per text source: a local file's resolved path (so one file reached by two paths is one source)."""
-    return str(Path(source).expanduser().resolve()) if _is_local(source) else source
+    return str(Path(source).expanduser().resolve()) if is_local(source) else source
 
 
 def check_local_source(source: str | None) -> None:
     """Read a local text source once to refuse a missing, binary, empty or malformed file before a model is loaded
     (hub datasets are checked when loaded)."""
-    if source and source != EMBEDDED and _is_local(source):
+    if source and source != EMBEDDED and is_local(source):
         _source_key(source)
         _read_local(Path(source).expanduser())
 
@@ -194,7 +192,7 @@ def source_texts(source: str) -> tuple[str, str] | str:
 
         parts = embedded_articles(cache_root())
         return "\n\n".join(parts["train"]), "\n\n".join(parts["eval"])
-    if _is_local(source):
+    if is_local(source):
         return _read_local(Path(source).expanduser())
     train, evaluation = _hf_texts(source)
     # wikitext/ptb lines are already split; LLM-Pruner joins them with blank lines (c4's evaluation: see C4)
@@ -214,8 +212,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _source_key(source: str) -> str:
-    if _is_local(source):
-        p = Path(_resolved_source(source))
+    if is_local(source):
+        p = Path(resolved_source(source))
         if not p.is_file():
             raise GaqpruneError(f"--data.source {source!r}: file not found" if p.suffix.lower() in TEXT_SUFFIXES
                                 else f"--data.source {source!r} is not a file; give a .txt/.jsonl file or a dataset name")
@@ -272,164 +270,4 @@ def sample_windows(ids: torch.Tensor, seq_len: int, n: int, seed: int, what: str
     return windows[order.sort().values]
 
 
-class EvalWindows(Dataset):
-    """Evaluation windows as ``(window, real)`` pairs. Index ``n + i`` (``n`` windows) is window ``i`` again with
-    ``real`` False: the padding a distributed sampler needs, which the loss must not count."""
 
-    def __init__(self, windows: torch.Tensor):
-        self.windows = windows
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(self.windows)
-        return self.windows[index % n], torch.tensor(index < n)
-
-
-class PaddedEvalSampler(DistributedSampler):
-    """Shards ``EvalWindows`` over ranks in order. Like ``DistributedSampler``, it pads every rank to the same number
-    of windows, so ranks run the same number of steps (FSDP gathers weights in every forward); unlike it, the padding
-    is marked (``EvalWindows``), so every window counts exactly once in the perplexity."""
-
-    def __init__(self, dataset: EvalWindows, num_replicas: int, rank: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-
-    def __iter__(self):
-        n = len(self.dataset)
-        indices = list(range(n)) + [n + i % n for i in range(self.total_size - n)]
-        return iter(indices[self.rank : self.total_size : self.num_replicas])
-
-
-class LMDataModule(L.LightningDataModule):
-    """Token windows for calibration, LoRA training and perplexity evaluation."""
-
-    def __init__(
-        self,
-        source: str = EMBEDDED,
-        eval_source: str | None = None,
-        tokenizer: str = EMBEDDED,
-        max_seq_len: int = 128,
-        batch_size: int = 8,
-        eval_batch_size: int = 8,
-        max_eval_windows: int | None = None,
-        eval_fraction: float = 0.1,
-        num_workers: int = 0,
-        seed: int = 42,
-        instruction_data: str | None = None,
-        prompt_template: str = ALPACA_TEMPLATE,
-    ):
-        """
-        Args:
-            source: calibration/training text: ``embedded``, ``wikitext2``, ``ptb``, ``c4``, a hub
-                dataset id with a text column, or a local ``.txt``/``.jsonl`` file.
-            eval_source: evaluation text (default: the evaluation part of ``source``).
-            tokenizer: model whose tokenizer to use (set from ``--base_model``).
-            max_seq_len: window length for evaluation and fine-tuning (LLM-Pruner reports 128 and 2048).
-            batch_size: training batch size (windows).
-            eval_batch_size: evaluation batch size (windows).
-            max_eval_windows: evaluate only the first N windows (None: all).
-            eval_fraction: share of a local file's tokens (its tail) used for evaluation; 1.0 = all.
-            num_workers: DataLoader workers.
-            seed: seed for drawing and shuffling the fine-tune's training windows (the pruning's calibration
-                windows follow ``--seed``).
-            instruction_data: fine-tune on Alpaca-style records (a .json list, a .jsonl file or a hub id with
-                instruction/input/output) instead of plain text windows; the loss covers response tokens only.
-            prompt_template: Python format string of the prompt ({instruction}, {input_clause}, {input_block}).
-        """
-        super().__init__()
-        self.save_hyperparameters()
-        self.source = source
-        self.eval_source = eval_source or source
-        self.tokenizer_name = tokenizer
-        self.max_seq_len = max_seq_len
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.max_eval_windows = max_eval_windows
-        self.eval_fraction = eval_fraction
-        self.num_workers = num_workers
-        self.seed = seed
-        self.instruction_data = instruction_data
-        self.prompt_template = prompt_template
-        self._tokenizer = None
-        self._streams: dict[str, dict[str, torch.Tensor]] = {}
-        self.train_windows_limit: int | None = None  # set by the fine-tune settings (finetune_samples)
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from gaqprune.models.load import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
-        return self._tokenizer
-
-    def streams(self, source: str) -> dict[str, torch.Tensor]:
-        key = _resolved_source(source)
-        if key not in self._streams:
-            # A file used only for evaluation is evaluated whole, unless it also calibrates (under any spelling of
-            # its path): then only its tail is evaluated, so calibration and evaluation text never overlap.
-            fraction = self.eval_fraction
-            if _is_local(source) and key != _resolved_source(self.source):
-                fraction = 1.0
-            self._streams[key] = token_streams(source, self.tokenizer, fraction)
-        return self._streams[key]
-
-    def calibration_windows(self, n: int, seq_len: int, seed: int | None = None, what: str = "--num_examples"):
-        """``n`` windows of ``seq_len`` tokens from the calibration (train) part of ``source``."""
-        return sample_windows(self.streams(self.source)["train"], seq_len, n, self.seed if seed is None else seed, what)
-
-    def eval_windows(self) -> torch.Tensor:
-        windows = make_windows(self.streams(self.eval_source)["eval"], self.max_seq_len)
-        if self.max_eval_windows is not None:
-            windows = windows[: self.max_eval_windows]
-        if len(windows) == 0:
-            raise GaqpruneError(
-                f"--data.eval_source {self.eval_source!r} holds no full window of {self.max_seq_len} tokens; "
-                "give more text or a smaller --data.max_seq_len"
-            )
-        return windows
-
-    def train_windows(self) -> torch.Tensor:
-        windows = make_windows(self.streams(self.source)["train"], self.max_seq_len)
-        if self.train_windows_limit is not None and self.train_windows_limit > len(windows):
-            rank_zero_info(f"note: --finetune_samples {self.train_windows_limit}: {self.source} holds {len(windows)} "
-                           f"training windows of {self.max_seq_len} tokens; training on all of them")
-        if self.train_windows_limit is not None:
-            windows = sample_windows(
-                self.streams(self.source)["train"], self.max_seq_len, min(self.train_windows_limit, len(windows)),
-                self.seed, "--finetune_samples",
-            )
-        return windows
-
-    def num_train_examples(self) -> int:
-        """How many training examples ``setup("fit")`` will make (windows or instruction records)."""
-        if self.instruction_data:
-            n = len(instruction_records(self.instruction_data))
-        else:
-            n = len(make_windows(self.streams(self.source)["train"], self.max_seq_len))
-        return n if self.train_windows_limit is None else min(n, self.train_windows_limit)
-
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.instruction_data:
-            records = instruction_records(self.instruction_data)
-            if self.train_windows_limit is not None and len(records) > self.train_windows_limit:
-                order = torch.randperm(len(records), generator=torch.Generator().manual_seed(self.seed))
-                records = [records[i] for i in order[: self.train_windows_limit].sort().values]
-            self._train = TensorDataset(*tokenize_instructions(records, self.tokenizer, self.max_seq_len,
-                                                               self.prompt_template))
-        elif stage == "fit":
-            self._train = TensorDataset(self.train_windows())
-        if stage in ("fit", "validate", "test"):
-            self._eval = EvalWindows(self.eval_windows())
-
-    def train_dataloader(self):
-        return DataLoader(self._train, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed))
-
-    def val_dataloader(self):
-        world = self.trainer.world_size if self.trainer is not None else 1
-        sampler = None if world == 1 else PaddedEvalSampler(self._eval, world, self.trainer.global_rank)
-        return DataLoader(self._eval, batch_size=self.eval_batch_size, sampler=sampler, num_workers=self.num_workers)
-
-    def test_dataloader(self):
-        return self.val_dataloader()

@@ -16,56 +16,36 @@ from pathlib import Path
 import torch
 
 from gaqprune.errors import GaqpruneError
+from gaqprune.models import pruned as export
+from gaqprune.models.names import (  # noqa: F401  (load_model's users find the names here too)
+    DTYPES,
+    EMBEDDED,
+    EMBEDDED_GGUF,
+    EMBEDDED_NAME,
+    EMBEDDED_SOURCE,
+    absolute_if_local,
+    cache_root,
+    model_name,
+    model_origin,
+    resolve_dtype,
+)
+
+# Model types whose decoder layers have the q/k/v/o + gate/up/down layout that gaqprune prunes: the stock families
+# first (what messages name), then gaqprune's own pruned ones; one list, the checkpoint format's.
+SUPPORTED_MODEL_TYPES = tuple(sorted(export.PRUNABLE_MODEL_TYPES, key=lambda kind: kind in export.PRUNED_FAMILIES))
 
 log = logging.getLogger(__name__)
 
-EMBEDDED = "embedded"
-EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# How checkpoints pruned from the embedded model name their source (``gaqprune_base_model``).
-EMBEDDED_SOURCE = f"HuggingFaceTB/{EMBEDDED_NAME} (embedded Q4_1 GGUF)"
 
 
-def model_name(base_model: str) -> str:
-    """``base_model`` for people (GGUF metadata): as given, with ``embedded`` spelled out."""
-    return EMBEDDED_SOURCE if base_model == EMBEDDED else base_model
 
 
-def absolute_if_local(model: str) -> str:
-    """A local model path made absolute (it must resolve from any folder later); hub ids and names as they are."""
-    return str(Path(model).resolve()) if Path(model).exists() else model
 
 
-def model_origin(base_model: str) -> str:
-    """What a saved model records as the model it was pruned from (``gaqprune_base_model``, the distillation
-    teacher's default): ``model_name``, a local path made absolute."""
-    return model_name(base_model) if base_model == EMBEDDED else absolute_if_local(base_model)
-# Model types whose decoder layers have the q/k/v/o + gate/up/down layout that gaqprune prunes (== export's
-# PRUNABLE_MODEL_TYPES, asserted in tests; export imports torch-heavy code lazily, so the list is spelled out here).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gaqprune_llama", "gaqprune_mistral", "gaqprune_qwen2",
-                         "gaqprune_qwen3")
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "32": torch.float32, "32-true": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "bf16-true": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "16": torch.float16, "16-true": torch.float16,
-}
 
 
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    """Map a dtype name (``float32``/``fp32``, ``bfloat16``/``bf16``, ``float16``/``fp16``) to torch."""
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[str(name).lower()]
-    except KeyError:
-        raise GaqpruneError(
-            f"--dtype {name!r} is not supported; use one of float32, bfloat16, float16 (or fp32, bf16, fp16)"
-        ) from None
 
 
-def cache_root() -> Path:
-    """Where converted models and tokenized text are cached (``$GAQPRUNE_CACHE`` overrides)."""
-    return Path(os.environ.get("GAQPRUNE_CACHE", Path.home() / ".cache" / "gaqprune"))
 
 
 def embedded_gguf_path() -> Path:
@@ -182,8 +162,6 @@ def load_config(base_model: str):
     from transformers import AutoConfig
 
     path = resolve_model_path(base_model)
-    from gaqprune.models import pruned as export
-
     if export.is_pruned_checkpoint(path):
         return export.load_pruned_config(path)
     try:
@@ -234,8 +212,6 @@ def load_tokenizer(base_model: str = EMBEDDED):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(base_model)
-    from gaqprune.models import pruned as export
-
     # A pruned checkpoint's config names remote code: hand AutoTokenizer gaqprune's own config, so that
     # transformers neither asks to run that code (an interactive y/N prompt) nor runs it.
     config = {"config": export.load_pruned_config(path)} if export.is_pruned_checkpoint(path) else {}
@@ -257,8 +233,6 @@ def load_model(base_model: str = EMBEDDED, dtype: str | torch.dtype = "float32",
 
     torch_dtype = resolve_dtype(dtype)
     path = resolve_model_path(base_model)
-    from gaqprune.models import pruned as export
-
     check_weight_files(path)
     if export.is_pruned_checkpoint(path):
         try:

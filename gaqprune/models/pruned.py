@@ -134,7 +134,7 @@ def _base_model_name(hf_model, base_model: str | None) -> str | None:
     """The model this one was pruned from: explicit, else inherited from a pruned checkpoint, else its load path."""
     if base_model:
         return str(base_model)
-    from gaqprune.models.load import model_origin
+    from gaqprune.models.names import model_origin
 
     inherited = getattr(hf_model.config, "gaqprune_base_model", None)
     loaded_from = getattr(hf_model.config, "_name_or_path", None)
@@ -149,7 +149,7 @@ def build_config(hf_model, base_model: str | None = None):
     """The config to write for ``hf_model``: a plain one if every layer is full size, else a gaqprune_* one."""
     import transformers
 
-    import gaqprune
+    from gaqprune.version import __version__
 
     config = hf_model.config
     model_type = getattr(config, "model_type", None)
@@ -164,7 +164,7 @@ def build_config(hf_model, base_model: str | None = None):
     values: dict[str, Any] = {k: v for k, v in config.to_dict().items() if k not in _DROPPED_KEYS}
     values["dtype"] = str(_param_dtype(hf_model)).removeprefix("torch.")
     values["use_cache"] = True  # load_model turns the KV cache off for training; the saved model should decode fast
-    values["gaqprune_version"] = gaqprune.__version__
+    values["gaqprune_version"] = __version__
     values["gaqprune_base_model"] = _base_model_name(hf_model, base_model)
     # Explicit (Qwen2 configs have none): per-layer configs must not derive it from a pruned layer's head count.
     values["head_dim"] = _head_dim(config)
@@ -312,7 +312,7 @@ def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
     ``dtype=None`` keeps the saved dtype. Every weight must match the recorded per-layer shapes:
     a missing, unexpected or mis-sized tensor is an error, not a silently re-initialised weight.
     """
-    from gaqprune.models.load import resolve_dtype
+    from gaqprune.models.names import resolve_dtype
 
     config = load_pruned_config(path)
     _, model_class = pruned_classes(config.model_type)

@@ -2,21 +2,25 @@
 
 ``setup`` runs before the strategy wraps the model (DDP/FSDP) and before ``configure_model``
 attaches LoRA or the optimizer exists, so shapes may still change here. Rank 0 computes, the
-result is broadcast, and every rank applies the identical surgery.
+result is broadcast (``strategy.broadcast``), and every rank applies the identical surgery: in `fit --prune`
+(rank 0 analyses inside the fit) and in `prune --finetune` (rank 0 pruned before the fit began) alike.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from gaqprune.atomic import write_json
-from gaqprune.core.plan import apply_plan, layer_range
-from gaqprune.run import stages as pipeline
+from gaqprune.core.plan import apply_plan, plan_digest
+from gaqprune.run import report, stages
+from gaqprune.run.rundir import RunDir
 from gaqprune.settings import ImportanceSettings, PruneSettings
+
+
+def shows_progress(trainer: L.Trainer) -> bool:
+    """Whether this process shows gaqprune's stage bars: rank 0, unless ``--trainer.enable_progress_bar false``."""
+    return trainer.is_global_zero and trainer.progress_bar_callback is not None
 
 
 class ProgressBar(TQDMProgressBar):
@@ -31,7 +35,7 @@ class ProgressBar(TQDMProgressBar):
 
 
 class LayerImportance(L.Callback):
-    """Per-layer importance (removal / activation / block_influence), computed once and cached."""
+    """Per-layer importance (removal / activation / block_influence), computed once on rank 0 and broadcast."""
 
     def __init__(self, settings: ImportanceSettings, prune_settings: PruneSettings, base_model: str, seed: int = 42,
                  out_dir: str | None = None):
@@ -39,77 +43,72 @@ class LayerImportance(L.Callback):
         self.prune_settings = prune_settings
         self.base_model = base_model
         self.seed = seed
-        self.out_dir = Path(out_dir) if out_dir else None
+        self.run_dir = RunDir.at(out_dir) if out_dir else None
         self.scores: dict[int, float] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.scores is not None or stage != "fit":
             return
         hf_model = pl_module.model
-        start, end = layer_range(self.prune_settings, len(hf_model.model.layers))
+        start, end = self.prune_settings.layer_range(len(hf_model.model.layers))
         scores = None
         if trainer.is_global_zero:
             device = trainer.strategy.root_device
             hf_model.to(device)
-            meta = pipeline.importance_meta(hf_model, self.settings, start, end, self.base_model,
-                                            trainer.datamodule.source, self.seed)
-            scores = pipeline.layer_importance_stage(hf_model, trainer.datamodule, self.settings, start, end,
-                                                     self.out_dir, meta, device, pipeline.shows_progress(trainer))
+            meta = stages.importance_meta(hf_model, self.settings, start, end, self.base_model,
+                                          trainer.datamodule.source, self.seed)
+            scores = stages.layer_importance_stage(hf_model, trainer.datamodule, self.settings, start, end,
+                                                   self.run_dir, meta, device, shows_progress(trainer))
         scores = trainer.strategy.broadcast(scores, src=0)
         self.scores = {int(k): float(v) for k, v in scores.items()}
         if trainer.is_global_zero:
-            pipeline.log_per_layer(trainer.loggers, pipeline.IMPORTANCE_TAG, self.scores)
+            report.log_per_layer(trainer.loggers, report.IMPORTANCE_TAG, self.scores)
 
 
 class GQAPrune(L.Callback):
-    """Taylor-scored removal of GQA groups / MLP channels (and whole layers) at per-layer rates."""
+    """Taylor-scored removal of GQA groups / MLP channels (and whole layers) at per-layer rates: rank 0 plans and
+    prunes, every other rank receives the plan and applies it.
+
+    ``pruned_on_rank_zero``: rank 0 pruned the model before this fit (`prune --finetune`) and holds its ``plan``; in
+    ``setup`` the other ranks, which Lightning started when the fit began, receive that plan."""
 
     def __init__(self, settings: PruneSettings, importance: LayerImportance | None = None, seed: int = 42,
                  out_dir: str | None = None, save_model_of: str | None = None, save_gguf: str | None = None,
-                 gguf_name: str | None = None):
+                 gguf_name: str | None = None, plan: dict | None = None, pruned_on_rank_zero: bool = False):
         """``save_model_of``: save the pruned model to ``<out_dir>/model`` (before any training), recording this name
         as the dense model it came from; None: do not save it. ``save_gguf``: also write it as ``<out_dir>/model.gguf``
         of that weight type (``gguf_name``: the model's name in the file), as `gaqprune prune --save_gguf` does."""
-        self.settings = settings
-        self.importance = importance
-        self.seed = seed
-        self.out_dir = Path(out_dir) if out_dir else None
-        self.save_model_of = save_model_of
-        self.save_gguf = save_gguf
-        self.gguf_name = gguf_name
-        self.plan: dict | None = None
+        self.settings, self.importance, self.seed = settings, importance, seed
+        self.run_dir = RunDir.at(out_dir) if out_dir else None
+        self.outputs = {"save_model_of": save_model_of, "save_gguf": save_gguf, "gguf_name": gguf_name}  # write_pruned's
+        self.plan, self.pruned_on_rank_zero = plan, pruned_on_rank_zero
+        self._done = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.plan is not None or stage != "fit":
+        if self._done or stage != "fit":
             return
-        if self.importance is not None and self.importance.scores is None:
-            self.importance.setup(trainer, pl_module, stage)  # callback order must not matter
         hf_model = pl_module.model
         device = trainer.strategy.root_device
         hf_model.to(device)
-        scores = self.importance.scores if self.importance is not None else None
-        windows = pipeline.taylor_windows(trainer.datamodule, self.settings, self.seed, device)
-        plan = pipeline.plan_stage(hf_model, scores, windows, self.settings, pipeline.shows_progress(trainer)) \
-            if trainer.is_global_zero else None
-        self.plan = trainer.strategy.broadcast(plan, src=0)
-        pl_module.plan_digest = pipeline.plan_digest(self.plan)  # a resumed fit checks its checkpoint against it
-        apply_plan(hf_model, self.plan, pipeline.compensation_windows(trainer.datamodule, self.settings, self.seed, device,
-                                                                      windows), progress=pipeline.shows_progress(trainer))
-        if trainer.is_global_zero and self.out_dir is not None:
-            write_json(self.out_dir / pipeline.PLAN_FILE, self.plan)
-            pipeline.plot_rates(scores or {}, self.plan, self.out_dir / "pruning_rates.png")
-            if self.save_model_of is not None:
-                from gaqprune.models.pruned import save_pretrained_model
-
-                save_pretrained_model(hf_model, trainer.datamodule.tokenizer, self.out_dir / "model", overwrite=True,
-                                      base_model=self.save_model_of)
-            if self.save_gguf is not None:
-                from gaqprune.models.gguf import save_gguf
-
-                save_gguf(hf_model, trainer.datamodule.tokenizer, self.out_dir / "model.gguf", out_type=self.save_gguf,
-                          overwrite=True, name=self.gguf_name, progress=pipeline.shows_progress(trainer))
-        if trainer.is_global_zero:
-            pipeline.log_per_layer(trainer.loggers, pipeline.RATE_TAG,
-                                   {e["index"]: e["achieved_rate"] for e in self.plan["layers"]})
+        progress = shows_progress(trainer)
+        if not self.pruned_on_rank_zero:
+            if self.importance is not None and self.importance.scores is None:
+                self.importance.setup(trainer, pl_module, stage)  # callback order must not matter (every rank: a broadcast)
+            if trainer.is_global_zero:
+                scores = self.importance.scores if self.importance is not None else None  # None: uniform rates
+                scores, self.plan = stages.prune_model(hf_model, trainer.datamodule, None, self.settings, self.seed, {},
+                                                       device, progress, scores=scores)
+                if self.run_dir is not None:
+                    stages.write_pruned(hf_model, trainer.datamodule.tokenizer, self.run_dir, self.plan, scores,
+                                        progress=progress, **self.outputs)
+                report.log_per_layer(trainer.loggers, report.RATE_TAG,
+                                     {e["index"]: e["achieved_rate"] for e in self.plan["layers"]})
+        self.plan = trainer.strategy.broadcast(self.plan, src=0)  # rank 0 has pruned: the others cut their copy to it
+        if not trainer.is_global_zero:
+            taylor = stages.taylor_windows(trainer.datamodule, self.settings, self.seed, device)
+            apply_plan(hf_model, self.plan, stages.compensation_windows(trainer.datamodule, self.settings, self.seed,
+                                                                        device, taylor), progress=progress)
+        pl_module.plan_digest = plan_digest(self.plan)  # a resumed fit checks its checkpoint against it
+        self._done = True
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

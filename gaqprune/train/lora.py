@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from gaqprune.run.rundir import RunDir
+
 log = logging.getLogger(__name__)
 
 
@@ -54,20 +56,19 @@ def merge_lora(hf_model) -> int:
     return len(modules)
 
 
-def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str | None = None,
+def export_finetuned(lit_model, tokenizer, run_dir: RunDir, gguf_type: str | None = None,
                      adapter_base: str | Path | None = None, pruned_here: bool = False,
                      progress: bool = True) -> dict[str, str]:
-    """Save LoRA adapters (if any) and the merged model under ``out_dir`` (and as ``model_finetuned.gguf`` with
-    ``gguf_type``); returns the paths written.
+    """Save LoRA adapters (if any) and the merged model in the run folder (``lora_adapter/``, ``model_finetuned/``, and
+    ``model_finetuned.gguf`` with ``gguf_type``); returns the paths written.
 
     ``adapter_config.json`` names the model the adapters fit, for peft's ``AutoPeftModelForCausalLM``:
     ``adapter_base`` (the pruned model this run saved), else ``--base_model``, unless the model was pruned in this
     run (``pruned_here``) and not saved: then none exists, and it names none (``null``).
     """
-    from gaqprune.models.load import absolute_if_local, model_origin
+    from gaqprune.models.names import absolute_if_local, model_origin
     from gaqprune.models.pruned import save_pretrained_model
 
-    out_dir = Path(out_dir)
     paths = {}
     hf_model = lit_model.model
     hp = lit_model.hparams
@@ -82,7 +83,7 @@ def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str |
             from gaqprune.train.module import DEFAULT_LORA_TARGETS
 
             config["target_modules"] = list(DEFAULT_LORA_TARGETS)
-        paths["adapter"] = str(save_lora_adapter(hf_model, out_dir / "lora_adapter", config))
+        paths["adapter"] = str(save_lora_adapter(hf_model, run_dir / RunDir.ADAPTER, config))
         if config["base_model_name_or_path"] is None:
             log.info(
                 "note: lora_adapter/ fits the pruned model, which this run did not save (--save_model false): "
@@ -95,12 +96,12 @@ def export_finetuned(lit_model, tokenizer, out_dir: str | Path, gguf_type: str |
         p.requires_grad_(False)
     # origin: the dense model a loaded pruned checkpoint came from, else --base_model (never a cache path)
     origin = None if getattr(hf_model.config, "gaqprune_base_model", None) else model_origin(hp.base_model)
-    paths["model"] = str(save_pretrained_model(hf_model, tokenizer, out_dir / "model_finetuned", overwrite=True,
+    paths["model"] = str(save_pretrained_model(hf_model, tokenizer, run_dir / RunDir.FINETUNED, overwrite=True,
                                                base_model=origin))
     if gguf_type:
         from gaqprune.models.gguf import save_gguf
 
-        paths["gguf"] = str(save_gguf(hf_model, tokenizer, out_dir / "model_finetuned.gguf", out_type=gguf_type,
+        paths["gguf"] = str(save_gguf(hf_model, tokenizer, run_dir / RunDir.FINETUNED_GGUF, out_type=gguf_type,
                                       overwrite=True, progress=progress))
     hf_model.train(was_training)
     return paths

@@ -14,7 +14,8 @@ import torch
 from gaqprune.core.metrics import Perplexity, causal_losses, causal_nll
 from gaqprune.core.units import layer_shapes
 from gaqprune.errors import GaqpruneError
-from gaqprune.models.load import EMBEDDED, EMBEDDED_SOURCE, load_config, load_model
+from gaqprune.models.load import load_config, load_model
+from gaqprune.models.names import EMBEDDED, EMBEDDED_SOURCE
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -70,6 +71,34 @@ class LitCausalLM(L.LightningModule):
         # (step, value) pairs of this process's fit, for the run folder's fit_curves.png
         self.history: dict[str, list[tuple[int, float]]] = {"train_loss": [], "val_ppl": []}
         self._teacher = None  # plain attribute, never a submodule: no strategy wraps it, no checkpoint stores it
+
+    @staticmethod
+    def check_args(model_cfg: dict, finetune_method: str) -> None:
+        """``--model.*`` before the model is loaded: the LoRA and optimiser values, LoRA targets that name a Llama
+        projection, and no LoRA flag where ``--finetune_method full`` would ignore it."""
+        import inspect
+
+        for flag, value, ok, accepted in (
+            ("lora_r", model_cfg["lora_r"], model_cfg["lora_r"] >= 1, "an integer >= 1"),
+            ("lora_alpha", model_cfg["lora_alpha"], model_cfg["lora_alpha"] > 0, "a number > 0"),
+            ("lora_dropout", model_cfg["lora_dropout"], 0 <= model_cfg["lora_dropout"] < 1, "a probability in [0, 1)"),
+            ("learning_rate", model_cfg["learning_rate"], model_cfg["learning_rate"] > 0, "a number > 0"),
+            ("weight_decay", model_cfg["weight_decay"], model_cfg["weight_decay"] >= 0, "a number >= 0"),
+            ("warmup_steps", model_cfg["warmup_steps"], model_cfg["warmup_steps"] >= 0, "an integer >= 0"),
+        ):
+            if not ok:
+                raise GaqpruneError(f"--model.{flag} {value} is invalid; give {accepted}")
+        unknown = sorted(set(model_cfg["lora_target_modules"] or []) - set(DEFAULT_LORA_TARGETS))
+        if unknown:
+            raise GaqpruneError(f"--model.lora_target_modules {unknown} names no projection of a Llama layer; use any of "
+                                f"{', '.join(DEFAULT_LORA_TARGETS)}")
+        if finetune_method == "full":
+            defaults = inspect.signature(LitCausalLM.__init__).parameters
+            changed = [name for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+                       if model_cfg[name] != defaults[name].default]
+            if changed:
+                raise GaqpruneError(f"--finetune_method full trains every weight, so --model.{changed[0]} "
+                                    f"{model_cfg[changed[0]]!r} would have no effect; drop it or use --finetune_method lora")
 
     # -- model set-up -------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -269,3 +298,18 @@ def teacher_source(base_model: str, teacher_model: str | None = None) -> str:
         return teacher_model
     source = getattr(load_config(base_model), "gaqprune_base_model", None) or base_model
     return EMBEDDED if source == EMBEDDED_SOURCE else source
+
+
+def check_teacher(distill_weight: float, teacher_model: str | None, base_model: str, student_config) -> None:
+    """With --distill_weight > 0: the teacher must be readable and share the student's vocabulary."""
+    if distill_weight == 0:
+        return
+    source = teacher_source(base_model, teacher_model)
+    try:
+        teacher_config = load_config(source)
+    except GaqpruneError as err:
+        raise GaqpruneError(f"--teacher_model {source!r} cannot be used as the distillation teacher ({err}); "
+                            "pass --teacher_model with the dense model's folder or hub id") from None
+    if teacher_config.vocab_size != student_config.vocab_size:
+        raise GaqpruneError(f"--teacher_model {source!r} has a vocabulary of {teacher_config.vocab_size} tokens, the "
+                            f"model being fine-tuned {student_config.vocab_size}; distillation needs the same tokenizer")

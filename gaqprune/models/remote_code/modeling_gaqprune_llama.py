@@ -83,32 +83,19 @@ class PerLayerModel:
         self.post_init()
 
 
-class GaqpruneLlamaForCausalLM(PerLayerModel, LlamaForCausalLM):
-    """Stock ``LlamaForCausalLM`` with per-layer shapes taken from ``GaqpruneLlamaConfig``."""
-
-    config_class = GaqpruneLlamaConfig
-    config: GaqpruneLlamaConfig
-
-
-class GaqpruneMistralForCausalLM(PerLayerModel, MistralForCausalLM):
-    """Stock ``MistralForCausalLM`` (sliding window included) with per-layer shapes from ``GaqpruneMistralConfig``."""
-
-    config_class = GaqpruneMistralConfig
-    config: GaqpruneMistralConfig
+def _per_layer_class(stock: type, config_class: type, what: str) -> type:
+    """``Gaqprune<Family>ForCausalLM``: the stock ``stock`` class with per-layer shapes from ``config_class``."""
+    name = config_class.__name__.removesuffix("Config") + "ForCausalLM"
+    return type(name, (PerLayerModel, stock), {
+        "__module__": __name__, "__qualname__": name, "config_class": config_class,
+        "__annotations__": {"config": config_class},
+        "__doc__": f"Stock ``{stock.__name__}`` ({what}) with per-layer shapes taken from ``{config_class.__name__}``."})
 
 
-class GaqpruneQwen2ForCausalLM(PerLayerModel, Qwen2ForCausalLM):
-    """Stock ``Qwen2ForCausalLM`` with per-layer shapes taken from ``GaqpruneQwen2Config``."""
-
-    config_class = GaqpruneQwen2Config
-    config: GaqpruneQwen2Config
-
-
-class GaqpruneQwen3ForCausalLM(PerLayerModel, Qwen3ForCausalLM):
-    """Stock ``Qwen3ForCausalLM`` with per-layer shapes taken from ``GaqpruneQwen3Config``."""
-
-    config_class = GaqpruneQwen3Config
-    config: GaqpruneQwen3Config
+GaqpruneLlamaForCausalLM = _per_layer_class(LlamaForCausalLM, GaqpruneLlamaConfig, "Llama")
+GaqpruneMistralForCausalLM = _per_layer_class(MistralForCausalLM, GaqpruneMistralConfig, "its sliding window included")
+GaqpruneQwen2ForCausalLM = _per_layer_class(Qwen2ForCausalLM, GaqpruneQwen2Config, "its q/k/v biases included")
+GaqpruneQwen3ForCausalLM = _per_layer_class(Qwen3ForCausalLM, GaqpruneQwen3Config, "its per-head q/k norms included")
 
 
 __all__ = ["GaqpruneLlamaForCausalLM", "GaqpruneMistralForCausalLM", "GaqpruneQwen2ForCausalLM", "GaqpruneQwen3ForCausalLM",
