@@ -364,3 +364,29 @@ def one_line_error(stderr: str) -> str:
     errors = [line for line in stderr.splitlines() if line.startswith("gaqprune: error:")]
     assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
     return errors[0]
+
+
+# a checkpoint folder loaded where only torch, transformers, accelerate, gguf and safetensors exist (run_bare)
+LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+with torch.no_grad():
+    logits = model(torch.load(sys.argv[2])).logits
+torch.save({"logits": logits, "class": type(model).__name__, "pip_list": PIP_LIST,
+            "modules": sorted(m for m in sys.modules if m.partition(".")[0] in ("peft", "gaqprune"))}, sys.argv[3])
+"""
+
+
+def load_bare(folder, ids, tmp_path, allow=None) -> dict:
+    torch.save(ids, tmp_path / "ids.pt")
+    run_bare(LOAD, folder, tmp_path / "ids.pt", tmp_path / "out.pt", cwd=tmp_path, **({"allow": allow} if allow else {}))
+    return torch.load(tmp_path / "out.pt")
+
+
+def check_bare(out: dict) -> None:
+    """The child really had neither gaqprune nor peft (nor anything of the training stack) to lean on."""
+    names = {entry.split("==")[0].lower() for entry in out["pip_list"]}
+    assert {"torch", "transformers", "accelerate", "gguf", "safetensors"} <= names
+    assert not names & {"peft", "gaqprune", "lightning", "datasets", "torchmetrics", "jsonargparse"}, names
+    assert out["modules"] == []

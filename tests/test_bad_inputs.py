@@ -168,6 +168,14 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
                                     "--trainer.max_steps 0 trains nothing"),
         "importance_is_folder": ([*data, "--skip_importance_analysis", "true", "--importance_config", str(tmp)],
                                  "is a folder; give the layer_importance_config.json file in it"),
+        "offload_unknown": ([*data, "--offload", "gpu"], "--offload 'gpu' is not accepted; give one of none, cpu, disk"),
+        "offload_with_finetune": ([*data, "--offload", "cpu", "--finetune", "true"],
+                                  "--offload cpu cannot be combined with --finetune"),
+        "offload_with_gguf": ([*data, "--offload", "disk", "--save_gguf", "f16"],
+                              "--offload disk cannot be combined with --save_gguf"),
+        # checked from the folder listing, before the pickle is looked at
+        "offload_disk_without_safetensors": (["--base_model", str(pickled), *data, "--offload", "disk"],
+                                             "--offload disk reads the weights from --base_model's safetensors files"),
         "eval_fraction_above_one": ([*data, "--data.eval_fraction", "1.5"], "--data.eval_fraction 1.5 is invalid"),
         "model_without_tokenizer": (["--base_model", str(notok), *data], "has no tokenizer (no tokenizer.json"),
         "pickled_weights": (["--base_model", str(pickled), *data],
@@ -197,7 +205,8 @@ CASE_NAMES = [
     "run_name_dot", "run_name_with_path", "seed_overflow", "val_check_interval_above_epoch",
     "finetune_eval_text_too_short", "eval_fraction_above_one", "model_without_tokenizer", "layer_start_not_integer",
     "ratio_not_a_number", "whole_layer_rate_above_one", "finetune_max_steps_zero", "importance_is_folder",
-    "pickled_weights", "output_dir_uncreatable",
+    "pickled_weights", "output_dir_uncreatable", "offload_unknown", "offload_with_finetune", "offload_with_gguf",
+    "offload_disk_without_safetensors",
 ]
 
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import random_ids, run_bare, tiny_family
+from helpers import check_bare, load_bare, random_ids, run_bare, tiny_family
 
 from gaqprune.core import surgery
 from gaqprune.core.plan import apply_plan, build_plan
@@ -38,31 +38,6 @@ def pruned(kind: str, vocab_size: int = 256):
     mlp = [layer.mlp.gate_proj.out_features for layer in model.model.layers]
     assert len(kv) == 3 and min(kv) == 8 and max(mlp) < 128 and len(set(zip(kv, mlp))) > 1  # unequal, narrower layers
     return model
-
-
-LOAD = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-with torch.no_grad():
-    logits = model(torch.load(sys.argv[2])).logits
-torch.save({"logits": logits, "class": type(model).__name__, "pip_list": PIP_LIST,
-            "modules": sorted(m for m in sys.modules if m.partition(".")[0] in ("peft", "gaqprune"))}, sys.argv[3])
-"""
-
-
-def load_bare(folder, ids, tmp_path, allow=None) -> dict:
-    torch.save(ids, tmp_path / "ids.pt")
-    run_bare(LOAD, folder, tmp_path / "ids.pt", tmp_path / "out.pt", cwd=tmp_path, **({"allow": allow} if allow else {}))
-    return torch.load(tmp_path / "out.pt")
-
-
-def check_bare(out: dict) -> None:
-    """The child really had neither gaqprune nor peft (nor anything of the training stack) to lean on."""
-    names = {entry.split("==")[0].lower() for entry in out["pip_list"]}
-    assert {"torch", "transformers", "accelerate", "gguf", "safetensors"} <= names
-    assert not names & {"peft", "gaqprune", "lightning", "datasets", "torchmetrics", "jsonargparse"}, names
-    assert out["modules"] == []
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

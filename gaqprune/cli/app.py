@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -29,6 +30,7 @@ from gaqprune.cli.launch import (
 from gaqprune.data.datamodule import LMDataModule
 from gaqprune.errors import GaqpruneError
 from gaqprune.models.names import EMBEDDED, resolve_dtype
+from gaqprune.models.offload import check_offload
 from gaqprune.run import stages
 from gaqprune.run.rundir import RunDir
 from gaqprune.settings import FinetuneSettings, ImportanceSettings, PruneSettings, RunSettings, check_context
@@ -78,11 +80,16 @@ class GaqpruneCLI(LightningCLI):
                             help="'embedded' (SmolLM2-135M-Instruct, offline), a HF model folder, a .gguf file, "
                                  "a hub id such as meta-llama/Meta-Llama-3-8B-Instruct, or a gaqprune checkpoint.")
         parser.add_argument("--dtype", type=str, default="float32", help="Weight dtype: float32, bfloat16 or float16.")
+        parser.add_argument("--offload", type=Literal["none", "cpu", "disk"], default="none",
+                            help="Where decoder-layer weights live while `prune` works: 'none' (on the device), 'cpu' "
+                                 "(host memory) or 'disk' (the input's safetensors files, memory-mapped); with cpu/disk "
+                                 "one layer at a time is on the device (models larger than its memory).")
         parser.set_defaults({"trainer.log_every_n_steps": 10,  # Lightning's 50 logs no loss at all in short fits
                              "trainer.num_sanity_val_steps": -1})  # a fit's curve starts at the untrained model
         parser.link_arguments("base_model", "model.base_model")
         parser.link_arguments("base_model", "data.tokenizer")
         parser.link_arguments("dtype", "model.dtype")
+        parser.link_arguments("offload", "model.offload")
 
     def _settings(self, cls):
         cfg = self.config[self.subcommand]
@@ -97,6 +104,8 @@ class GaqpruneCLI(LightningCLI):
 
         cfg = self.config[self.subcommand]
         resolve_dtype(cfg["dtype"])
+        check_offload(cfg["offload"], self.subcommand, bool(cfg.get("finetune")), cfg.get("save_gguf"),
+                      cfg["base_model"])
         prune_finetune = self.subcommand == "prune" and bool(cfg["finetune"])
         trains = self.subcommand == "fit" or prune_finetune
         LMDataModule.check_args(cfg["data"], trains)

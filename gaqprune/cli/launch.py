@@ -11,6 +11,7 @@ from datetime import timedelta
 import lightning as L
 
 from gaqprune.errors import GaqpruneError
+from gaqprune.train.job import LAUNCH_ENV
 
 # In `fit --prune` the other ranks wait in a broadcast while rank 0 analyses and prunes (minutes on a GPU, longer for
 # big models on the CPU or with offloaded weights), in `prune --finetune` rank 0 waits while they load the model:
@@ -91,9 +92,8 @@ def check_launch(trainer: L.Trainer, trains: bool, strategy: object = None, prun
             "ddp_spawn, ddp_fork, ddp_notebook) and keep a fine-tune's weights to themselves, so nothing trained "
             "could be exported; use --trainer.strategy ddp or fsdp (one process per device, started as a script)")
     environment = getattr(trainer.strategy, "cluster_environment", None)
-    # the ranks Lightning's own launcher starts (LightningEnvironment with LOCAL_RANK set) are not external ones
-    external = environment is not None and environment.creates_processes_externally \
-        and not isinstance(environment, LightningEnvironment)
+    # the ranks Lightning's own launcher starts for the fine-tune (their LOCAL_RANK set) are not external ones
+    external = environment is not None and environment.creates_processes_externally and LAUNCH_ENV not in os.environ
     if prune_finetune and trainer.world_size > 1 and (external or trainer.num_nodes > 1):
         # rank 0 prunes before the fit and the ranks Lightning starts then read its plan; ranks started beside it
         # (torchrun, SLURM, other nodes) would have no plan to read

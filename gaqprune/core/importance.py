@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gaqprune.core.layers import batch_layer_inputs, call_layer, layer_inputs, micro_batches
-from gaqprune.core.metrics import lm_head
+from gaqprune.core.layers import batch_layer_inputs, call_layer, micro_batches, offload_store, resident, state_items
+from gaqprune.core.metrics import chunk_size, lm_head
 from gaqprune.errors import GaqpruneError
 from gaqprune.settings import IMPORTANCE_METHODS, layer_span
 
@@ -54,14 +54,15 @@ def _decoder_layers(hf_model) -> torch.nn.ModuleList:
     return hf_model.model.layers
 
 
-def _tail_nll(hf_model, hidden: torch.Tensor, ids: torch.Tensor, chunk_tokens: int = 4096) -> float:
+def _tail_nll(hf_model, hidden: torch.Tensor, ids: torch.Tensor, chunk_tokens: int | None = None) -> float:
     """Summed next-token NLL (float64) from last-layer hidden states: final norm + LM head in token chunks.
 
-    At most ``chunk_tokens x vocab`` logits exist at once, so a 128k vocabulary stays bounded.
+    At most ``chunk_tokens x vocab`` logits exist at once (``metrics.chunk_size``), so a 128k vocabulary stays bounded.
     """
     hidden = hf_model.model.norm(hidden)[:, :-1].reshape(-1, hidden.shape[-1])
     labels = ids[:, 1:].reshape(-1)
     weight, bias = lm_head(hf_model)
+    chunk_tokens = chunk_size(weight, chunk_tokens)
     total = 0.0
     for start in range(0, hidden.shape[0], chunk_tokens):
         logits = F.linear(hidden[start : start + chunk_tokens], weight, bias).float()
@@ -100,36 +101,17 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _removal(hf_model, windows: torch.Tensor, start: int, end: int, batch_size: int, progress: bool) -> ImportanceScores:
-    layers = _decoder_layers(hf_model)
-    num_layers = len(layers)
+    num_layers = len(_decoder_layers(hf_model))
     device = next(hf_model.parameters()).device
     batches = micro_batches(windows, batch_size, device)
     count = sum(ids.numel() - ids.shape[0] for ids in batches)  # predicted tokens: T-1 per window
     # Dense hidden states of every batch at the input of the current layer (model dtype, model device).
     states, layer_kwargs = (list(column) for column in zip(*batch_layer_inputs(hf_model, batches)))
-
-    def run(hidden: torch.Tensor, kwargs: dict[str, Any], first: int, last: int) -> torch.Tensor:
-        for i in range(first, last):
-            hidden = call_layer(layers[i], hidden, kwargs)
-        return hidden
-
     # Progress in layer evaluations, so the ETA is right although later layers need shorter tails.
     work = len(batches) * (start + sum(num_layers - layer for layer in range(start, end)) + (num_layers - end))
-    skipped_nll = {layer: 0.0 for layer in range(start, end)}
     with _progress(work, "layer importance (removal)", progress) as bar:
-        for b in range(len(batches)):  # layers before the range: plain dense advance
-            states[b] = run(states[b], layer_kwargs[b], 0, start)
-            bar.update(start)
-        for layer in range(start, end):
-            for b, ids in enumerate(batches):
-                # Resume from this layer's input with the layer skipped, then advance the dense state past it.
-                skipped_nll[layer] += _tail_nll(hf_model, run(states[b], layer_kwargs[b], layer + 1, num_layers), ids)
-                states[b] = call_layer(layers[layer], states[b], layer_kwargs[b])
-                bar.update(num_layers - layer)
-        dense_nll = 0.0
-        for b, ids in enumerate(batches):
-            dense_nll += _tail_nll(hf_model, run(states[b], layer_kwargs[b], end, num_layers), ids)
-            bar.update(num_layers - end)
+        sweep = _removal_sweep if offload_store(hf_model) is not None else _removal_tails
+        skipped_nll, dense_nll = sweep(hf_model, batches, states, layer_kwargs, start, end, bar)
     dense = _ppl(dense_nll, count)
     _check_finite(dense, "the dense perplexity")
     scores = {}
@@ -139,29 +121,80 @@ def _removal(hf_model, windows: torch.Tensor, start: int, end: int, batch_size: 
     return ImportanceScores(scores, "removal", dense)
 
 
+def _removal_tails(hf_model, batches, states, layer_kwargs, start, end, bar) -> tuple[dict[int, float], float]:
+    """Layers in memory: the dense state stops at each layer's input, and the model resumes from there with the layer
+    skipped (one stream alive at a time)."""
+    layers = _decoder_layers(hf_model)
+    num_layers = len(layers)
+
+    def run(hidden: torch.Tensor, kwargs: dict[str, Any], first: int, last: int) -> torch.Tensor:
+        for i in range(first, last):
+            hidden = call_layer(layers[i], hidden, kwargs)
+        return hidden
+
+    skipped_nll = {layer: 0.0 for layer in range(start, end)}
+    for b in range(len(batches)):  # layers before the range: plain dense advance
+        states[b] = run(states[b], layer_kwargs[b], 0, start)
+        bar.update(start)
+    for layer in range(start, end):
+        for b, ids in enumerate(batches):
+            # Resume from this layer's input with the layer skipped, then advance the dense state past it.
+            skipped_nll[layer] += _tail_nll(hf_model, run(states[b], layer_kwargs[b], layer + 1, num_layers), ids)
+            states[b] = call_layer(layers[layer], states[b], layer_kwargs[b])
+            bar.update(num_layers - layer)
+    dense_nll = 0.0
+    for b, ids in enumerate(batches):
+        dense_nll += _tail_nll(hf_model, run(states[b], layer_kwargs[b], end, num_layers), ids)
+        bar.update(num_layers - end)
+    return skipped_nll, dense_nll
+
+
+def _removal_sweep(hf_model, batches, states, layer_kwargs, start, end, bar) -> tuple[dict[int, float], float]:
+    """Offloaded layers: one sweep up the model, each layer read once. Every skipped-layer stream is born at its
+    layer's input (the dense state there) and advances with the dense one through every later layer; the tails are
+    scored at the top. Each stream runs the same layers on the same inputs as in ``_removal_tails`` (the same
+    numbers), but all ``end - start`` streams are alive at once (``samples x seq_len x hidden`` each)."""
+    num_layers = len(_decoder_layers(hf_model))
+    streams: dict[int, list[torch.Tensor]] = {}
+    for index in range(num_layers):
+        with resident(hf_model, index) as layer:
+            for hidden in streams.values():
+                for b in range(len(batches)):
+                    hidden[b] = call_layer(layer, hidden[b], layer_kwargs[b])
+                bar.update(len(batches))
+            if start <= index < end:
+                streams[index] = list(states)  # skips this layer: enters the next one with this one's input
+            for b in range(len(batches)):
+                states[b] = call_layer(layer, states[b], layer_kwargs[b])
+            bar.update(len(batches))
+    skipped_nll = {skipped: sum(_tail_nll(hf_model, hidden[b], ids) for b, ids in enumerate(batches))
+                   for skipped, hidden in streams.items()}
+    return skipped_nll, sum(_tail_nll(hf_model, states[b], ids) for b, ids in enumerate(batches))
+
+
 def _one_pass(hf_model, windows: torch.Tensor, method: str, start: int, end: int, batch_size: int,
               progress: bool) -> ImportanceScores:
-    """``activation`` / ``block_influence``: one forward through layers 0 .. end-1, token-averaged in float64."""
-    layers = _decoder_layers(hf_model)
+    """``activation`` / ``block_influence``: one forward through layers 0 .. end-1, token-averaged in float64, layer
+    by layer over all windows (so an offloaded layer is read once)."""
     device = next(hf_model.parameters()).device
+    batches = micro_batches(windows, batch_size, device)
+    states, layer_kwargs = (list(column) for column in zip(*batch_layer_inputs(hf_model, batches)))
     sums = {layer: 0.0 for layer in range(start, end)}
-    tokens = 0
-    n_batches = math.ceil(len(windows) / batch_size)
-    with _progress(n_batches * end, f"layer importance ({method})", progress) as bar:
-        for ids in micro_batches(windows, batch_size, device):
-            hidden, kwargs = layer_inputs(hf_model, ids)
-            tokens += hidden.shape[0] * hidden.shape[1]
-            for layer in range(end):
-                out = call_layer(layers[layer], hidden, kwargs)
-                if layer >= start:
-                    x, y = hidden.float(), out.float()
-                    if method == "activation":  # mean over tokens of the mean |update| over hidden units
-                        per_token = (y - x).abs().mean(dim=-1)
-                    else:
-                        per_token = 1.0 - F.cosine_similarity(x, y, dim=-1)
-                    sums[layer] += per_token.double().sum().item()
-                hidden = out
-                bar.update(1)
+    tokens = sum(ids.numel() for ids in batches)
+    with _progress(len(batches) * end, f"layer importance ({method})", progress) as bar:
+        for index in range(end):
+            with resident(hf_model, index) as layer:
+                for b in range(len(batches)):
+                    out = call_layer(layer, states[b], layer_kwargs[b])
+                    if index >= start:
+                        x, y = states[b].float(), out.float()
+                        if method == "activation":  # mean over tokens of the mean |update| over hidden units
+                            per_token = (y - x).abs().mean(dim=-1)
+                        else:
+                            per_token = 1.0 - F.cosine_similarity(x, y, dim=-1)
+                        sums[index] += per_token.double().sum().item()
+                    states[b] = out
+                    bar.update(1)
     scores = {layer: s / tokens for layer, s in sums.items()}
     for layer, s in scores.items():
         _check_finite(s, f"the {method} score of layer {layer}")
@@ -250,7 +283,7 @@ def model_fingerprint(hf_model, samples_per_tensor: int = 256) -> str:
     that touches the sampled values (fine-tuning, a merged LoRA).
     """
     digest = hashlib.sha256()
-    for name, tensor in sorted(hf_model.state_dict().items()):
+    for name, tensor in state_items(hf_model):
         flat = tensor.detach().reshape(-1)
         k = min(samples_per_tensor, flat.numel())
         # Integer spacing: a float32 linspace rounds past the end for tensors of tens of millions of values.

@@ -4,10 +4,18 @@ Layer importance (resuming from a cached layer input), the streamed Taylor backw
 refit all run decoder layers directly on hidden states. Letting the model's own forward build the inputs
 (embeddings, rotary position embeddings, causal mask, position ids) keeps this exact for every Llama-family
 variant and attention backend.
+
+A model may keep its decoder layers' weights off the device (``--offload``: an offload store, see
+``gaqprune.models.offload``, attached as ``hf_model.gaqprune_offload``; the layers hold meta tensors of the right
+shapes). Code that runs a layer enters ``resident(hf_model, i)`` first: the layer's weights are on the device inside
+the block and gone after it. Without a store the block costs nothing, so every stage has one code path. The store is
+duck-typed (``resident(layer, keep)`` a context manager): the method never imports the model readers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -91,3 +99,48 @@ def batch_layer_inputs(hf_model, batches: list[torch.Tensor]) -> list[tuple[torc
         hidden, kwargs = layer_inputs(hf_model, ids)
         inputs.append((hidden, by_shape.setdefault(tuple(ids.shape), kwargs)))
     return inputs
+
+
+OFFLOAD_ATTR = "gaqprune_offload"
+LAYERS_PREFIX = "model.layers."  # where a causal LM's decoder layers sit in its state dict (every supported family)
+
+
+def offload_store(hf_model):
+    """The store holding ``hf_model``'s decoder-layer weights off the device, or None when they are in the model."""
+    return getattr(hf_model, OFFLOAD_ATTR, None)
+
+
+@contextmanager
+def resident(hf_model, index: int, keep: bool = False) -> Iterator[torch.nn.Module]:
+    """Decoder layer ``index`` with its weights on the model's device for the block. An offloaded layer is read in on
+    entry and released on exit; ``keep`` writes its weights as they are at the exit (pruned, refit) back to the store
+    first. Without an offload store this is the layer itself, unchanged."""
+    layer = hf_model.model.layers[index]
+    store = offload_store(hf_model)
+    if store is None:
+        yield layer
+        return
+    with store.resident(layer, keep=keep):
+        yield layer
+
+
+def state_items(hf_model) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of the model's state dict in name order, real tensors only: an offloaded model's decoder
+    layers are read in one at a time (their names are contiguous in name order), so at most one is resident."""
+    items = sorted(hf_model.state_dict().items())
+    if offload_store(hf_model) is None:
+        yield from items
+        return
+    with ExitStack() as stack:
+        current, tensors = None, {}
+        for name, tensor in items:
+            if not name.startswith(LAYERS_PREFIX):
+                yield name, tensor
+                continue
+            index = int(name[len(LAYERS_PREFIX):].split(".", 1)[0])
+            if index != current:
+                stack.close()
+                layer = stack.enter_context(resident(hf_model, index))
+                current = index
+                tensors = {f"{LAYERS_PREFIX}{index}.{k}": v for k, v in layer.state_dict().items()}
+            yield name, tensors[name]

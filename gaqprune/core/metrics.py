@@ -3,6 +3,9 @@
 torchmetrics' own ``Perplexity`` wants unshifted logits and builds a B x T x V softmax copy; with a
 128k vocabulary that is gigabytes. Here the LM head runs on chunks of final hidden states, so at
 most ``chunk_tokens x V`` logits exist at once, and the metric only keeps a NLL sum and a count.
+``chunk_tokens=None`` sizes the chunk to ``LOGITS_BUDGET`` logits (128 MB in float32, whatever the vocabulary: 4,096
+tokens of a 128k vocabulary would be 2.1 GB, and the cross-entropy doubles it), the bound an offloaded run's peak
+host memory is planned with.
 """
 
 from __future__ import annotations
@@ -11,6 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torchmetrics import Metric
+
+from gaqprune.core.layers import batch_layer_inputs, call_layer, micro_batches, offload_store, resident
+
+LOGITS_BUDGET = 1 << 25  # logits alive at once when no chunk size is given (see the module docstring)
+
+
+def chunk_size(weight: torch.Tensor, chunk_tokens: int | None) -> int:
+    """Tokens per LM-head chunk: ``chunk_tokens``, or as many as ``LOGITS_BUDGET`` logits allow for this vocabulary."""
+    return chunk_tokens if chunk_tokens is not None else max(1, LOGITS_BUDGET // weight.shape[0])
 
 
 def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
@@ -43,7 +55,7 @@ def _predicting_hidden(hf_model, input_ids: torch.Tensor, attention_mask: torch.
 
 
 def causal_losses(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  chunk_tokens: int = 4096, labels: torch.Tensor | None = None, teacher=None,
+                  chunk_tokens: int | None = None, labels: torch.Tensor | None = None, teacher=None,
                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sums over a batch of next-token NLL and, given a ``teacher`` LM, of the distillation term
     T^2 * KL(teacher || student) at ``temperature``; plus the number of predicted tokens.
@@ -66,11 +78,12 @@ def causal_losses(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return nll, kl, (labels != -100).sum()
 
 
-def _summed_losses(hf_model, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
+def _summed_losses(hf_model, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int | None,
                    teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
                    teacher_bias: torch.Tensor | None = None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL (and KL) of predicting hidden states ``[N, width]`` against ``labels [N]``, chunk by chunk."""
     weight, bias = lm_head(hf_model)
+    chunk_tokens = chunk_size(weight, chunk_tokens)
     nll_total = hidden.new_zeros((), dtype=torch.float32)
     kl_total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
@@ -86,7 +99,7 @@ def _summed_losses(hf_model, hidden: torch.Tensor, labels: torch.Tensor, chunk_t
     return nll_total, kl_total
 
 
-def tail_nll(hf_model, last_layer_output: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
+def tail_nll(hf_model, last_layer_output: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
     """Summed next-token NLL from the last decoder layer's output ``[B, T, width]`` (final norm, then the LM head);
     differentiable, with at most ``chunk_tokens x V`` logits alive, like ``causal_losses``."""
     hidden = hf_model.model.norm(last_layer_output)[:, :-1].reshape(-1, last_layer_output.shape[-1])
@@ -94,7 +107,7 @@ def tail_nll(hf_model, last_layer_output: torch.Tensor, input_ids: torch.Tensor,
 
 
 def causal_nll(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               chunk_tokens: int = 4096, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               chunk_tokens: int | None = None, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token NLL over a batch and the number of predicted tokens (see ``causal_losses``)."""
     nll, _, count = causal_losses(hf_model, input_ids, attention_mask, chunk_tokens, labels)
     return nll, count
@@ -119,6 +132,23 @@ class Perplexity(Metric):
         return torch.exp(self.nll_sum / self.count.clamp(min=1))
 
 
+def _offloaded_nll(hf_model, windows: torch.Tensor, batch_size: int, device, metric: Perplexity,
+                  progress: str | None) -> None:
+    """``perplexity``'s sums for a model whose layers are offloaded: the windows' hidden states go up the decoder one
+    layer at a time (each layer read once), then the final norm and the chunked LM head, batch by batch: the same
+    operations on the same inputs as the model's own forward, so the same numbers."""
+    from tqdm.auto import tqdm
+
+    batches = micro_batches(windows, batch_size, device)
+    hidden, kwargs = (list(column) for column in zip(*batch_layer_inputs(hf_model, batches)))
+    for index in tqdm(range(len(hf_model.model.layers)), desc=progress, disable=progress is None, leave=False,
+                      unit="layer"):
+        with resident(hf_model, index) as layer:
+            hidden = [call_layer(layer, h, k) for h, k in zip(hidden, kwargs)]
+    for ids, last in zip(batches, hidden):
+        metric.update(tail_nll(hf_model, last, ids), torch.tensor(ids.numel() - ids.shape[0], device=device))
+
+
 @torch.no_grad()
 def perplexity(hf_model, windows: torch.Tensor, batch_size: int = 8, progress: str | None = None) -> float:
     """Perplexity of ``hf_model`` over token windows ``[n, T]`` (LLM-Pruner protocol), in eval mode (no dropout,
@@ -131,9 +161,12 @@ def perplexity(hf_model, windows: torch.Tensor, batch_size: int = 8, progress: s
     was_training = hf_model.training
     hf_model.eval()
     try:
-        for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
-            ids = windows[start : start + batch_size].to(device)
-            metric.update(*causal_nll(hf_model, ids))
+        if offload_store(hf_model) is not None:
+            _offloaded_nll(hf_model, windows, batch_size, device, metric, progress)
+        else:
+            for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
+                ids = windows[start : start + batch_size].to(device)
+                metric.update(*causal_nll(hf_model, ids))
     finally:
         hf_model.train(was_training)
     value = metric.compute().item()

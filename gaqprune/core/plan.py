@@ -16,6 +16,7 @@ from functools import partial
 import torch
 
 from gaqprune.core import allocation, compensation, surgery, units
+from gaqprune.core.layers import resident
 from gaqprune.core.taylor import taylor_scores
 from gaqprune.errors import GaqpruneError
 from gaqprune.settings import SPLITS, PruneSettings
@@ -225,6 +226,39 @@ def _width_changes(entry: dict) -> tuple[bool, bool]:
     return entry["groups_after"] < entry["groups_before"], entry["channels_after"] < entry["channels_before"]
 
 
+def _prune_layer(layer, entry: dict, refit: bool, needed: bool, stream, dense, ridge: float):
+    """Cut one (resident) layer to its plan entry, refitting o_proj / down_proj when ``refit``; advance the pruned
+    (and dense) calibration streams past it when later layers still need them. Returns ``(stream, dense)``."""
+    g_changed, c_changed = _width_changes(entry)
+    if refit and (g_changed or c_changed):
+        mid = out = None
+        if dense is not None:
+            mid, out = compensation.run_dense_layer(layer, dense)
+        owner = units.owners(layer, units.ATTENTION)[-1]  # o_proj columns
+        attention = mlp = None
+        if g_changed:
+            attention = (partial(surgery.keep_units, layer, units.ATTENTION, entry["kept_groups"]),
+                         units.kept_positions(owner, torch.as_tensor(entry["kept_groups"])))
+        if c_changed:
+            mlp = (partial(surgery.keep_units, layer, units.MLP, entry["kept_channels"]),
+                   torch.as_tensor(entry["kept_channels"]))
+        compensation.prune_layer_with_refit(layer, attention, mlp, stream, ridge,
+                                            None if dense is None else (mid, [h for h, _ in out]))
+        if needed:
+            stream = compensation.run_layer(layer, stream)
+            if dense is not None:
+                dense = out
+        return stream, dense
+    surgery.keep_units(layer, units.ATTENTION, entry["kept_groups"])
+    surgery.keep_units(layer, units.MLP, entry["kept_channels"])
+    if needed:
+        advanced = compensation.run_layer(layer, stream)
+        if dense is not None:
+            dense = advanced if dense is stream else compensation.run_layer(layer, dense)
+        stream = advanced
+    return stream, dense
+
+
 def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None, progress: bool = False) -> None:
     """Prune ``hf_model`` in place as ``plan`` says (any device/dtype).
 
@@ -248,38 +282,17 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None, 
         dense = stream if mode == "residual" else None  # the same list until the first layer differs
     bar = tqdm(total=len(layers), desc="surgery" + (f" + {mode} refit" if refit else ""), unit="layer",
                disable=not progress, leave=False)
-    for entry, layer in zip(plan["layers"], layers):
+    for entry in plan["layers"]:
         g_changed, c_changed = _width_changes(entry)
         needed = refit and entry["index"] < changed[-1]  # the streams are needed up to the last refit layer
         if entry["removed_whole"]:
             if dense is not None and needed:
-                dense = compensation.run_layer(layer, dense)  # removed below; the pruned stream skips it
-        elif refit and (g_changed or c_changed):
-            mid = out = None
-            if dense is not None:
-                mid, out = compensation.run_dense_layer(layer, dense)
-            owner = units.owners(layer, units.ATTENTION)[-1]  # o_proj columns
-            attention = mlp = None
-            if g_changed:
-                attention = (partial(surgery.keep_units, layer, units.ATTENTION, entry["kept_groups"]),
-                             units.kept_positions(owner, torch.as_tensor(entry["kept_groups"])))
-            if c_changed:
-                mlp = (partial(surgery.keep_units, layer, units.MLP, entry["kept_channels"]),
-                       torch.as_tensor(entry["kept_channels"]))
-            compensation.prune_layer_with_refit(layer, attention, mlp, stream, ridge,
-                                                None if dense is None else (mid, [h for h, _ in out]))
-            if needed:
-                stream = compensation.run_layer(layer, stream)
-                if dense is not None:
-                    dense = out
-        else:
-            surgery.keep_units(layer, units.ATTENTION, entry["kept_groups"])
-            surgery.keep_units(layer, units.MLP, entry["kept_channels"])
-            if needed:
-                advanced = compensation.run_layer(layer, stream)
-                if dense is not None:
-                    dense = advanced if dense is stream else compensation.run_layer(layer, dense)
-                stream = advanced
+                with resident(hf_model, entry["index"]) as layer:
+                    dense = compensation.run_layer(layer, dense)  # removed below; the pruned stream skips it
+        elif g_changed or c_changed or needed:
+            # an offloaded layer is read in once, and written back only when it changed
+            with resident(hf_model, entry["index"], keep=g_changed or c_changed) as layer:
+                stream, dense = _prune_layer(layer, entry, refit, needed, stream, dense, ridge)
         bar.update()
     bar.refresh()  # the layers after the last refit take no time: draw 100 % (a log file keeps the last state drawn)
     bar.close()

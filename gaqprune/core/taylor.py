@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gaqprune.core import units
-from gaqprune.core.layers import batch_layer_inputs, call_layer, micro_batches
+from gaqprune.core.layers import batch_layer_inputs, call_layer, micro_batches, offload_store, resident
 from gaqprune.core.metrics import causal_nll, tail_nll
 from gaqprune.errors import GaqpruneError
 
@@ -91,13 +91,19 @@ def taylor_scores(hf_model, windows: torch.Tensor, layers: list[int], batch_size
         raise GaqpruneError(f"Taylor method {method!r} is not one of {', '.join(METHODS)}")
     if not layers:
         return {}
+    if offload_store(hf_model) is not None:
+        if method == "accumulated":
+            raise GaqpruneError("the accumulated Taylor backward needs every layer on the device at once; an offloaded "
+                                "model is scored with the streamed one (method 'streamed' or 'auto')")
+        method = "streamed"  # the only one that needs a single layer on the device
     if method == "auto":
         estimate = memory_estimate(hf_model, windows, layers)
         cheap = estimate["accumulated"] <= max(SMALL_GRADIENTS, estimate["streamed"])
         method = "accumulated" if cheap else "streamed"
     decoder = hf_model.model.layers
     params = list(hf_model.parameters())
-    saved_flags = [p.requires_grad for p in params]
+    # by name: an offloaded layer's parameters are new objects each time it is read in
+    saved_flags = {name: p.requires_grad for name, p in hf_model.named_parameters()}
     was_training = hf_model.training
     try:
         for p in params:
@@ -127,9 +133,9 @@ def taylor_scores(hf_model, windows: torch.Tensor, layers: list[int], batch_size
         backward(hf_model, windows, sorted(layers), batch_size, loss_scale, score, progress)
         return {idx: scores[idx] for idx in layers}
     finally:
-        for p, flag in zip(params, saved_flags):
+        for name, p in hf_model.named_parameters():
             p.grad = None
-            p.requires_grad_(flag)
+            p.requires_grad_(saved_flags[name])
         hf_model.train(was_training)
 
 
@@ -155,7 +161,9 @@ def _accumulated(hf_model, windows, layers, batch_size, loss_scale, score, progr
 
 
 def _streamed(hf_model, windows, layers, batch_size, loss_scale, score, progress) -> None:
-    """Layer-by-layer backward from cached layer inputs; a layer is scored as soon as its gradients are complete."""
+    """Layer-by-layer backward from cached layer inputs; a layer is scored as soon as its gradients are complete.
+
+    Both sweeps go layer by layer over all micro-batches, so an offloaded layer is read twice (once up, once down)."""
     from tqdm.auto import tqdm
 
     decoder = hf_model.model.layers
@@ -163,33 +171,33 @@ def _streamed(hf_model, windows, layers, batch_size, loss_scale, score, progress
     first, selected = layers[0], set(layers)
     batches = micro_batches(windows, batch_size, device)
     # inputs[b]: the inputs of layers first.. for micro-batch b (popped from the end as the backward descends)
-    inputs, outputs, layer_kwargs = [], [], []
+    hidden, layer_kwargs = (list(column) for column in zip(*batch_layer_inputs(hf_model, batches)))
+    inputs: list[list[torch.Tensor]] = [[] for _ in batches]
     with tqdm(total=len(batches) * (2 * len(decoder) - first + 1), desc="Taylor scores", disable=not progress,
               leave=False) as bar, torch.no_grad():
-        for hidden, kwargs in batch_layer_inputs(hf_model, batches):
-            layer_kwargs.append(kwargs)
-            inputs.append([])
-            for idx, layer in enumerate(decoder):
-                if idx >= first:
-                    inputs[-1].append(hidden)
-                hidden = call_layer(layer, hidden, kwargs)
-            outputs.append(hidden)
-            bar.update(len(decoder))
+        for idx in range(len(decoder)):
+            with resident(hf_model, idx) as layer:
+                for b in range(len(batches)):
+                    if idx >= first:
+                        inputs[b].append(hidden[b])
+                    hidden[b] = call_layer(layer, hidden[b], layer_kwargs[b])
+                    bar.update(1)
         with torch.enable_grad():
             grads = []  # d(loss) / d(output of the current layer), per micro-batch
             for b, ids in enumerate(batches):
-                out = outputs[b].requires_grad_()
+                out = hidden[b].requires_grad_()
                 nll = tail_nll(hf_model, out, ids)
                 _check_loss(nll, b * batch_size, len(ids))
                 (nll * loss_scale).backward()
                 grads.append(out.grad)
-                outputs[b] = None
+                hidden[b] = None
                 bar.update(1)
             for idx in range(len(decoder) - 1, first - 1, -1):
-                for b in range(len(batches)):
-                    hidden = inputs[b].pop().requires_grad_(idx > first)  # no input gradient below the first layer
-                    call_layer(decoder[idx], hidden, layer_kwargs[b]).backward(grads[b])
-                    grads[b] = hidden.grad
-                    bar.update(1)
-                if idx in selected:
-                    score(idx)
+                with resident(hf_model, idx) as layer:
+                    for b in range(len(batches)):
+                        state = inputs[b].pop().requires_grad_(idx > first)  # no input gradient below the first layer
+                        call_layer(layer, state, layer_kwargs[b]).backward(grads[b])
+                        grads[b] = state.grad
+                        bar.update(1)
+                    if idx in selected:
+                        score(idx)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -187,13 +188,16 @@ def build_config(hf_model, base_model: str | None = None):
 
 
 def save_pretrained_model(hf_model, tokenizer, out_dir: str | os.PathLike, overwrite: bool = False,
-                          max_shard_size: str = "2GB", base_model: str | None = None) -> Path:
+                          max_shard_size: str = "2GB", base_model: str | None = None,
+                          write_weights: Callable[[Path], None] | None = None) -> Path:
     """Save ``hf_model`` (+ ``tokenizer``) to ``out_dir`` atomically so it reloads bit-exactly in a fresh process.
 
     Pruned models get a ``gaqprune_*`` config with per-layer shapes and the remote code stock
     transformers needs (``trust_remote_code=True``); dense ones stay plain checkpoints. Weights are
     safetensors in the model's dtype, sharded above ``max_shard_size``. An existing ``out_dir`` is
-    refused unless ``overwrite``; an interrupted save leaves no ``out_dir`` behind.
+    refused unless ``overwrite``; an interrupted save leaves no ``out_dir`` behind. ``write_weights(folder)``
+    replaces HF's ``save_pretrained`` for the weights (and generation config): an offloaded model's layer-by-layer
+    writer (``gaqprune.models.offload.layer_shard_writer``).
     """
     if any("lora_" in name for name, _ in hf_model.named_parameters()):
         raise GaqpruneError("the model still has LoRA adapter weights; merge them (merge_and_unload) before saving")
@@ -201,7 +205,10 @@ def save_pretrained_model(hf_model, tokenizer, out_dir: str | os.PathLike, overw
     pruned = config.model_type in PRUNED_FAMILIES
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        hf_model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if write_weights is None:
+            hf_model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        else:
+            write_weights(tmp)
         config.save_pretrained(tmp)  # replaces the config.json written from the in-memory config
         _enable_generation_cache(tmp)
         for name in (CONFIG_FILE, MODELING_FILE):

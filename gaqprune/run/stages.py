@@ -18,6 +18,7 @@ import torch
 from gaqprune.atomic import write_json
 from gaqprune.core import importance
 from gaqprune.core.importance import model_fingerprint
+from gaqprune.core.layers import offload_store, state_items
 from gaqprune.core.metrics import perplexity
 from gaqprune.core.plan import apply_plan, build_plan
 from gaqprune.errors import GaqpruneError
@@ -141,9 +142,10 @@ def dense_perplexity(hf_model, windows: torch.Tensor, batch_size: int, fingerpri
     # the fingerprint samples 256 values per tensor; a sum and a norm of every tensor also see a change anywhere else
     # (a folder's weights updated in place), without a full-size copy
     with torch.no_grad():
-        tensors = hf_model.state_dict().values()
-        sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors]).tolist()
-        norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]).tolist()
+        sums, norms = [], []
+        for _, t in state_items(hf_model):  # name order; an offloaded model's layers are read in one at a time
+            sums.append(t.sum(dtype=torch.float32).item())
+            norms.append(torch.linalg.vector_norm(t, dtype=torch.float32).item())
     key = {"fingerprint": fingerprint, "sums": sums, "norms": norms, "config": config,
            "attn": hf_model.config._attn_implementation,
            "windows": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest(), "shape": list(windows.shape),
@@ -204,6 +206,7 @@ def write_pruned(hf_model, tokenizer, run_dir: RunDir, plan: dict, scores: dict[
     """What a run writes of the model it pruned: the plan, its chart, and (``save_model_of``: the dense model's name,
     recorded in the checkpoint) the model as ``model/``, (``save_gguf``: a weight type) as ``model.gguf``."""
     from gaqprune.models.gguf import save_gguf as write_gguf
+    from gaqprune.models.offload import layer_shard_writer
     from gaqprune.models.pruned import save_pretrained_model
 
     clock = clock or Stopwatch()
@@ -211,7 +214,8 @@ def write_pruned(hf_model, tokenizer, run_dir: RunDir, plan: dict, scores: dict[
     plot_rates(scores or {}, plan, run_dir / RunDir.RATES_PLOT)
     if save_model_of is not None:
         with clock("save"):
-            save_pretrained_model(hf_model, tokenizer, run_dir / RunDir.MODEL, overwrite=True, base_model=save_model_of)
+            save_pretrained_model(hf_model, tokenizer, run_dir / RunDir.MODEL, overwrite=True, base_model=save_model_of,
+                                  write_weights=layer_shard_writer(hf_model) if offload_store(hf_model) else None)
     if save_gguf:
         with clock("save_gguf"):
             write_gguf(hf_model, tokenizer, run_dir / RunDir.GGUF, out_type=save_gguf, overwrite=True, name=gguf_name,

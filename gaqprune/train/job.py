@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,13 @@ import lightning as L
 import torch
 
 from gaqprune.atomic import write_json, write_text
+from gaqprune.core.layers import offload_store
 from gaqprune.core.metrics import perplexity
 from gaqprune.core.plan import plan_digest
 from gaqprune.data.datamodule import LMDataModule
 from gaqprune.errors import GaqpruneError
 from gaqprune.models.names import EMBEDDED, model_name, model_origin
+from gaqprune.models.offload import to_device
 from gaqprune.run import report, stages
 from gaqprune.run.rundir import RunDir
 from gaqprune.settings import FinetuneSettings, ImportanceSettings, PruneSettings, RunSettings
@@ -31,6 +34,9 @@ from gaqprune.train.callbacks import GQAPrune, LayerImportance, shows_progress
 from gaqprune.train.module import LitCausalLM
 
 log = logging.getLogger("gaqprune")
+# Set in the environment of the ranks Lightning starts for the fit of `prune --finetune` (they inherit it at launch):
+# they are this run's own ranks, not ones an external launcher (torchrun, SLURM) started beside rank 0
+LAUNCH_ENV = "GAQPRUNE_FINETUNE_RANK"
 
 
 @dataclass
@@ -68,12 +74,15 @@ def run_prune(trainer: L.Trainer, model: LitCausalLM, datamodule: LMDataModule |
         return _join_finetune(trainer, model, datamodule, job, run_dir) if job.finetune.finetune else {}
     clock = report.Stopwatch()
     metrics: dict = {"base_model": job.base_model}
-    hf_model.to(device)
+    to_device(hf_model, device)  # an offloaded model: all but the decoder layers, which go one at a time
     meta = stages.importance_meta(hf_model, job.importance, start, end, job.base_model, datamodule.source, job.run.seed)
     stages.check_importance_config(job.importance, meta)
     # every check passed: --overwrite removes the previous run's results now, before anything new is written (an
     # unfinished run's leftovers go in any case)
     run_dir.clear()
+    store = offload_store(hf_model)
+    if store is not None:  # layers the surgery changed wait in the run folder until the save
+        store.scratch_parent = run_dir.path
     if job.config_yaml:
         write_text(run_dir / RunDir.CONFIG, job.config_yaml)
     if eval_windows is not None:
@@ -102,6 +111,8 @@ def run_prune(trainer: L.Trainer, model: LitCausalLM, datamodule: LMDataModule |
                 **{k: v for part in (job.importance, job.pruning, job.run, job.finetune)
                    for k, v in dataclasses.asdict(part).items()}}
     report.log_run_results(trainer.loggers, settings, metrics, logged, report.summary_table(plan, metrics))
+    if store is not None:
+        store.close()
     write_json(run_dir / RunDir.METRICS, metrics)  # written last: marks the run as finished
     written = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.path.iterdir() if not p.name.startswith("."))
     print(f"results in {run_dir.path}/: {', '.join(written)}")
@@ -124,8 +135,12 @@ def _finetune_pruned(trainer: L.Trainer, model: LitCausalLM, datamodule: LMDataM
     resume = resumable(trainer, model, run_dir)
     # the other ranks, which Lightning starts now, receive the plan from this one
     trainer.callbacks.append(GQAPrune(job.pruning, seed=job.run.seed, plan=plan, pruned_on_rank_zero=True))
-    with clock("finetune"):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+    os.environ[LAUNCH_ENV] = "1"
+    try:
+        with clock("finetune"):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+    finally:
+        os.environ.pop(LAUNCH_ENV, None)
     model.to(trainer.strategy.root_device)  # Lightning's teardown left it on the CPU (hours of eval for 8B)
     if eval_windows is not None:
         metrics["ppl_after_finetune"] = perplexity(model.model, eval_windows.to(model.device), datamodule.eval_batch_size,

@@ -39,6 +39,7 @@ class LitCausalLM(L.LightningModule):
         distill_weight: float = 0.0,
         distill_temperature: float = 1.0,
         teacher_model: str | None = None,
+        offload: Literal["none", "cpu", "disk"] = "none",
     ):
         """
         Args:
@@ -59,10 +60,18 @@ class LitCausalLM(L.LightningModule):
             distill_temperature: T of the distillation term.
             teacher_model: the teacher (default: the dense model the pruned one came from, as recorded in its
                 checkpoint, or base_model itself when pruning happens in the same run).
+            offload: where the decoder layers' weights live: 'none' (in the model), 'cpu' (host memory) or 'disk'
+                (the input's safetensors files); with cpu/disk one layer at a time is on the device
+                (``gaqprune.models.offload``; `gaqprune prune` only).
         """
         super().__init__()
         self.save_hyperparameters()
-        self.model = load_model(base_model, dtype=dtype)
+        if offload == "none":
+            self.model = load_model(base_model, dtype=dtype)
+        else:
+            from gaqprune.models.offload import load_offloaded
+
+            self.model = load_offloaded(base_model, dtype, offload)
         self.val_ppl = Perplexity()
         self.test_ppl = Perplexity()
         self.lora_attached = False
