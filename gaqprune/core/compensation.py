@@ -31,7 +31,7 @@ from torch import nn
 from gaqprune.core.layers import batch_layer_inputs, call_layer, micro_batches
 
 MIN_RIDGE = 1e-6  # smallest relative ridge the refit uses (see refit_weight)
-FIT_ROWS = 1024  # rows of X_K^T X W^T formed at once in float64 (refit_weight)
+FIT_ROWS = 512  # rows of X_K^T X W^T formed at once in float64 (refit_weight)
 
 
 class _Stop(Exception):
@@ -103,28 +103,42 @@ def refit_weight(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, r
 
     ``cross`` = X^T T ``[in, out]`` for an explicit target; None: the target is the dense output X W^T.
     """
+    held = LinearStats.__new__(LinearStats)
+    held.gram, held.cross = gram, cross
+    return _solve(weight, held, kept, ridge)
+
+
+def _solve(weight: torch.Tensor, stats: LinearStats, kept: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``refit_weight`` on ``stats``, whose Gram matrix and cross term it drops (``stats.gram = None``) as soon as the
+    solve's own float64 matrices are built: the refit is the largest transient of an offloaded run, so its peak is
+    the k x k float64 system and the right-hand side, not those plus the float32 statistics. G_KK and the right-hand
+    side are built from row blocks of G, the ridge goes onto the diagonal in place, and the Cholesky factor overwrites
+    G_KK."""
+    gram, cross = stats.gram, stats.cross
+    stats.gram = stats.cross = None
     kept = kept.to(gram.device)
-    # Peak memory matters here (the float64 solve is the largest transient of an offloaded run): G_KK and
-    # X_K^T X W^T are built from row blocks of G (never a float64 copy of all the kept rows), the ridge goes onto the
-    # diagonal in place, and the Cholesky factor overwrites G_KK.
     k = len(kept)
     g_kk = torch.empty(k, k, dtype=torch.float64, device=gram.device)
-    w = weight.detach().double()
-    fit = torch.empty(k, w.shape[0], dtype=torch.float64, device=gram.device) if cross is None \
-        else cross.index_select(0, kept).double()
+    w = None
+    if cross is None:  # X_K^T T = G_K: W^T
+        w = weight.detach().double()
+        fit = torch.empty(k, w.shape[0], dtype=torch.float64, device=gram.device)
+    else:
+        fit = cross.index_select(0, kept).double()
+    del cross
     for start in range(0, k, FIT_ROWS):
         block = gram.index_select(0, kept[start : start + FIT_ROWS]).double()
         g_kk[start : start + FIT_ROWS] = block.index_select(1, kept)
-        if cross is None:
+        if w is not None:
             torch.mm(block, w.T, out=fit[start : start + FIT_ROWS])
         del block
+    del gram, w
     # With fewer calibration tokens than kept inputs G_KK is singular, and at ridge 0 the solve returns whatever the
     # float32 round-off in G dictates (weights 80x the dense ones); MIN_RIDGE keeps it the least-squares solution
     # nearest the original weights, and is far below any ridge that changes a well-determined fit.
     lam = max(ridge, MIN_RIDGE) * g_kk.diagonal().mean().clamp(min=1e-12)
     g_kk.diagonal().add_(lam)
-    fit += lam * w.index_select(1, kept).T
-    del w
+    fit += lam * weight.detach().index_select(1, kept.to(weight.device)).T.double()
     # G_KK + lam I is symmetric positive definite: its Cholesky factor overwrites it (no second k x k copy)
     solution = torch.cholesky_solve(fit, torch.linalg.cholesky(g_kk, out=g_kk))  # [kept, out]
     return solution.T.to(weight.dtype).contiguous()
@@ -135,7 +149,7 @@ def _refit(linear_getter: Callable[[], nn.Linear], prune: Callable[[], None], st
     weight = linear_getter().weight.detach().clone()
     prune()
     with torch.no_grad():
-        linear_getter().weight.copy_(refit_weight(weight, stats.gram, kept, ridge, stats.cross))
+        linear_getter().weight.copy_(_solve(weight, stats, kept, ridge))
 
 
 def _weight_target(target: torch.Tensor, linear: nn.Linear) -> torch.Tensor:

@@ -50,6 +50,23 @@ def _set(module: torch.nn.Module, name: str, device, value: torch.Tensor | None 
         set_module_tensor_to_device(module, name, device, value=value)
 
 
+def _return_freed_memory() -> None:
+    """Hand the heap pages freed with a layer back to the system (glibc keeps freed blocks under 32 MB in its heap,
+    and a run of many layers crept up by some 30 MB per layer on the Llama-3.2-1B shape); nothing elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        _LIBC = ctypes.CDLL(name) if name else False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 class OffloadStore:
     """Where each decoder layer's weights are while they are not on the device (see the module docstring).
 
@@ -101,6 +118,7 @@ class OffloadStore:
         finally:
             for name, _ in list(layer.named_parameters()):
                 _set(layer, name, "meta")
+            _return_freed_memory()
 
     def _write(self, layer: torch.nn.Module) -> None:
         """Keep the layer's current weights (after surgery) as its source."""
