@@ -168,6 +168,14 @@ def cases(tmp: Path, model: Path, text: Path) -> dict[str, tuple[list[str], str]
                                     "--trainer.max_steps 0 trains nothing"),
         "importance_is_folder": ([*data, "--skip_importance_analysis", "true", "--importance_config", str(tmp)],
                                  "is a folder; give the layer_importance_config.json file in it"),
+        "tasks_unknown": ([*data, "--eval_tasks", "no_such_task"],
+                          "--eval_tasks 'no_such_task' is not an lm-eval task, group or tag"),
+        "tasks_hub_offline": ([*data, "--eval_tasks", "arc_easy"], "reads the hub dataset allenai/ai2_arc"),
+        "tasks_folder_missing": ([*data, "--eval_tasks", "gaqprune_wiki_next", "--task_path", str(tmp / "nope")],
+                                 "does not exist; give a folder of lm-eval task YAML files"),
+        "tasks_limit_without_tasks": ([*data, "--eval_limit", "5"], "--eval_limit 5 applies to the tasks of --eval_tasks"),
+        "tasks_with_offload": ([*data, "--eval_tasks", "gaqprune_wiki_next", "--offload", "cpu"],
+                               "cannot be combined with --offload cpu"),
         "offload_unknown": ([*data, "--offload", "gpu"], "--offload 'gpu' is not accepted; give one of none, cpu, disk"),
         "offload_with_finetune": ([*data, "--offload", "cpu", "--finetune", "true"],
                                   "--offload cpu cannot be combined with --finetune"),
@@ -206,7 +214,8 @@ CASE_NAMES = [
     "finetune_eval_text_too_short", "eval_fraction_above_one", "model_without_tokenizer", "layer_start_not_integer",
     "ratio_not_a_number", "whole_layer_rate_above_one", "finetune_max_steps_zero", "importance_is_folder",
     "pickled_weights", "output_dir_uncreatable", "offload_unknown", "offload_with_finetune", "offload_with_gguf",
-    "offload_disk_without_safetensors",
+    "offload_disk_without_safetensors", "tasks_unknown", "tasks_hub_offline", "tasks_folder_missing",
+    "tasks_limit_without_tasks", "tasks_with_offload",
 ]
 
 
@@ -408,6 +417,7 @@ def test_overwrite_keeps_the_previous_run_when_a_check_fails(command, tmp_path, 
 @pytest.mark.parametrize("extra, expected", [
     (["--skip_importance_analysis", "true", "--importance_config", "l.json"], "num_layers differs: found 30, expected 4"),
     (["--data.eval_fraction", "0"], "--data.eval_fraction 0.0 is invalid"),
+    (["--eval_tasks", "no_such_task"], "--eval_tasks 'no_such_task' is not an lm-eval task"),
 ])
 def test_cheap_checks_come_before_the_model_is_loaded(extra, expected, tmp_path, monkeypatch, capsys, tiny_model_dir,
                                                       text_file):

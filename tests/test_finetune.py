@@ -146,12 +146,24 @@ def test_fit_checkpoint_holds_only_lora_and_resumes(tiny_model_dir, tmp_path):
     # validating the fit's checkpoint measures the adapters it holds (not the base model without them)
     r = subprocess.run(cli_command("validate", "--base_model", str(tiny_model_dir),
                         "--data.max_seq_len", "32", "--data.max_eval_windows", "4", "--ckpt_path", str(resumed[-1]),
-                        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)),
+                        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+                        "--tasks", "gaqprune_wiki_next", "--eval_limit", "16"),
                        cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     validated = float(next(line.split("│")[2] for line in r.stdout.splitlines() if "val_ppl" in line))
     assert validated == pytest.approx(fit_metrics["val_ppl"], rel=1e-9)
     assert validated != pytest.approx(dense_val_ppl(tiny_model_dir), rel=1e-6)
+    # and its task accuracy is that of the same adapters merged (the fit's model_finetuned/), not the base model's
+    from gaqprune.models.load import load_model, load_tokenizer
+    from gaqprune.run.zeroshot import ZeroShotSettings, evaluate
+
+    [tasks_json] = (tmp_path / "lightning_logs" / "validate").glob("version_*/tasks.json")
+    with_adapters = json.loads(tasks_json.read_text())["tasks"]["gaqprune_wiki_next"]
+    merged = evaluate(load_model(str(tmp_path / "prune_log" / "b" / "model_finetuned")), load_tokenizer(str(tiny_model_dir)),
+                      ZeroShotSettings(tasks="gaqprune_wiki_next", eval_limit=16), progress=False)
+    assert with_adapters["n"] == 16
+    assert (with_adapters["acc"], with_adapters["acc_norm"]) == (merged["tasks"]["gaqprune_wiki_next"]["acc"],
+                                                                 merged["tasks"]["gaqprune_wiki_next"]["acc_norm"])
     # adapters trained on other layer shapes (e.g. a pruned model, resumed without --prune) are refused, not loaded
     # into the wrong layers
     wrong = torch.load(ckpt, weights_only=False)

@@ -31,8 +31,9 @@ from gaqprune.data.datamodule import LMDataModule
 from gaqprune.errors import GaqpruneError
 from gaqprune.models.names import EMBEDDED, resolve_dtype
 from gaqprune.models.offload import check_offload
-from gaqprune.run import stages
+from gaqprune.run import stages, zeroshot
 from gaqprune.run.rundir import RunDir
+from gaqprune.run.zeroshot import ZeroShotSettings
 from gaqprune.settings import FinetuneSettings, ImportanceSettings, PruneSettings, RunSettings, check_context
 from gaqprune.train import job as jobs
 from gaqprune.train.module import LitCausalLM, check_teacher
@@ -64,6 +65,18 @@ class GaqpruneCLI(LightningCLI):
                 parser.add_class_arguments(settings, nested_key=None, fail_untyped=False)
             for name in ("finetune_method", "distill_weight", "distill_temperature", "teacher_model"):
                 parser.link_arguments(name, f"model.{name}")
+        if subcommand in ("prune", "validate", "test"):
+            tasks = "eval_tasks" if subcommand == "prune" else "tasks"
+            when = "before pruning, after it and after --finetune" if subcommand == "prune" else "after the perplexity"
+            parser.add_argument(f"--{tasks}", type=str | None, default=None,
+                                help=f"Zero-shot accuracy with lm-evaluation-harness ({when}): comma-separated lm-eval "
+                                     "task names or presets: commonsense (boolq, piqa, hellaswag, winogrande, arc_easy, "
+                                     "arc_challenge, openbookqa), gaqprune_wiki_next (offline, shipped), or tasks of "
+                                     "--task_path. Needs the [eval] extra.")
+            parser.add_argument("--task_path", type=str | None, default=None,
+                                help="A folder of extra lm-eval task YAML files (lm-eval's --include_path).")
+            parser.add_argument("--eval_limit", type=int | None, default=None,
+                                help="Only the first N documents of each task (lm-eval's --limit; quick checks).")
         if subcommand == "fit":
             parser.add_argument("--prune", type=bool, default=False,
                                 help="Prune in Callback.setup (layer importance + GQA pruning) before fine-tuning.")
@@ -91,6 +104,20 @@ class GaqpruneCLI(LightningCLI):
         parser.link_arguments("dtype", "model.dtype")
         parser.link_arguments("offload", "model.offload")
 
+    def _tasks(self) -> ZeroShotSettings | None:
+        """``--eval_tasks`` (prune) / ``--tasks`` (validate, test) with their ``--task_path`` and ``--eval_limit``."""
+        cfg = self.config[self.subcommand]
+        name = "eval_tasks" if self.subcommand == "prune" else "tasks"
+        if name not in cfg:
+            return None
+        if cfg[name] is None:
+            given = [flag for flag in ("task_path", "eval_limit") if cfg.get(flag) is not None]
+            if given:
+                raise GaqpruneError(f"--{given[0]} {cfg[given[0]]} applies to the tasks of --{name}, and none are given; "
+                                    f"add --{name} NAME[,NAME...] or drop it")
+            return None
+        return ZeroShotSettings(tasks=cfg[name], task_path=cfg["task_path"], eval_limit=cfg["eval_limit"])
+
     def _settings(self, cls):
         cfg = self.config[self.subcommand]
         return cls(**{name: cfg[name] for name in cls.__dataclass_fields__})
@@ -106,6 +133,18 @@ class GaqpruneCLI(LightningCLI):
         resolve_dtype(cfg["dtype"])
         check_offload(cfg["offload"], self.subcommand, bool(cfg.get("finetune")), cfg.get("save_gguf"),
                       cfg["base_model"])
+        tasks = self._tasks()
+        if tasks is not None:  # names, folders, lm-eval itself, hub datasets: all before the model loads
+            if cfg["offload"] != "none":
+                raise GaqpruneError(f"--eval_tasks {tasks.tasks} cannot be combined with --offload {cfg['offload']} "
+                                    "(lm-eval runs the whole model at once); evaluate the saved model with `gaqprune "
+                                    "test --tasks ...`")
+            try:
+                zeroshot.check_settings(tasks)
+            except GaqpruneError as err:  # the module names the flag --tasks; `prune` calls it --eval_tasks
+                if self.subcommand != "prune":
+                    raise
+                raise GaqpruneError(str(err).replace("--tasks ", "--eval_tasks ", 1)) from None
         prune_finetune = self.subcommand == "prune" and bool(cfg["finetune"])
         trains = self.subcommand == "fit" or prune_finetune
         LMDataModule.check_args(cfg["data"], trains)
@@ -243,7 +282,8 @@ class GaqpruneCLI(LightningCLI):
         trainer = self.config.prune.trainer
         self._job = PruneJob(*(self._settings(c) for c in SETTINGS.values()), base_model=self.config.prune.base_model,
                              config_yaml=self._subcommand_parsers["prune"].dump(self.config.prune, skip_none=False),
-                             trainer_limits=trainer.max_epochs is not None or trainer.max_steps != -1)
+                             trainer_limits=trainer.max_epochs is not None or trainer.max_steps != -1,
+                             tasks=self._tasks())
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -262,6 +302,28 @@ class GaqpruneCLI(LightningCLI):
 
     def after_fit(self) -> None:
         jobs.finish_fit(self.trainer, self.model, self.datamodule, self._fit_job())
+
+    def after_validate(self) -> None:
+        self._evaluate_tasks()
+
+    def after_test(self) -> None:
+        self._evaluate_tasks()
+
+    def _evaluate_tasks(self) -> None:
+        """``--tasks``: lm-eval's accuracy of the model the subcommand evaluated (with a --ckpt_path's weights and
+        LoRA adapters), printed as a table, logged as ``eval/<task>/<metric>`` and written to ``tasks.json`` in the
+        logger's folder."""
+        tasks = self._tasks()
+        if tasks is None or not self.trainer.is_global_zero:
+            return
+        from gaqprune.atomic import write_json
+        from gaqprune.train.callbacks import shows_progress
+
+        results = jobs.evaluate_tasks(self.trainer, self.model.model, self.datamodule.tokenizer, tasks,
+                                      self.datamodule.eval_batch_size, 0, shows_progress(self.trainer))
+        print("zero-shot accuracy (lm-eval):\n" + zeroshot.format_table(results))
+        if self.trainer.log_dir:
+            write_json(Path(self.trainer.log_dir) / "tasks.json", results)
 
 
 __all__ = ["SETTINGS", "GaqpruneCLI", "GaqpruneTrainer", "PruneJob"]

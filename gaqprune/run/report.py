@@ -34,11 +34,45 @@ RESULT_SCALARS = ("ppl_before", "ppl_after", "ppl_after_finetune")
 RESULT_PARAMS = ("achieved_ratio_selected", "achieved_ratio_decoder", "achieved_ratio_model", "model_params_after")
 
 
+# ``--eval_tasks`` results in metrics.json: the model before pruning, after it, after the fine-tune
+TASK_STAGES = {"tasks_before": "dense", "tasks_after": "pruned", "tasks_after_finetune": "fine-tuned"}
+
+
 def result_values(metrics: dict) -> dict[str, float]:
-    """A pruning run's results as logger scalars: ``prune/ppl_*``, the achieved ratios, the parameters left."""
+    """A pruning run's results as logger scalars: ``prune/ppl_*``, the achieved ratios, the parameters left, the
+    average task accuracy of each ``--eval_tasks`` stage (``prune/tasks_after_average``, ...)."""
     values = {f"prune/{k}": float(metrics[k]) for k in RESULT_SCALARS if k in metrics}
     values.update({f"prune/{k}": float(v) for k, v in metrics.get("params", {}).items() if k in RESULT_PARAMS})
+    values.update({f"prune/{k}_average": float(metrics[k]["average"]) for k in TASK_STAGES
+                   if metrics.get(k, {}).get("average") is not None})
     return values
+
+
+def log_task_results(loggers, results: dict, step: int) -> None:
+    """One stage's task accuracies as ``eval/<task>/<metric>`` at ``step`` (0 dense, 1 pruned, 2 fine-tuned: one
+    curve per metric across the run)."""
+    from gaqprune.run.zeroshot import scalars
+
+    for logger in loggers:
+        logger.log_metrics(scalars(results, "eval"), step=step)
+
+
+def task_table(metrics: dict) -> str | None:
+    """The ``--eval_tasks`` results side by side: one row per task (its reported metric, in %), one column per stage."""
+    stages = [k for k in TASK_STAGES if k in metrics]
+    if not stages:
+        return None
+    tasks = list(metrics[stages[0]]["tasks"])
+    head = "| task (metric) | " + " | ".join(TASK_STAGES[k] for k in stages) + " |"
+    lines = [head, "|---|" + "---:|" * len(stages)]
+    for task in tasks:
+        reported = metrics[stages[0]]["tasks"][task]["reported"]
+        cells = [f"{100 * metrics[k]['tasks'][task][reported]:.2f}" for k in stages]
+        lines.append(f"| {task} ({reported}) | " + " | ".join(cells) + " |")
+    if all(metrics[k].get("average") is not None for k in stages):
+        lines.append("| average | " + " | ".join(f"{100 * metrics[k]['average']:.2f}" for k in stages) + " |")
+    limit = metrics[stages[0]].get("limit")
+    return "\n".join(lines) + (f"\n(first {limit} documents of each task: --eval_limit)" if limit else "")
 
 
 def log_results(loggers, values: dict[str, float]) -> None:
@@ -204,6 +238,9 @@ def summary_table(plan: dict, metrics: dict) -> str:
                      f"dense {metrics.get('ppl_before', float('nan')):.2f}"
                      f"{' (cached)' if metrics.get('ppl_before_cached') else ''} | "
                      f"pruned {metrics.get('ppl_after', float('nan')):.2f}")
+    tasks = task_table(metrics)
+    if tasks:
+        lines += ["", "zero-shot accuracy (lm-eval):", tasks, ""]
     times = metrics.get("seconds", {})
     if times:
         lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))

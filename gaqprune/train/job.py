@@ -29,6 +29,7 @@ from gaqprune.models.names import EMBEDDED, model_name, model_origin
 from gaqprune.models.offload import to_device
 from gaqprune.run import report, stages
 from gaqprune.run.rundir import RunDir
+from gaqprune.run.zeroshot import ZeroShotSettings
 from gaqprune.settings import FinetuneSettings, ImportanceSettings, PruneSettings, RunSettings
 from gaqprune.train.callbacks import GQAPrune, LayerImportance, shows_progress
 from gaqprune.train.module import LitCausalLM
@@ -50,6 +51,18 @@ class PruneJob:
     base_model: str
     config_yaml: str = ""
     trainer_limits: bool = False  # --trainer.max_epochs or max_steps given: they bound the fine-tune, not --finetune_epochs
+    tasks: ZeroShotSettings | None = None  # --eval_tasks: lm-eval accuracy before and after pruning and the fine-tune
+
+
+def evaluate_tasks(trainer: L.Trainer, hf_model, tokenizer, tasks: ZeroShotSettings, batch_size: int, step: int,
+                   progress: bool) -> dict:
+    """lm-eval's accuracy of ``hf_model`` on ``tasks`` (on the run's device), logged as ``eval/<task>/<metric>``."""
+    from gaqprune.run import zeroshot
+
+    results = zeroshot.evaluate(hf_model, tokenizer, tasks, batch_size=batch_size,
+                                device=trainer.strategy.root_device, progress=progress)
+    report.log_task_results(trainer.loggers, results, step)
+    return results
 
 
 def run_prune(trainer: L.Trainer, model: LitCausalLM, datamodule: LMDataModule | None = None,
@@ -91,6 +104,10 @@ def run_prune(trainer: L.Trainer, model: LitCausalLM, datamodule: LMDataModule |
             metrics["ppl_before"], metrics["ppl_before_cached"] = stages.dense_perplexity(
                 hf_model, eval_windows, datamodule.eval_batch_size, meta["model_fingerprint"],
                 progress="dense perplexity" if progress else None)
+    if job.tasks is not None:
+        with clock("tasks_before"):
+            metrics["tasks_before"] = evaluate_tasks(trainer, hf_model, datamodule.tokenizer, job.tasks,
+                                                     datamodule.eval_batch_size, 0, progress)
     scores, plan = stages.prune_model(hf_model, datamodule, job.importance, job.pruning, job.run.seed, meta, device,
                                       progress, run_dir=run_dir, clock=clock)
     stages.write_pruned(hf_model, datamodule.tokenizer, run_dir, plan, scores,
@@ -100,6 +117,10 @@ def run_prune(trainer: L.Trainer, model: LitCausalLM, datamodule: LMDataModule |
         with clock("eval_after"):
             metrics["ppl_after"] = perplexity(hf_model, eval_windows, datamodule.eval_batch_size,
                                               progress="pruned perplexity" if progress else None)
+    if job.tasks is not None:
+        with clock("tasks_after"):
+            metrics["tasks_after"] = evaluate_tasks(trainer, hf_model, datamodule.tokenizer, job.tasks,
+                                                    datamodule.eval_batch_size, 1, progress)
     metrics.update(params=plan["totals"], seconds=clock.seconds)
     log_prune_layers(trainer, scores, plan)
     logged = report.result_values(metrics)  # now: a fine-tune can take hours (or fail)
@@ -147,6 +168,11 @@ def _finetune_pruned(trainer: L.Trainer, model: LitCausalLM, datamodule: LMDataM
                                                    progress="fine-tuned perplexity" if progress else None)
         print(f"perplexity after fine-tuning: {metrics['ppl_after_finetune']:.2f} (dense {metrics['ppl_before']:.2f} | "
               f"pruned {metrics['ppl_after']:.2f})")
+    if job.tasks is not None:
+        with clock("tasks_after_finetune"):
+            metrics["tasks_after_finetune"] = evaluate_tasks(trainer, model.model, datamodule.tokenizer, job.tasks,
+                                                             datamodule.eval_batch_size, 2, progress)
+        print("zero-shot accuracy after fine-tuning (lm-eval):\n" + report.task_table(metrics))
     metrics["finetune_outputs"] = export_finetuned(
         model, datamodule.tokenizer, run_dir, job.run.save_gguf, pruned_here=True,
         adapter_base=run_dir / RunDir.MODEL if job.run.save_model else None, progress=progress)
