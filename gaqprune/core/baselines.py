@@ -35,9 +35,7 @@ def magnitude_scores(hf_model, layers: list[int]) -> dict[int, dict[str, torch.T
 
 def uniform_plan(hf_model, windows: torch.Tensor, settings: PruneSettings, scoring: str = "taylor") -> dict:
     """Same rate (``settings.pruning_ratio``) in every layer of the range; ``scoring`` taylor | magnitude."""
-    from gaqprune.core.plan import layer_range
-
-    start, end = layer_range(settings, len(hf_model.model.layers))
+    start, end = settings.layer_range(len(hf_model.model.layers))
     selected = list(range(start, end))
     if scoring == "magnitude":
         scores = magnitude_scores(hf_model, selected)
