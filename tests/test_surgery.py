@@ -275,3 +275,57 @@ def test_refit_at_ridge_zero_with_fewer_tokens_than_inputs_stays_near_the_weight
     assert residual < 1e-3  # still fits the calibration tokens (16 equations per output, 100 unknowns)
     assert refit.abs().max() < 3 * weight.abs().max()
     assert (refit - weight[:, kept]).norm() < 1.5 * weight[:, 100:].norm()  # moved about as far as the removed part
+
+
+def test_a_removed_span_folded_into_the_block_before_matches_the_dense_stream_better(random_windows):
+    """Residual refit: down_proj of the block before a whole-removed span is refit toward the dense residual stream
+    after the span (ReplaceMe's linear replacement, as the residual refit of W): on the calibration windows the pruned
+    stream after that block is closer to the dense one after the span than with plain removal, at the same size."""
+    from gaqprune.core.plan import plan_from_scores
+
+    dense = tiny_llama(layers=6)
+    with torch.no_grad():
+        target = dense(random_windows, output_hidden_states=True).hidden_states[4]  # after dense layers 0..3
+    errors, sizes = {}, {}
+    for fold in (False, True):
+        model = copy.deepcopy(dense)
+        s = settings(compensation="residual", layer_start=0, layer_end=6)
+        plan = plan_from_scores(model, {2: 1.0, 3: 1.0}, {}, s, {}, (0, 6), tuple(random_windows.shape))
+        if not fold:  # the default folds; plain removal for comparison
+            plan["settings"]["fold_spans"] = False
+        apply_plan(model, plan, random_windows)
+        assert len(model.model.layers) == 4
+        with torch.no_grad():
+            got = model(random_windows, output_hidden_states=True).hidden_states[2]  # after layers 0, 1
+        errors[fold], sizes[fold] = (got - target).pow(2).mean().item(), n_params(model)
+    assert sizes[True] == sizes[False] == plan["totals"]["model_params_after"]
+    assert errors[True] < 0.5 * errors[False], errors
+
+
+@pytest.mark.parametrize("scoring", ["taylor", "magnitude"])
+def test_uniform_baseline_prunes_every_selected_layer_at_the_same_rate(random_windows, scoring):
+    from gaqprune.core import baselines
+
+    model = tiny_llama()
+    s = settings(pruning_strategy="uniform", unit_split="mlp_only", pruning_ratio=0.25, compensation="none",
+                 layer_start=1, layer_end=4, min_pruning_rate=0.0)
+    plan = baselines.uniform_plan(model, random_windows, s, scoring)
+    rates = [e["achieved_rate"] for e in plan["layers"]]
+    assert rates[0] == 0.0 and all(abs(r - 0.25) < 0.02 for r in rates[1:]), rates
+    channels = [e["channels_after"] for e in plan["layers"]]
+    assert channels[0] == 128 and len(set(channels[1:])) == 1 and channels[1] < 128, channels  # the same cut
+    assert [e["groups_after"] for e in plan["layers"]] == [2, 2, 2, 2]  # mlp_only
+    apply_plan(model, plan)
+    assert n_params(model) == plan["totals"]["model_params_after"]
+
+
+def test_shortgpt_baseline_removes_the_layers_of_lowest_block_influence(random_windows):
+    from gaqprune.core import baselines
+    from gaqprune.core.importance import compute_layer_importance
+
+    model = tiny_llama()
+    influence = compute_layer_importance(model, random_windows, "block_influence", progress=False)
+    plan = baselines.shortgpt_plan(model, random_windows, 2, settings(compensation="none"))
+    assert plan["removed_layers"] == sorted(sorted(influence, key=influence.get)[:2])
+    apply_plan(model, plan)
+    assert len(model.model.layers) == 2 and n_params(model) == plan["totals"]["model_params_after"]

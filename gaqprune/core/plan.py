@@ -226,20 +226,39 @@ def _width_changes(entry: dict) -> tuple[bool, bool]:
     return entry["groups_after"] < entry["groups_before"], entry["channels_after"] < entry["channels_before"]
 
 
-def _prune_layer(layer, entry: dict, refit: bool, needed: bool, stream, dense, ridge: float):
+def _removed_spans(plan: dict) -> dict[int, list[int]]:
+    """Kept layer -> the run of whole-removed layers right after it (the span its down_proj is folded over)."""
+    removed = set(plan["removed_layers"])
+    spans: dict[int, list[int]] = {}
+    for i in range(plan["num_layers"] - 1):
+        if i not in removed and i + 1 in removed:
+            j = i + 1
+            while j in removed:
+                j += 1
+            spans[i] = list(range(i + 1, j))
+    return spans
+
+
+def _prune_layer(layer, entry: dict, refit: bool, needed: bool, stream, dense, ridge: float, folded=None):
     """Cut one (resident) layer to its plan entry, refitting o_proj / down_proj when ``refit``; advance the pruned
-    (and dense) calibration streams past it when later layers still need them. Returns ``(stream, dense)``."""
+    (and dense) calibration streams past it when later layers still need them. Returns ``(stream, dense)``.
+
+    ``folded``: for a layer followed by whole-removed layers, the dense (mid-layer, after-the-span) hidden states;
+    down_proj is refit toward the latter (the span folded into this block) and the returned dense stream is the one
+    after the span."""
     g_changed, c_changed = _width_changes(entry)
-    if refit and (g_changed or c_changed):
+    if refit and (g_changed or c_changed or folded is not None):
         mid = out = None
-        if dense is not None:
+        if folded is not None:
+            mid, out = folded
+        elif dense is not None:
             mid, out = compensation.run_dense_layer(layer, dense)
         owner = units.owners(layer, units.ATTENTION)[-1]  # o_proj columns
         attention = mlp = None
         if g_changed:
             attention = (partial(surgery.keep_units, layer, units.ATTENTION, entry["kept_groups"]),
                          units.kept_positions(owner, torch.as_tensor(entry["kept_groups"])))
-        if c_changed:
+        if c_changed or folded is not None:
             mlp = (partial(surgery.keep_units, layer, units.MLP, entry["kept_channels"]),
                    torch.as_tensor(entry["kept_channels"]))
         compensation.prune_layer_with_refit(layer, attention, mlp, stream, ridge,
@@ -259,13 +278,25 @@ def _prune_layer(layer, entry: dict, refit: bool, needed: bool, stream, dense, r
     return stream, dense
 
 
+def _through(hf_model, indices: list[int], batches):
+    """The calibration micro-batches after the (dense, still present) layers ``indices``, each made resident in turn."""
+    for i in indices:
+        with resident(hf_model, i) as layer:
+            batches = compensation.run_layer(layer, batches)
+    return batches
+
+
 def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None, progress: bool = False) -> None:
     """Prune ``hf_model`` in place as ``plan`` says (any device/dtype).
 
     With ``plan["settings"]["compensation"]`` ``lstsq`` or ``residual`` and ``calib_windows`` given, o_proj /
     down_proj of every width-pruned layer are refit by least squares on those windows, layer by layer
     (deterministic for fixed windows; see ``gaqprune.compensation``); without windows the plan is applied as
-    plain removal. ``progress`` shows a bar over the layers (with an ETA: the refit is the slow part).
+    plain removal. With ``residual``, a run of whole-removed layers is folded into the block before it: that
+    block's down_proj is refit toward the dense residual stream after the run (ReplaceMe's linear replacement of
+    a removed span, github.com/mts-ai/ReplaceMe ``ReplaceMe/lstsq.py`` at 5bb71d9, which fits ``down_proj <- T^T W``
+    with one ``T``; here ``W`` itself, with the refit's ridge). Measured in ``benchmarks/lever_depth.py``.
+    ``progress`` shows a bar over the layers (with an ETA: the refit is the slow part).
     """
     from tqdm.auto import tqdm
 
@@ -273,8 +304,12 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None, 
     settings = plan["settings"]
     layers = hf_model.model.layers
     mode = settings.get("compensation", "none")
-    changed = [e["index"] for e in plan["layers"] if not e["removed_whole"] and any(_width_changes(e))]
+    # residual refit: the block before a whole-removed span is refit toward the dense stream after the span (a plan
+    # may say "fold_spans": false for the ablation in benchmarks/lever_depth.py)
+    spans = _removed_spans(plan) if mode == "residual" and settings.get("fold_spans", True) else {}
+    changed = sorted({e["index"] for e in plan["layers"] if not e["removed_whole"] and any(_width_changes(e))} | set(spans))
     refit = mode in ("lstsq", "residual") and calib_windows is not None and bool(changed)
+    folded = {j for span in spans.values() for j in span} if refit else set()
     ridge = float(settings.get("compensation_ridge", 1.0))
     stream = dense = None  # calibration micro-batches entering the current layer: pruned model, dense model
     if refit:
@@ -285,14 +320,20 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None, 
     for entry in plan["layers"]:
         g_changed, c_changed = _width_changes(entry)
         needed = refit and entry["index"] < changed[-1]  # the streams are needed up to the last refit layer
+        span = spans.get(entry["index"]) if refit else None
         if entry["removed_whole"]:
-            if dense is not None and needed:
+            if dense is not None and needed and entry["index"] not in folded:
                 with resident(hf_model, entry["index"]) as layer:
                     dense = compensation.run_layer(layer, dense)  # removed below; the pruned stream skips it
-        elif g_changed or c_changed or needed:
-            # an offloaded layer is read in once, and written back only when it changed
-            with resident(hf_model, entry["index"], keep=g_changed or c_changed) as layer:
-                stream, dense = _prune_layer(layer, entry, refit, needed, stream, dense, ridge)
+        elif g_changed or c_changed or needed or span:
+            folded = None
+            if span:  # the dense stream through this layer and the span, one resident layer at a time
+                with resident(hf_model, entry["index"]) as layer:
+                    mid, out = compensation.run_dense_layer(layer, dense)
+                folded = (mid, _through(hf_model, span, out))
+            # an offloaded layer is read in once (twice before a folded span), and written back only when it changed
+            with resident(hf_model, entry["index"], keep=g_changed or c_changed or bool(span)) as layer:
+                stream, dense = _prune_layer(layer, entry, refit, needed, stream, dense, ridge, folded)
         bar.update()
     bar.refresh()  # the layers after the last refit take no time: draw 100 % (a log file keeps the last state drawn)
     bar.close()
