@@ -262,16 +262,14 @@ def prune(model, calib: torch.Tensor, fraction: float, metrics: str = "WIFV", st
     surgery.remove_layers(model, [])  # syncs a per-layer config with the new shapes (removes nothing)
     after = decoder_params(model)
     assert after == predicted, (after, predicted)
-    return {
-        "method": "flap",
-        "fraction": fraction,
-        "decoder_params_before": before,
-        "decoder_params_after": after,
-        "achieved_fraction": 1 - after / before,
-        "seconds": time.time() - started,
-        "options": {"metrics": metrics, "structure": structure, "bias": bias, "calib_windows": list(calib.shape)},
-        "removed_layers": [],
-        "kept_groups": keep_groups,
-        "kept_channels_per_layer": [len(k) for k in keep_channels],
-        "kept_groups_per_layer": [len(k) for k in keep_groups],
-    }
+    return peer_result("flap", fraction, before, after, started,
+                       options={"metrics": metrics, "structure": structure, "bias": bias,
+                                "calib_windows": list(calib.shape)},
+                       kept_groups=keep_groups, kept_channels_per_layer=[len(k) for k in keep_channels],
+                       kept_groups_per_layer=[len(k) for k in keep_groups])
+
+
+def peer_result(method: str, fraction: float, before: int, after: int, started: float, **details) -> dict:
+    """The harness's result dict of a width-only peer (no layer removed): counts, achieved share, seconds, details."""
+    return {"method": method, "fraction": fraction, "decoder_params_before": before, "decoder_params_after": after,
+            "achieved_fraction": 1 - after / before, "seconds": time.time() - started, "removed_layers": [], **details}

@@ -39,7 +39,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from benchmarks.peers.flap import decoder_params, decoder_params_of, layer_output, run_with_stats
+from benchmarks.peers.flap import decoder_params, decoder_params_of, layer_output, peer_result, run_with_stats
 from gaqprune.core import surgery, units
 from gaqprune.core.layers import batch_layer_inputs, micro_batches
 
@@ -113,16 +113,8 @@ def prune(model, calib: torch.Tensor, fraction: float, batch_size: int = BATCH) 
     del inputs
     surgery.remove_layers(model, [])  # syncs a per-layer config with the new shapes (removes nothing)
     after = sum(decoder_params_of(layer) for layer in model.model.layers)
-    return {
-        "method": "wanda_sp",
-        "fraction": fraction,
-        "decoder_params_before": before,
-        "decoder_params_after": after,
-        "achieved_fraction": 1 - after / before,
-        "seconds": time.time() - started,
-        "options": {"rate": float(rate), "rate_exact": str(rate), "bias": False, "calib_windows": list(calib.shape)},
-        "removed_layers": [],
-        "kept_groups": kept_groups,
-        "kept_groups_per_layer": [len(k) for k in kept_groups],
-        "kept_channels_per_layer": kept_channels,
-    }
+    return peer_result("wanda_sp", fraction, before, after, started,
+                       options={"rate": float(rate), "rate_exact": str(rate), "bias": False,
+                                "calib_windows": list(calib.shape)},
+                       kept_groups=kept_groups, kept_groups_per_layer=[len(k) for k in kept_groups],
+                       kept_channels_per_layer=kept_channels)
