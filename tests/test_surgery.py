@@ -329,3 +329,26 @@ def test_shortgpt_baseline_removes_the_layers_of_lowest_block_influence(random_w
     assert plan["removed_layers"] == sorted(sorted(influence, key=influence.get)[:2])
     apply_plan(model, plan)
     assert len(model.model.layers) == 2 and n_params(model) == plan["totals"]["model_params_after"]
+
+
+def test_each_removed_layer_runs_once_on_the_dense_stream(random_windows, monkeypatch):
+    """A folded span's layers advance the dense stream once (for the fold's target), not again when the loop reaches
+    them: a width-pruned layer after the span must get the dense stream after the span, not after it twice."""
+    from gaqprune.core import baselines, compensation
+    from gaqprune.core.plan import plan_from_scores
+
+    model = tiny_llama(layers=6)
+    runs: dict[int, int] = {}
+    original = compensation.run_layer
+
+    def counted(layer, batches):
+        runs[layer.self_attn.layer_idx] = runs.get(layer.self_attn.layer_idx, 0) + 1
+        return original(layer, batches)
+
+    monkeypatch.setattr(compensation, "run_layer", counted)
+    s = settings(compensation="residual", layer_start=0, layer_end=6, unit_split="mlp_only")
+    plan = plan_from_scores(model, {2: 1.0, 4: 0.3}, baselines.magnitude_scores(model, [4]), s, {}, (0, 6),
+                            tuple(random_windows.shape))
+    apply_plan(model, plan, random_windows)
+    assert runs[2] == 1, runs  # the removed layer: once, inside the fold of layer 1
+    assert n_params(model) == plan["totals"]["model_params_after"]

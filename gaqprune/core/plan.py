@@ -309,7 +309,7 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None, 
     spans = _removed_spans(plan) if mode == "residual" and settings.get("fold_spans", True) else {}
     changed = sorted({e["index"] for e in plan["layers"] if not e["removed_whole"] and any(_width_changes(e))} | set(spans))
     refit = mode in ("lstsq", "residual") and calib_windows is not None and bool(changed)
-    folded = {j for span in spans.values() for j in span} if refit else set()
+    in_spans = {j for span in spans.values() for j in span} if refit else set()  # run on the dense stream by _through
     ridge = float(settings.get("compensation_ridge", 1.0))
     stream = dense = None  # calibration micro-batches entering the current layer: pruned model, dense model
     if refit:
@@ -322,7 +322,7 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None, 
         needed = refit and entry["index"] < changed[-1]  # the streams are needed up to the last refit layer
         span = spans.get(entry["index"]) if refit else None
         if entry["removed_whole"]:
-            if dense is not None and needed and entry["index"] not in folded:
+            if dense is not None and needed and entry["index"] not in in_spans:
                 with resident(hf_model, entry["index"]) as layer:
                     dense = compensation.run_layer(layer, dense)  # removed below; the pruned stream skips it
         elif g_changed or c_changed or needed or span:
