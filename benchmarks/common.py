@@ -1,8 +1,8 @@
 """Shared helpers of the benchmark scripts: random models of real shapes, calibration windows, timing, memory.
 
-GPU speed does not depend on weight values (DESIGN.md, "GPU timing"), so the large-model benchmarks build a
-randomly initialised ``LlamaForCausalLM`` with the exact config shape directly on the device in the target
-dtype (no fp32 copy of 8B parameters) and feed it random tokens. ``embedded`` is the real SmolLM2-135M with
+GPU speed does not depend on weight values (the same kernels run on the same shapes and dtype), so the large-model
+benchmarks build a randomly initialised ``LlamaForCausalLM`` with the exact config shape directly on the device in
+the target dtype (no fp32 copy of 8B parameters) and feed it random tokens. ``embedded`` is the real SmolLM2-135M with
 calibration text from the embedded corpus (CPU runs).
 
 Only torch, transformers and gaqprune's light modules are imported on the random-model path: no

@@ -8,8 +8,8 @@ Decode: tokens/s at each ``--decode_batch`` after a ``--prompt``-token prefill, 
 * ``graph``: a per-layer static KV cache written by this script (every layer's buffer has that layer's own
   KV-head count, so unequal pruned layers and removed layers are fine) and one decode step captured as a
   ``torch.cuda.CUDAGraph`` (greedy next token and position advance inside the graph), replayed step after
-  step. This is the path without Python dispatch overhead, where a smaller model shows its speed
-  (DESIGN.md, "speed of the result"). CUDA only.
+  step. This is the path without Python dispatch overhead, where a smaller model shows its speed.
+  CUDA only.
 * ``static-eager``: the same static-cache step run from Python without the graph.
 * ``hf-eager``: ``model.generate`` (greedy, HF's DynamicCache); per-token time = (time for N+1 new tokens -
   time for 1 new token) / N. Bound by Python dispatch on a GPU.

@@ -27,7 +27,7 @@ from gaqprune.data.datamodule import LMDataModule
 from gaqprune.errors import GaqpruneError
 from gaqprune.models.names import EMBEDDED, model_name, model_origin
 from gaqprune.models.offload import to_device
-from gaqprune.run import report, stages
+from gaqprune.run import report, stages, zeroshot
 from gaqprune.run.rundir import RunDir
 from gaqprune.run.zeroshot import ZeroShotSettings
 from gaqprune.settings import FinetuneSettings, ImportanceSettings, PruneSettings, RunSettings
@@ -57,8 +57,6 @@ class PruneJob:
 def evaluate_tasks(trainer: L.Trainer, hf_model, tokenizer, tasks: ZeroShotSettings, batch_size: int, step: int,
                    progress: bool) -> dict:
     """lm-eval's accuracy of ``hf_model`` on ``tasks`` (on the run's device), logged as ``eval/<task>/<metric>``."""
-    from gaqprune.run import zeroshot
-
     results = zeroshot.evaluate(hf_model, tokenizer, tasks, batch_size=batch_size,
                                 device=trainer.strategy.root_device, progress=progress)
     report.log_task_results(trainer.loggers, results, step)
