@@ -254,7 +254,7 @@ def pruned_qwen(kind: str, vocab_size: int = 256):
     removed whole: unequal layers and a shorter stack."""
     model = tiny_qwen(kind, vocab_size=vocab_size)
     settings = replace(PruneSettings(), pruning_ratio=0.3, layer_start=0, layer_end=4, unit_split="same_rate",
-                       min_pruning_rate=0.1)
+                       min_pruning_rate=0.1, allocation="fixed")
     plan = build_plan(model, {i: 1.0 + i for i in range(4)}, random_ids(4, 16, 1), settings, progress=False)
     apply_plan(model, plan, random_ids(8, 16, 2))
     surgery.remove_layers(model, [2])
@@ -275,7 +275,7 @@ def corpus(tmp_path: Path) -> Path:
 
 def settings(**kw) -> PruneSettings:
     base = {"pruning_ratio": 0.3, "layer_start": 0, "layer_end": 4, "min_pruning_rate": 0.1, "max_pruning_rate": 0.6,
-            "compensation": "none", "num_examples": 6, "max_seq_len": 32}
+            "compensation": "none", "num_examples": 6, "max_seq_len": 32, "allocation": "fixed"}
     base.update(kw)
     return PruneSettings(**base)
 

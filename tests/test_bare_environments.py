@@ -30,7 +30,7 @@ def pruned(kind: str, vocab_size: int = 256):
     then layer 2 removed whole: unequal layers, a shorter stack."""
     model = tiny_family(kind, vocab_size=vocab_size)
     settings = replace(PruneSettings(), pruning_ratio=0.3, layer_start=0, layer_end=4, unit_split="same_rate",
-                       min_pruning_rate=0.1)
+                       min_pruning_rate=0.1, allocation="fixed")
     plan = build_plan(model, {i: 1.0 + i for i in range(4)}, random_ids(4, 16, 1), settings, progress=False)
     apply_plan(model, plan, random_ids(8, 16, 2))
     surgery.remove_layers(model, [2])

@@ -21,7 +21,8 @@ from gaqprune.models.pruned import load_pruned, save_pretrained_model
 from gaqprune.settings import PruneSettings
 
 SETTINGS = PruneSettings(pruning_ratio=0.4, layer_start=0, layer_end=6, min_pruning_rate=0.1, max_pruning_rate=0.9,
-                         whole_layer_rate=0.8, compensation="residual", num_examples=6, max_seq_len=32)
+                         whole_layer_rate=0.8, compensation="residual", num_examples=6, max_seq_len=32,
+                         allocation="fixed")
 def tied(layers: int = 6):
     from transformers import LlamaForCausalLM
 
@@ -155,3 +156,20 @@ def test_prune_with_disk_offload_saves_the_same_model_and_it_loads_in_stock_tran
     out = load_bare(runs["disk"] / "model", ids, tmp_path)
     check_bare(out)
     assert torch.equal(out["logits"], expected)
+
+
+def test_the_allocation_search_scores_an_offloaded_model_exactly(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    folder = tmp_path / "dense"
+    tiny_llama(layers=6).save_pretrained(folder)
+    windows, fit = random_ids(6, 32, 0), random_ids(8, 32, 2)
+    settings = replace(SETTINGS, allocation="search", whole_layer_rate=None)
+    importance = {i: 1.0 + (i * 7) % 5 for i in range(6)}
+    reference = build_plan(load_model(str(folder)), importance, windows, settings, progress=False, fit_windows=fit)
+    assert len(reference["search"]["candidates"]) > 1
+    reads = Residency(monkeypatch)
+    model = offload.load_offloaded(str(folder), "float32", "disk")
+    got = build_plan(model, importance, windows, settings, progress=False, fit_windows=fit)
+    assert got == reference
+    assert reads.most == 1 and all(p.is_meta for p in model.model.layers.parameters())

@@ -7,6 +7,7 @@ every DDP rank applying the same plan to the same model ends with the same weigh
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -15,8 +16,9 @@ from functools import partial
 
 import torch
 
-from gaqprune.core import allocation, compensation, surgery, units
-from gaqprune.core.layers import resident
+from gaqprune.core import allocation, compensation, search, surgery, units
+from gaqprune.core.layers import batch_layer_inputs, micro_batches, resident
+from gaqprune.core.metrics import tail_nll
 from gaqprune.core.taylor import taylor_scores
 from gaqprune.errors import GaqpruneError
 from gaqprune.settings import SPLITS, PruneSettings
@@ -93,12 +95,16 @@ def _layer_params(layer) -> int:
 
 
 def build_plan(hf_model, layer_importance: dict[int, float] | None, calib_windows: torch.Tensor,
-               settings: PruneSettings, progress: bool = True) -> dict:
+               settings: PruneSettings, progress: bool = True, fit_windows: torch.Tensor | None = None) -> dict:
     """Decide what to prune: a deterministic, JSON-serialisable plan (written verbatim to pruning_plan.json).
 
     Per layer: index, importance, target and achieved rate, kept GQA group and MLP channel indices,
     removed_whole, parameter counts before/after; totals over the selected layers, all decoder layers and
     the whole model; the settings used. ``layer_importance`` None means equal importance (uniform rates).
+
+    ``--allocation fixed``: the rates of ``--pruning_strategy`` (``allocation.allocate_rates``); ``search``: the
+    depth + width split with the lowest loss after surgery and refit on ``fit_windows`` (the refit windows
+    ``apply_plan`` will get; None: ``calib_windows``), see ``gaqprune.core.search``.
     """
     layers = hf_model.model.layers
     num_layers = len(layers)
@@ -117,6 +123,11 @@ def build_plan(hf_model, layer_importance: dict[int, float] | None, calib_window
         importance[i] = float(value)
 
     prunable = {i: units.prunable_params(layers[i]) for i in selected}
+    if settings.allocation == "search":
+        scores = taylor_scores(hf_model, calib_windows, selected, batch_size=settings.taylor_batch_size,
+                               progress=progress)
+        return _searched_plan(hf_model, importance, prunable, scores, calib_windows, fit_windows, settings,
+                              (start, end), progress)
     try:
         rates = allocation.allocate_rates(
             [importance[i] for i in selected], settings.pruning_ratio, settings.pruning_strategy, settings.alpha,
@@ -129,6 +140,76 @@ def build_plan(hf_model, layer_importance: dict[int, float] | None, calib_window
     width = [i for i in selected if target[i] < 1.0]
     scores = taylor_scores(hf_model, calib_windows, width, batch_size=settings.taylor_batch_size, progress=progress)
     return plan_from_scores(hf_model, target, scores, settings, importance, (start, end), tuple(calib_windows.shape))
+
+
+def depth_width_targets(importance: dict[int, float], prunable: dict[int, int], span: list[int],
+                        settings: PruneSettings) -> dict[int, float] | None:
+    """Per-layer targets with ``span`` removed whole and the rest of ``--pruning_ratio`` of the selected layers'
+    prunable parameters spread over the other selected layers by ``--pruning_strategy`` / ``--alpha`` (None when
+    the span alone uses the whole budget or the rest does not fit ``--max_pruning_rate``).
+
+    A deep cut can leave the width layers less than ``--min_pruning_rate``: the lower bound is then half their
+    rate, so the width budget is still spread by importance (as measured in ``benchmarks/lever_depth.py``)."""
+    rest = [i for i in prunable if i not in span]
+    budget = settings.pruning_ratio * sum(prunable.values()) - sum(prunable[i] for i in span)
+    if not rest or budget <= 0:
+        return None
+    ratio = budget / sum(prunable[i] for i in rest)
+    if ratio > settings.max_pruning_rate:
+        return None
+    lo = settings.min_pruning_rate if ratio > 1.1 * settings.min_pruning_rate else ratio / 2
+    rates = allocation.allocate_rates([importance[i] for i in rest], ratio, settings.pruning_strategy, settings.alpha,
+                                      lo, settings.max_pruning_rate, [prunable[i] for i in rest])
+    return dict(zip(rest, rates)) | {i: 1.0 for i in span}
+
+
+def _searched_plan(hf_model, importance: dict[int, float], prunable: dict[int, int], scores: dict,
+                   calib_windows: torch.Tensor, fit_windows: torch.Tensor | None, settings: PruneSettings,
+                   layer_span: tuple[int, int], progress: bool) -> dict:
+    """``--allocation search`` (``gaqprune.core.search``): the number of blocks removed whole that gives the lowest
+    calibration loss after the full surgery and refit; the plan records every candidate scored (``"search"``)."""
+    from tqdm.auto import tqdm
+
+    windows = fit_windows if fit_windows is not None and settings.compensation != "none" else calib_windows
+    selected = sorted(prunable)
+    # the deepest cut that still leaves width budget (equal-sized layers: any span of a length fits the same way;
+    # a shallower one may not fit --max_pruning_rate, and scores as infinitely bad)
+    max_k = max((k for k in range(len(selected)) if depth_width_targets(importance, prunable, selected[:k], settings)),
+                default=0)
+    distances = search.span_distances(hf_model, calib_windows[: search.DISTANCE_WINDOWS], max_k, *layer_span,
+                                      settings.taylor_batch_size) if max_k else {}
+    plans: dict[int, dict] = {}
+    bar = tqdm(desc="allocation search", unit="candidate", disable=not progress, leave=False)
+
+    def loss(k: int) -> float:
+        target = depth_width_targets(importance, prunable, search.best_span(distances, k), settings)
+        if target is None:  # (a span of unequal layers can overshoot where the first k layers did not)
+            return float("inf")
+        plans[k] = plan_from_scores(hf_model, target, scores, settings, importance, layer_span,
+                                    tuple(calib_windows.shape))
+        value = _run_plan(hf_model, plans[k], windows, progress=progress, score=True)
+        bar.update()
+        bar.set_postfix(k=k, nll=f"{value:.4f}")
+        log.info("allocation search: %d block(s) removed whole %s -> calibration loss %.4f", k,
+                 plans[k]["removed_layers"], value)
+        return value
+
+    try:
+        best, losses = search.depth_order(max_k, loss)
+    finally:
+        bar.close()
+    if best not in plans:
+        raise GaqpruneError(f"--pruning_ratio {settings.pruning_ratio} is not reachable: no number of whole layers "
+                            f"leaves the other layers a rate up to --max_pruning_rate {settings.max_pruning_rate}; "
+                            "lower the ratio or raise --max_pruning_rate")
+    plan = plans[best]
+    plan["search"] = {
+        "windows": list(windows.shape), "max_blocks": max_k,
+        "candidates": [{"blocks": k, "removed_layers": plans[k]["removed_layers"] if k in plans else None,
+                        "calibration_loss": losses[k]} for k in sorted(losses)],
+        "chosen_blocks": best,
+    }
+    return plan
 
 
 def plan_from_scores(hf_model, target: dict[int, float], scores: dict[int, dict[str, torch.Tensor]],
@@ -298,6 +379,14 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None, 
     with one ``T``; here ``W`` itself, with the refit's ridge). Measured in ``benchmarks/lever_depth.py``.
     ``progress`` shows a bar over the layers (with an ETA: the refit is the slow part).
     """
+    _run_plan(hf_model, plan, calib_windows, progress=progress)
+
+
+def _run_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None, progress: bool = False,
+              score: bool = False) -> float | None:
+    """``apply_plan``; with ``score`` the model is left as it is (each changed layer is cut and refit on a scratch
+    copy, one at a time) and the pruned model's mean next-token loss on ``calib_windows`` is returned: what the plan
+    would give, at the cost of applying it (``--allocation search`` scores its candidates so)."""
     from tqdm.auto import tqdm
 
     _check_plan(hf_model, plan)
@@ -312,14 +401,19 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None, 
     in_spans = {j for span in spans.values() for j in span} if refit else set()  # run on the dense stream by _through
     ridge = float(settings.get("compensation_ridge", 1.0))
     stream = dense = None  # calibration micro-batches entering the current layer: pruned model, dense model
-    if refit:
-        stream = compensation.capture_layer_inputs(hf_model, calib_windows, settings.get("taylor_batch_size", 4))
-        dense = stream if mode == "residual" else None  # the same list until the first layer differs
+    if refit or score:
+        ids = micro_batches(calib_windows, settings.get("taylor_batch_size", 4), next(hf_model.parameters()).device)
+        stream = batch_layer_inputs(hf_model, ids)
+        dense = stream if refit and mode == "residual" else None  # the same list until the first layer differs
     bar = tqdm(total=len(layers), desc="surgery" + (f" + {mode} refit" if refit else ""), unit="layer",
                disable=not progress, leave=False)
     for entry in plan["layers"]:
         g_changed, c_changed = _width_changes(entry)
         needed = refit and entry["index"] < changed[-1]  # the streams are needed up to the last refit layer
+        if score:
+            needed = True  # the pruned stream goes to the end; the dense one only as far as the last refit
+            if refit and entry["index"] > changed[-1]:
+                dense = None
         span = spans.get(entry["index"]) if refit else None
         if entry["removed_whole"]:
             if dense is not None and needed and entry["index"] not in in_spans:
@@ -332,9 +426,16 @@ def apply_plan(hf_model, plan: dict, calib_windows: torch.Tensor | None = None, 
                     mid, out = compensation.run_dense_layer(layer, dense)
                 folded = (mid, _through(hf_model, span, out))
             # an offloaded layer is read in once (twice before a folded span), and written back only when it changed
-            with resident(hf_model, entry["index"], keep=g_changed or c_changed or bool(span)) as layer:
-                stream, dense = _prune_layer(layer, entry, refit, needed, stream, dense, ridge, folded)
+            changes = g_changed or c_changed or bool(span)
+            with resident(hf_model, entry["index"], keep=changes and not score) as layer:
+                work = copy.deepcopy(layer) if changes and score else layer  # scoring cuts a scratch copy
+                stream, dense = _prune_layer(work, entry, refit, needed, stream, dense, ridge, folded)
+                del work
         bar.update()
     bar.refresh()  # the layers after the last refit take no time: draw 100 % (a log file keeps the last state drawn)
     bar.close()
+    if score:
+        with torch.no_grad():
+            nll = sum(float(tail_nll(hf_model, h, batch)) for batch, (h, _) in zip(ids, stream))
+        return nll / sum(b.numel() - b.shape[0] for b in ids)
     surgery.remove_layers(hf_model, plan["removed_layers"])  # also syncs a per-layer config with the new shapes

@@ -15,6 +15,7 @@ import torch
 from gaqprune.atomic import save_figure
 
 IMPORTANCE_TAG, RATE_TAG = "prune/layer_importance", "prune/layer_rate"  # by `prune` and `fit --prune` alike
+SEARCH_TAG = "prune/allocation_search_loss"  # --allocation search: calibration loss (step = blocks removed whole)
 
 
 def log_per_layer(loggers, name: str, values: dict[int, float]) -> None:
@@ -26,6 +27,14 @@ def log_per_layer(loggers, name: str, values: dict[int, float]) -> None:
             for layer, value in sorted(values.items()):
                 experiment.add_scalar(name, value, global_step=layer)
             experiment.flush()  # `gaqprune prune` never closes the logger; keep the events readable right away
+
+
+def log_plan(loggers, plan: dict) -> None:
+    """The plan's per-layer rates and, after ``--allocation search``, the loss of every depth it scored."""
+    log_per_layer(loggers, RATE_TAG, {e["index"]: e["achieved_rate"] for e in plan["layers"]})
+    if "search" in plan:
+        log_per_layer(loggers, SEARCH_TAG, {c["blocks"]: c["calibration_loss"] for c in plan["search"]["candidates"]
+                                            if c["calibration_loss"] != float("inf")})
 
 
 RESULT_SCALARS = ("ppl_before", "ppl_after", "ppl_after_finetune")
@@ -158,8 +167,12 @@ def plot_rates(scores: dict[int, float], plan: dict, path: Path) -> None:
             labels.append("layer importance" + (" (log scale)" if log else ""))
             ax2.set_ylabel("layer importance")
         totals = plan["totals"]
+        found = plan.get("search")
+        searched = "" if not found else (
+            f"\n--allocation search: {found['chosen_blocks']} block(s) removed whole; calibration loss by blocks: "
+            + ", ".join(f"{c['blocks']}: {c['calibration_loss']:.4f}" for c in found["candidates"]))
         ax.set_title(f"pruning plan: {totals.get('achieved_ratio_selected', 0):.1%} of the selected layers' prunable "
-                     f"parameters removed (target {totals.get('target_ratio', 0):.1%})", fontsize=10)
+                     f"parameters removed (target {totals.get('target_ratio', 0):.1%}){searched}", fontsize=10)
         fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False, bbox_to_anchor=(0.5, -0.02))
         fig.tight_layout(rect=(0, 0.12, 1, 1))
         save_figure(fig, path)

@@ -166,9 +166,14 @@ def dense_perplexity(hf_model, windows: torch.Tensor, batch_size: int, fingerpri
 
 
 def plan_stage(hf_model, scores: dict[int, float], windows: torch.Tensor, settings: PruneSettings,
-               progress: bool) -> dict:
-    """Taylor scores + allocation -> a deterministic plan."""
-    plan = build_plan(hf_model, scores, windows, settings, progress=progress)
+               progress: bool, fit_windows: torch.Tensor | None = None) -> dict:
+    """Taylor scores + allocation (``--allocation search`` scores its candidates on ``fit_windows``, the refit's)
+    -> a deterministic plan."""
+    plan = build_plan(hf_model, scores, windows, settings, progress=progress, fit_windows=fit_windows)
+    if "search" in plan:
+        log.info("allocation search: %d of %d candidate depths scored; %d block(s) removed whole %s",
+                 len(plan["search"]["candidates"]), plan["search"]["max_blocks"] + 1, plan["search"]["chosen_blocks"],
+                 plan["removed_layers"])
     totals = plan["totals"]
     if totals["achieved_ratio_selected"] < totals["target_ratio"] - 0.01:  # (within a channel otherwise)
         log.warning("note: this plan removes %.2f%% of the selected layers' prunable parameters, short of "
@@ -194,7 +199,7 @@ def prune_model(hf_model, datamodule, imp: ImportanceSettings | None, prune: Pru
     taylor = taylor_windows(datamodule, prune, seed, device)
     refit = compensation_windows(datamodule, prune, seed, device, taylor)
     with clock("taylor_and_plan"):
-        plan = plan_stage(hf_model, scores, taylor, prune, progress)
+        plan = plan_stage(hf_model, scores, taylor, prune, progress, refit)
     with clock("surgery"):
         apply_plan(hf_model, plan, refit, progress=progress)
     return scores, plan

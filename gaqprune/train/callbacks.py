@@ -101,8 +101,7 @@ class GQAPrune(L.Callback):
                 if self.run_dir is not None:
                     stages.write_pruned(hf_model, trainer.datamodule.tokenizer, self.run_dir, self.plan, scores,
                                         progress=progress, **self.outputs)
-                report.log_per_layer(trainer.loggers, report.RATE_TAG,
-                                     {e["index"]: e["achieved_rate"] for e in self.plan["layers"]})
+                report.log_plan(trainer.loggers, self.plan)
         self.plan = trainer.strategy.broadcast(self.plan, src=0)  # rank 0 has pruned: the others cut their copy to it
         if not trainer.is_global_zero:
             taylor = stages.taylor_windows(trainer.datamodule, self.settings, self.seed, device)

@@ -224,7 +224,7 @@ def validates_everything(trainer: L.Trainer) -> bool:
 def log_prune_layers(trainer: L.Trainer, scores: dict[int, float], plan: dict) -> None:
     if trainer.is_global_zero:
         report.log_per_layer(trainer.loggers, report.IMPORTANCE_TAG, scores)
-        report.log_per_layer(trainer.loggers, report.RATE_TAG, {e["index"]: e["achieved_rate"] for e in plan["layers"]})
+        report.log_plan(trainer.loggers, plan)
 
 
 # ------------------------------------------------------------------------------------------------ `gaqprune fit`
