@@ -174,7 +174,7 @@ def eval_batch(seq_len: int, batch_128: int) -> int:
 
 
 def make_plan(method: str, model, fraction: float, calib: torch.Tensor, importance: dict[int, float],
-              overrides: dict) -> dict:
+              overrides: dict, refit: torch.Tensor | None = None) -> dict:
     if method in ("magnitude", "taylor_uniform", "taylor_mlp"):
         s = PruneSettings(pruning_strategy="uniform", min_pruning_rate=0.0, max_pruning_rate=0.9, compensation="none",
                           unit_split="mlp_only" if method == "taylor_mlp" else "same_rate", **LLM_PRUNER_RANGE)
@@ -185,7 +185,7 @@ def make_plan(method: str, model, fraction: float, calib: torch.Tensor, importan
         return baselines.shortgpt_plan(model, calib, num_remove, PruneSettings(compensation="none"))
     s = replace(PruneSettings(), num_examples=len(calib), max_seq_len=calib.shape[1], **overrides)
     s = replace(s, pruning_ratio=ratio_for_decoder_fraction(model, fraction, s))
-    return build_plan(model, importance, calib, s, progress=False)
+    return build_plan(model, importance, calib, s, progress=False, fit_windows=refit)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             try:
                 plan = make_plan(method if method in METHODS else "gaqprune", model, float(fraction), calib, importance,
-                                 overrides)
+                                 overrides, refit)
             except GaqpruneError as err:  # e.g. a ratio the default rate bounds cannot reach: a row, not the end
                 results.append({**row, "error": str(err)})
                 log(f"{fraction} {method}: not reachable: {err}")
@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
             totals = plan["totals"]
             n_after = sum(p.numel() for p in model.parameters())
             assert n_after == totals["model_params_after"], (n_after, totals["model_params_after"])
+            if "search" in plan:
+                row["search"] = plan["search"]
             row.update({"removed_layers": plan["removed_layers"],
                         "rates": [round(e["achieved_rate"], 3) for e in plan["layers"]],
                         "groups_after": [e["groups_after"] for e in plan["layers"]]})

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--importance_batch_size", type=int, default=8, help="compute_layer_importance batch_size")
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--allocation", choices=("search", "fixed", "both"), default=PruneSettings.allocation,
+                        help="--allocation of the plan; both: fixed first, then search on a copy of the same dense "
+                             "model with the same importance, and the ratio of their Taylor + plan + surgery seconds")
     parser.add_argument("--skip_save", action="store_true", help="do not time save_pretrained_model")
     parser.add_argument("--save_dir", default=None, help="where the temporary checkpoint goes (default: system temp)")
     parser.add_argument("--trace_memory", action="store_true",
@@ -128,14 +131,30 @@ def main(argv: list[str] | None = None) -> int:
 
     scores = stage("layer importance", compute_layer_importance, model, importance_windows.to(device), method="removal",
                    layer_start=start, layer_end=end, batch_size=args.importance_batch_size, progress=False)
-    plan = stage("Taylor + plan", build_plan, model, scores, taylor_windows, settings, progress=False)
+    if args.allocation == "both":  # the baseline first, on a copy: the dense model stays for the search below
+        import copy
+
+        fixed = copy.deepcopy(model)
+        fixed_settings = replace(settings, allocation="fixed")
+        fixed_plan = stage("Taylor + plan (fixed)", build_plan, fixed, scores, taylor_windows, fixed_settings,
+                           progress=False, fit_windows=refit_windows)
+        stage("surgery (fixed)", apply_plan, fixed, fixed_plan, refit_windows)
+        del fixed
+    settings = replace(settings, allocation="fixed" if args.allocation == "fixed" else "search")
+    plan = stage("Taylor + plan", build_plan, model, scores, taylor_windows, settings, progress=False,
+                 fit_windows=refit_windows)
     stage("surgery", apply_plan, model, plan, refit_windows)
+    if args.allocation == "both":
+        new, old = (sum(seconds[f"{k}{tag}"] for k in ("Taylor + plan", "surgery")) for tag in ("", " (fixed)"))
+        print(f"  --allocation search / fixed: Taylor + plan + surgery {new:.1f} s / {old:.1f} s = {new / old:.2f}x; "
+              f"with layer importance {(new + seconds['layer importance']) / (old + seconds['layer importance']):.2f}x; "
+              f"search scored {len(plan['search']['candidates'])} candidates, removed {plan['removed_layers']} whole")
     params_after = param_count(model)
     t = plan["totals"]
 
     def report(final: bool) -> None:
         core = sum(seconds[k] for k in ("layer importance", "Taylor + plan", "surgery"))
-        total = sum(v for k, v in seconds.items() if k != "load")
+        total = sum(v for k, v in seconds.items() if k != "load" and "(fixed)" not in k)
         peak_all = max(peaks[k] for k in seconds if k != "load")
         if final:
             rows = [[k, f"{v:.2f}", gib(peaks[k]), f"{peaks[k] / weights:.2f}x"] for k, v in seconds.items()]
@@ -166,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_over_bf16_weights": peak_all / bf16_weights,
             "peak_kind": "cuda max_memory_allocated per stage" if is_cuda(device)
             else "weights + live tensors allocated per stage (traced)" if trace else "process peak RSS (monotone)",
-            "plan_totals": t, "machine": machine(),
+            "plan_totals": t, "allocation": args.allocation, "search": plan.get("search"), "machine": machine(),
         })
 
     if not args.skip_save:

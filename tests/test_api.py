@@ -29,6 +29,8 @@ def test_api_prunes_exactly_as_the_cli(tmp_path, monkeypatch, tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     plan = gaqprune.prune(model, tokenizer, data=str(text), progress=False, **SETTINGS)
     assert json.loads(json.dumps(plan)) == json.loads((run_dir / "pruning_plan.json").read_text())
+    # the default --allocation search, reproduced for the same seed in another pipeline: every candidate's loss
+    assert len(plan["search"]["candidates"]) >= 2
     cli_model = gaqprune.load_pruned(run_dir / "model")
     ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
