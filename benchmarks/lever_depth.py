@@ -11,8 +11,9 @@ settings carry ``fold_spans`` (``gaqprune.core.plan._removed_spans``).
 
 For each ``k`` (blocks removed whole, the span chosen among layers 3..27 by the smallest mean cosine distance between
 the residual stream entering it and leaving it on the calibration windows, as ReplaceMe's ``distance.py`` does with
-the last token), the rest of the budget goes to gaqprune's width pruning (inverse rates over the other selected layers,
-Taylor scores per parameter), then every variant is applied with the residual refit, with and without the fold.
+the last token; ``gaqprune.core.search.span_distances``), the rest of the budget goes to gaqprune's width pruning
+(inverse rates over the other selected layers, Taylor scores per parameter), then every variant is applied with
+the residual refit, with and without the fold.
 Reported: perplexity on ``wiki`` and ``sotu`` (``benchmarks/texts.py``) at window 128, and the calibration NLL (the
 refit windows' loss, which a search could use to pick ``k`` without looking at evaluation text).
 
@@ -37,27 +38,13 @@ sys.path.insert(0, str(HERE))
 import texts  # noqa: E402
 from quality import log, ratio_for_decoder_fraction, read_importance  # noqa: E402
 
-from gaqprune.core import allocation, units  # noqa: E402
+from gaqprune.core import allocation, search, units  # noqa: E402
 from gaqprune.core.metrics import perplexity  # noqa: E402
 from gaqprune.core.plan import apply_plan, plan_from_scores  # noqa: E402
 from gaqprune.core.taylor import taylor_scores  # noqa: E402
 from gaqprune.data.datamodule import LMDataModule  # noqa: E402
 from gaqprune.models.load import load_model  # noqa: E402
 from gaqprune.settings import PruneSettings  # noqa: E402
-
-
-@torch.no_grad()
-def span_distances(model, windows: torch.Tensor, k: int, lo: int, hi: int, batch_size: int = 8) -> dict[int, float]:
-    """Start s -> mean over calibration tokens of 1 - cos(h_s, h_{s+k}) (h_s: the residual stream entering layer s),
-    for spans inside [lo, hi)."""
-    sums = {s: 0.0 for s in range(lo, hi - k + 1)}
-    count = 0
-    for b in range(0, len(windows), batch_size):
-        hidden = model(windows[b:b + batch_size], output_hidden_states=True).hidden_states
-        for s in sums:
-            sums[s] += float((1 - torch.nn.functional.cosine_similarity(hidden[s], hidden[s + k], dim=-1)).sum())
-        count += hidden[0].shape[0] * hidden[0].shape[1]
-    return {s: v / count for s, v in sums.items()}
 
 
 def depth_width_plan(model, k: int, fraction: float, scores: dict, importance: dict[int, float], calib_shape,
@@ -117,10 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for k in args.ks:
         span: list[int] = []
-        if k:
-            dist = span_distances(dense, calib[:32], k, start, end)
-            s = min(dist, key=dist.get)
-            span = list(range(s, s + k))
+        if k:  # the span --allocation search would remove (gaqprune.core.search)
+            span = search.best_span(search.span_distances(dense, calib[: search.DISTANCE_WINDOWS], k, start, end), k)
         s_k = replace(settings, pruning_ratio=ratio_for_decoder_fraction(dense, args.fraction, settings))
         for fold, ridge in [(f, r) for f in ([True, False] if args.no_fold and k else [True]) for r in args.ridges]:
             model = copy.deepcopy(dense)

@@ -168,6 +168,15 @@ def spread(model, scale: float = 0.02):
     return model.eval()
 
 
+# tiny_llama's unit sizes: a GQA group (4 q heads + 1 kv head, head_dim 8, hidden 64) and an MLP channel
+TINY_GROUP_PARAMS, TINY_CHANNEL_PARAMS = 5120, 192
+
+
+def peer_calib(seed: int = 0, n: int = 8, t: int = 32) -> torch.Tensor:
+    """Calibration windows of random token ids for the peer methods' tests (``benchmarks/peers``)."""
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
 def tiny_llama(seed: int = 0, **kw):
     """A randomly initialised tiny LlamaForCausalLM in eval mode (fp32)."""
     from transformers import LlamaForCausalLM

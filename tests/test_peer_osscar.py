@@ -10,16 +10,13 @@ import itertools
 
 import pytest
 import torch
+from helpers import TINY_CHANNEL_PARAMS as CHANNEL
+from helpers import TINY_GROUP_PARAMS as GROUP
+from helpers import peer_calib as calib
 from helpers import tiny_llama
 
 from benchmarks.peers import flap, osscar
 from gaqprune.core.layers import batch_layer_inputs, micro_batches
-
-GROUP, CHANNEL = 5120, 192  # tiny_llama: a GQA group (4 q heads + 1 kv head, head_dim 8, hidden 64), an MLP channel
-
-
-def calib(seed: int = 0, n: int = 8, t: int = 32) -> torch.Tensor:
-    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
 def problem(seed: int, num_cin: int, ksize: int, tokens: int = 80, out: int = 4):

@@ -7,14 +7,11 @@ from fractions import Fraction
 
 import pytest
 import torch
+from helpers import peer_calib as calib
 from helpers import tiny_llama
 
 from benchmarks.peers import flap, wanda_sp
 from gaqprune.core.layers import batch_layer_inputs, micro_batches
-
-
-def calib(seed: int = 0, n: int = 8, t: int = 32) -> torch.Tensor:
-    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize(("fraction", "groups", "channels"), [(0.2, 2, 92), (0.5, 1, 64)])

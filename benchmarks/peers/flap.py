@@ -103,11 +103,25 @@ class InputStats:
         return ((self.sumsq - self.n * self.mean**2) / (self.n - 1)).clamp_min(0)
 
 
+class Gram:
+    """``X^T X`` (float64, ``[in, in]``) of a Linear's inputs over all calibration tokens (SlimGPT's and OSSCAR's
+    layer-wise Hessian, unscaled)."""
+
+    def __init__(self, size: int):
+        self.gram = torch.zeros(size, size, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        self.gram.add_(x.T @ x)
+
+
 @torch.no_grad()
 def run_with_stats(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]],
-                   paths: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")) -> tuple[list[torch.Tensor], dict]:
-    """Run ``layer`` on every micro-batch and collect ``InputStats`` of the inputs of the Linears ``paths``."""
-    stats = {p: InputStats(units.linear(layer, p).in_features) for p in paths}
+                   paths: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj"),
+                   kind: type = InputStats) -> tuple[list[torch.Tensor], dict]:
+    """Run ``layer`` on every micro-batch and collect ``kind`` statistics (``InputStats`` or ``Gram``) of the inputs
+    of the Linears ``paths``."""
+    stats = {p: kind(units.linear(layer, p).in_features) for p in paths}
     handles = [units.linear(layer, p).register_forward_hook(lambda _m, args, _o, p=p: stats[p].add(args[0]))
                for p in paths]
     try:

@@ -71,7 +71,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.peers.flap import decoder_params, decoder_params_of, layer_output, peer_result
+from benchmarks.peers.flap import Gram, decoder_params, decoder_params_of, layer_output, peer_result, run_with_stats
 from gaqprune.core import surgery, units
 from gaqprune.core.layers import batch_layer_inputs, micro_batches
 
@@ -244,26 +244,11 @@ def osscar_prune(weight: torch.Tensor, xtx: torch.Tensor, num_cin: int, num_keep
     return b_sol.t(), pruned, stats
 
 
-@torch.no_grad()
 def input_grams(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[dict, list]:
     """One pass of ``layer`` over ``inputs`` with hooks on ``o_proj`` and ``down_proj``: ``{path: X^T X}`` (float64)
     and the layer's outputs."""
-    grams = {p: torch.zeros(units.linear(layer, p).in_features, units.linear(layer, p).in_features,
-                            dtype=torch.float64) for p in PATHS}
-
-    def hook(path):
-        def add(_module, args, _out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            grams[path].add_(x.T @ x)
-        return add
-
-    handles = [units.linear(layer, p).register_forward_hook(hook(p)) for p in PATHS]
-    try:
-        outs = [layer_output(layer, hidden, kwargs) for hidden, kwargs in inputs]
-    finally:
-        for h in handles:
-            h.remove()
-    return grams, outs
+    outs, stats = run_with_stats(layer, inputs, PATHS, Gram)
+    return {p: s.gram for p, s in stats.items()}, outs
 
 
 def uniform_counts(layers: list[nn.Module], fraction: float, before: int) -> tuple[int, int]:

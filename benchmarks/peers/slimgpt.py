@@ -74,7 +74,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.peers.flap import decoder_params, decoder_params_of, layer_output, peer_result
+from benchmarks.peers.flap import Gram, decoder_params, decoder_params_of, layer_output, peer_result, run_with_stats
 from gaqprune.core import surgery, units
 from gaqprune.core.layers import batch_layer_inputs, micro_batches
 
@@ -84,24 +84,10 @@ MIN_OVER_MAX = 0.25  # README: --min_sparsity 0.0625 --max_sparsity 0.25
 ATTN, MLP_PATH = "self_attn.o_proj", "mlp.down_proj"
 
 
-@torch.no_grad()
 def hessian(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]], path: str) -> torch.Tensor:
     """``X X^T`` (float64, ``[in, in]``) of the inputs of the Linear ``path`` while ``layer`` runs on ``inputs``
     (``SlimGPT.add_batch``, unscaled)."""
-    lin = units.linear(layer, path)
-    h = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64)
-
-    def add(_module, args, _out):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-        h.add_(x.T @ x)
-
-    handle = lin.register_forward_hook(add)
-    try:
-        for hidden, kwargs in inputs:
-            layer_output(layer, hidden, kwargs)
-    finally:
-        handle.remove()
-    return h
+    return run_with_stats(layer, inputs, (path,), Gram)[1][path].gram
 
 
 def head_errors(weight: torch.Tensor, hinv: torch.Tensor, headsize: int) -> torch.Tensor:
