@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="calibration windows for Taylor and compensation, shared by all methods (guide: 32-64)")
     parser.add_argument("--max_seq_len", type=int, default=128, help="tokens per calibration window (guide: 64-128)")
     parser.add_argument("--compensation_samples", type=int, default=PruneSettings.compensation_samples,
-                        help="refit windows of gaqprune's least-squares compensation (0: refit on the Taylor windows)")
+                        help="refit windows of gaqprune's least-squares compensation (0: refit on the Taylor windows, as "
+                             "gaqprune does whenever those are more tokens)")
     parser.add_argument("--compensation_seq_len", type=int, default=PruneSettings.compensation_seq_len)
     parser.add_argument("--importance_samples", type=int, default=ImportanceSettings.importance_samples)
     parser.add_argument("--importance_method", default=ImportanceSettings.importance_method)
@@ -231,8 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
     shared_calib = shared_texts.calibration_windows(data)
     if args.shared_calibration:
         calib = shared_calib
-    refit = calib
-    if args.compensation_samples:
+    refit = calib  # gaqprune's rule (PruneSettings.refits_on_taylor_windows): the Taylor windows when they are more tokens
+    if args.compensation_samples and len(calib) * calib.shape[1] <= args.compensation_samples * args.compensation_seq_len:
         refit = data.calibration_windows(args.compensation_samples, args.compensation_seq_len, seed=2,
                                          what="--compensation_samples")
     eval_sets: dict[str, torch.Tensor] = {}

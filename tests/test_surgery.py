@@ -189,6 +189,11 @@ def test_compensation_windows_follow_the_settings():
                                 torch.device("cpu"), taylor) is taylor
     assert compensation_windows(data, settings(compensation="none"), 42, torch.device("cpu"), taylor) is None
     assert len(data.calls) == 2  # neither reuse nor "none" draws windows
+    # Taylor windows of more tokens than the refit's own (6 x 32 > 5 x 38) are reused; as many tokens (6 x 32) are not
+    assert compensation_windows(data, settings(compensation="lstsq", compensation_samples=5, compensation_seq_len=38),
+                                42, torch.device("cpu"), taylor) is taylor
+    assert compensation_windows(data, settings(compensation="lstsq", compensation_samples=6, compensation_seq_len=32),
+                                42, torch.device("cpu"), taylor).shape == (6, 32) and len(data.calls) == 3
 
 
 def test_more_refit_windows_fit_better_than_the_taylor_windows_alone():

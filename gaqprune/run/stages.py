@@ -110,11 +110,12 @@ def compensation_windows(datamodule, settings: PruneSettings, seed: int, device:
                          taylor: torch.Tensor | None = None) -> torch.Tensor | None:
     """The windows ``apply_plan`` refits on (the same on every rank for the same seed); None without compensation.
 
-    ``--compensation_samples None`` reuses the Taylor windows (``taylor``, drawn here if not given).
+    ``--compensation_samples None``, or Taylor windows of more tokens than the refit's own would be, reuse
+    the Taylor windows (``taylor``, drawn here if not given; ``PruneSettings.refits_on_taylor_windows``).
     """
     if settings.compensation == "none":
         return None
-    if settings.compensation_samples is None:
+    if settings.refits_on_taylor_windows():
         return taylor if taylor is not None else taylor_windows(datamodule, settings, seed, device)
     return datamodule.calibration_windows(settings.compensation_samples, settings.compensation_seq_len, seed=seed + 2,
                                           what="--compensation_samples").to(device)
