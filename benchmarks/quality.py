@@ -207,9 +207,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num_examples", type=int, default=64,
                         help="calibration windows for Taylor and compensation, shared by all methods (guide: 32-64)")
     parser.add_argument("--max_seq_len", type=int, default=128, help="tokens per calibration window (guide: 64-128)")
-    parser.add_argument("--compensation_samples", type=int, default=PruneSettings.compensation_samples,
-                        help="refit windows of gaqprune's least-squares compensation (0: refit on the Taylor windows, as "
-                             "gaqprune does whenever those are more tokens)")
+    parser.add_argument("--compensation_samples", type=int, default=None,
+                        help="refit windows of gaqprune's least-squares compensation, drawn apart from the calibration "
+                             "ones (0: refit on the Taylor windows); default: gaqprune's rule, the Taylor windows when "
+                             f"they hold more tokens than {PruneSettings.compensation_samples} x --compensation_seq_len, "
+                             "else that many windows of their own")
     parser.add_argument("--compensation_seq_len", type=int, default=PruneSettings.compensation_seq_len)
     parser.add_argument("--importance_samples", type=int, default=ImportanceSettings.importance_samples)
     parser.add_argument("--importance_method", default=ImportanceSettings.importance_method)
@@ -232,9 +234,14 @@ def main(argv: list[str] | None = None) -> dict:
     shared_calib = shared_texts.calibration_windows(data)
     if args.shared_calibration:
         calib = shared_calib
-    refit = calib  # gaqprune's rule (PruneSettings.refits_on_taylor_windows): the Taylor windows when they are more tokens
-    if args.compensation_samples and len(calib) * calib.shape[1] <= args.compensation_samples * args.compensation_seq_len:
-        refit = data.calibration_windows(args.compensation_samples, args.compensation_seq_len, seed=2,
+    refit = calib
+    samples = args.compensation_samples
+    if samples is None:  # gaqprune's rule (PruneSettings.refits_on_taylor_windows)
+        rule = PruneSettings(num_examples=len(calib), max_seq_len=calib.shape[1],
+                             compensation_seq_len=args.compensation_seq_len)
+        samples = 0 if rule.refits_on_taylor_windows() else rule.compensation_samples
+    if samples:
+        refit = data.calibration_windows(samples, args.compensation_seq_len, seed=2,
                                          what="--compensation_samples")
     eval_sets: dict[str, torch.Tensor] = {}
     if args.texts:
